@@ -1,0 +1,97 @@
+"""Decode-and-resize in worker processes; uint8 batches that carry their own indices.
+
+Workers run the PIL half of the model's transform (resize + crop) and hand back uint8
+CHW tensors through shared memory; normalisation happens later on the device. Each
+item carries its position, so output order never depends on the worker count, and a
+file that fails to decode travels as an error record instead of raising.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .images import DEFAULT_MAX_PIXELS, ImageDecodeError, ImageRecord, decode_image
+
+
+@dataclass
+class Batch:
+    """Decoded images of one loader batch. `positions` index into the dataset."""
+
+    positions: list[int]  # every item of the batch, in order
+    pixels: "object"  # uint8 tensor (n_ok, 3, H, W) of the items that decoded
+    ok: list[bool]  # per item: decoded or not
+    widths: list[int]
+    heights: list[int]
+    errors: list[tuple[str, str] | None]  # per item: (kind, message) when not ok
+
+    def pin_memory(self):
+        self.pixels = self.pixels.pin_memory()
+        return self
+
+
+class ImageDataset:
+    """Map-style dataset over image records (torch's DataLoader only needs len/getitem)."""
+
+    def __init__(self, records: list[ImageRecord], transform, input_size: tuple[int, int, int],
+                 draft_size: int | None, max_pixels: int | None = DEFAULT_MAX_PIXELS):
+        self.records = records
+        self.transform = transform
+        self.input_size = input_size
+        self.draft_size = draft_size
+        self.max_pixels = max_pixels
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int):
+        rec = self.records[i]
+        try:
+            decoded = decode_image(rec.file, draft_size=self.draft_size, max_pixels=self.max_pixels)
+            img = self.transform(decoded.image)
+            arr = np.asarray(img, dtype=np.uint8)
+            if arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[:2] != tuple(self.input_size[1:]):
+                raise ImageDecodeError("decode_error", f"transform produced shape {arr.shape}")
+            return i, arr, decoded.width, decoded.height, None
+        except ImageDecodeError as e:
+            return i, None, 0, 0, (e.kind, str(e))
+        except Exception as e:  # noqa: BLE001 - one bad file must never stop the run
+            return i, None, 0, 0, ("decode_error", f"{type(e).__name__}: {e}")
+
+
+def collate(items) -> Batch:
+    import torch
+
+    ok_arrays = [arr for _, arr, _, _, _ in items if arr is not None]
+    if ok_arrays:
+        pixels = torch.from_numpy(np.stack(ok_arrays)).permute(0, 3, 1, 2)  # NHWC -> NCHW view
+    else:
+        pixels = torch.empty((0, 3, 1, 1), dtype=torch.uint8)
+    return Batch(
+        positions=[i for i, *_ in items],
+        pixels=pixels,
+        ok=[arr is not None for _, arr, _, _, _ in items],
+        widths=[w for _, _, w, _, _ in items],
+        heights=[h for _, _, _, h, _ in items],
+        errors=[err for *_, err in items],
+    )
+
+
+def worker_init(_worker_id: int) -> None:
+    import torch
+
+    # decoding is single-threaded work; extra intra-op threads only fight the model for cores
+    torch.set_num_threads(1)
+
+
+def make_loader(dataset: ImageDataset, batch_size: int, num_workers: int, pin_memory: bool):
+    from torch.utils.data import DataLoader
+
+    kwargs = {}
+    if num_workers > 0:
+        kwargs.update(prefetch_factor=4, worker_init_fn=worker_init, persistent_workers=False)
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+        collate_fn=collate, pin_memory=pin_memory, **kwargs,
+    )

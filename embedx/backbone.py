@@ -1,0 +1,228 @@
+"""A frozen timm backbone with its own preprocessing and weight provenance.
+
+`load_backbone` builds any timm model headless (`num_classes=0`), loads weights from the
+source `weights.resolve` picked, and derives preprocessing from the model's own data
+config (`resolve_model_data_config` + `create_transform`): never a hard-coded resize.
+
+Preprocessing is split in two so that workers ship uint8 pixels (4x less to move than
+float32) and normalisation runs on the device:
+
+* `pil_transform`: timm's eval transform up to and excluding ToTensor (resize, crop);
+* `normalize`: (x / 255 - mean) / std on a uint8 NCHW batch, on the model's device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass, field
+
+from . import weights as weights_mod
+from .errors import EmbedxError, WeightsError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "tf_efficientnet_lite0"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The preprocessing a checkpoint expects (from timm's data config)."""
+
+    input_size: tuple[int, int, int]
+    interpolation: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    crop_pct: float
+    crop_mode: str
+
+    @property
+    def resize_size(self) -> int:
+        """Shortest side after the resize, before the centre crop (what timm computes)."""
+        import math
+
+        return math.floor(self.input_size[-1] / self.crop_pct)
+
+    def to_dict(self) -> dict:
+        return {
+            "input_size": list(self.input_size),
+            "interpolation": self.interpolation,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "crop_pct": self.crop_pct,
+            "crop_mode": self.crop_mode,
+        }
+
+
+@dataclass
+class Backbone:
+    """A headless timm model, ready for inference, with everything needed to reproduce it."""
+
+    model: "object"  # torch.nn.Module
+    model_name: str
+    weights_source: str
+    weights_sha256: str | None
+    data_config: DataConfig
+    dim: int
+    pooling: str
+    provenance: dict = field(default_factory=dict)
+
+    def pil_transform(self):
+        """timm's eval transform minus ToTensor/Normalize: PIL image -> resized, cropped PIL image."""
+        import torchvision.transforms as T
+        from timm.data import create_transform
+
+        t = create_transform(**self.timm_data_config(), is_training=False)
+        steps = [s for s in t.transforms if not _is_tensor_step(s)]
+        if len(steps) == len(t.transforms):
+            raise EmbedxError(f"Unexpected timm eval transform for {self.model_name}: {t}")
+        return T.Compose(steps)
+
+    def timm_data_config(self) -> dict:
+        d = self.data_config
+        return {
+            "input_size": d.input_size, "interpolation": d.interpolation, "mean": d.mean,
+            "std": d.std, "crop_pct": d.crop_pct, "crop_mode": d.crop_mode,
+        }
+
+
+def _is_tensor_step(step) -> bool:
+    name = type(step).__name__
+    return name in ("ToTensor", "MaybeToTensor", "Normalize", "ToNumpy", "MaybeToNumpy")
+
+
+def create_model(model_name: str, *, num_classes: int = 0, pretrained_from_hub: bool = False):
+    """timm.create_model with clear errors for unknown names and hub failures."""
+    import timm
+
+    if not timm.is_model(model_name) and not model_name.startswith(("hf-hub:", "hf_hub:", "local-dir:")):
+        close = timm.list_models(f"*{model_name.split('.')[0][:12]}*")[:8]
+        raise EmbedxError(
+            f"Unknown timm model {model_name!r}." + (f" Similar names: {', '.join(close)}." if close else "")
+            + " See `timm.list_models()`."
+        )
+    try:
+        return timm.create_model(model_name, pretrained=pretrained_from_hub, num_classes=num_classes)
+    except Exception as e:
+        if not pretrained_from_hub:
+            raise
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        raise WeightsError(
+            f"Could not get pretrained weights for {model_name!r} from the Hugging Face hub"
+            + (" cache (HF_HUB_OFFLINE is set)" if offline else "")
+            + f": {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}\n"
+            "Options: (1) go online once so timm caches them, then run with HF_HUB_OFFLINE=1; "
+            "(2) pass a local checkpoint with --weights PATH (.pth/.safetensors); "
+            f"(3) use a model with bundled weights ({', '.join(sorted(weights_mod.BUNDLED))}); "
+            "(4) --weights random, if you really want an untrained network."
+        ) from None
+
+
+def load_backbone(model_name: str = DEFAULT_MODEL, weights: str | None = None) -> Backbone:
+    """Build a frozen, headless timm backbone with its preprocessing.
+
+    Args:
+        model_name: any timm model name.
+        weights: None/"auto" (bundled weights if a package ships them, else timm's hub
+            weights), "bundled", "hub", "random", or a checkpoint path.
+
+    Raises:
+        WeightsError: weights missing, unreachable, or not fitting the model.
+    """
+    import torch
+    from timm.data import resolve_model_data_config
+
+    spec = weights_mod.resolve(model_name, weights)
+    if spec.source == "hub":
+        model = create_model(model_name, pretrained_from_hub=True)
+        cfg = getattr(model, "pretrained_cfg", {}) or {}
+        hub_id = cfg.get("hf_hub_id") or cfg.get("url") or model_name
+        source = f"hub:{hub_id}"
+        sha = weights_mod.state_dict_digest(model.state_dict())
+    else:
+        model = create_model(model_name)
+        source = spec.source
+        sha = None
+        if spec.file is not None:
+            sd = weights_mod.load_state_dict(spec.file)
+            weights_mod.load_into(model, sd, spec.layout)
+            sha = weights_mod.sha256_file(spec.file)
+            if spec.source == "file":
+                source = f"file:{spec.file}"
+        else:
+            log.warning("Using RANDOMLY INITIALISED weights for %s (asked for with weights='random').", model_name)
+    model.eval().requires_grad_(False)
+    raw = resolve_model_data_config(model)
+    raw.update(spec.data_config)
+    data_config = DataConfig(
+        input_size=tuple(raw["input_size"]),
+        interpolation=str(raw.get("interpolation", "bicubic")),
+        mean=tuple(float(x) for x in raw["mean"]),
+        std=tuple(float(x) for x in raw["std"]),
+        crop_pct=float(raw.get("crop_pct", 0.875)),
+        crop_mode=str(raw.get("crop_mode", "center")),
+    )
+    dim = int(getattr(model, "num_features", 0))
+    with torch.no_grad():
+        probe = model(torch.zeros(1, *data_config.input_size))
+    if probe.ndim != 2:
+        raise EmbedxError(f"{model_name} returns features of shape {tuple(probe.shape)}, expected (N, D).")
+    dim = int(probe.shape[1])
+    pooling = str(getattr(model, "global_pool", "avg"))
+    pooling = getattr(getattr(model, "global_pool", None), "pool_type", None) or pooling
+    return Backbone(
+        model=model, model_name=model_name, weights_source=source, weights_sha256=sha,
+        data_config=data_config, dim=dim, pooling=str(pooling),
+    )
+
+
+def resolve_device(device: str = "auto") -> str:
+    """'auto' -> 'cuda' if a GPU is present else 'cpu'; validates explicit choices."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise EmbedxError("--device cuda was asked for but no CUDA GPU is visible. Use --device cpu or auto.")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise EmbedxError(f"--device must be auto, cpu or cuda[:N], not {device!r}.")
+    return device
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """'auto' -> bf16 on CUDA and on CPUs with native bf16 support, else fp32."""
+    import torch
+
+    if precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise EmbedxError(f"--precision must be auto, fp32, bf16 or fp16, not {precision!r}.")
+    if precision != "auto":
+        if precision == "fp16" and device == "cpu":
+            raise EmbedxError("--precision fp16 needs a GPU; on CPU use bf16 or fp32.")
+        return precision
+    if device.startswith("cuda"):
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_has_fast_bf16() else "fp32"
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True when oneDNN has native bf16 kernels for this CPU (AVX-512 BF16 / AMX)."""
+    import torch
+
+    with contextlib.suppress(Exception):
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
+
+
+def autocast(device: str, precision: str):
+    import torch
+
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type="cuda" if device.startswith("cuda") else "cpu", dtype=dtype)
+
+
+def assert_pretrained(backbone: Backbone) -> None:
+    if backbone.weights_source == "random":
+        raise WeightsError("This needs pretrained weights, but the backbone was initialised randomly.")

@@ -1,0 +1,428 @@
+"""The extraction engine: image listing -> loader -> frozen backbone -> Parquet shards.
+
+The listing is split into fixed shards of `shard_size` consecutive rows. A shard is
+written (atomically) once all of its rows are embedded or recorded as errors, then the
+manifest is updated. A rerun skips the shards the manifest names, so an interrupted run
+resumes where it stopped and ends with exactly the shards an uninterrupted run writes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import shards
+from .backbone import DEFAULT_MODEL, Backbone, autocast, load_backbone, resolve_device, resolve_precision
+from .errors import EmbedxError, InputError, OutputExistsError
+from .images import DEFAULT_MAX_PIXELS, ImageListing, ImageRecord, list_images
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """Everything that decides what `extract` writes (and how fast)."""
+
+    model: str = DEFAULT_MODEL
+    weights: str | None = None
+    batch_size: int | None = None  # None: 256 on GPU, 32 on CPU
+    num_workers: int | None = None  # None: picked from the cores present
+    device: str = "auto"
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    labels: str = "folder"
+    shard_size: int = 50_000
+    normalize: bool = False
+    dtype: str = "float32"  # of the stored embeddings: float32 | float16
+    overwrite: bool = False
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
+    fast_decode: bool = True  # JPEG DCT-domain downscaling (PIL draft) before the resize
+    channels_last: bool = True
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class ExtractResult:
+    """Summary of one `extract` call."""
+
+    out_dir: str
+    num_images: int
+    num_embedded: int
+    num_errors: int
+    num_skipped: int  # rows already done by an earlier (interrupted) run
+    seconds: float
+    bytes_written: int
+    precision: str
+    device: str
+
+    @property
+    def images_per_second(self) -> float:
+        done = self.num_embedded + self.num_errors - self.num_skipped
+        return done / self.seconds if self.seconds > 0 else 0.0
+
+
+def default_num_workers(device: str) -> int:
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if device.startswith("cuda"):
+        return max(1, min(cpus - 1, 16))  # on a GPU the decoder is the bottleneck
+    # on a CPU the model is the bottleneck (decode is a few % of its cost): one decoder
+    # per ~4 cores keeps the model fed without stealing its threads
+    return max(1, cpus // 4)
+
+
+def extract(inputs: list[str | os.PathLike] | str | os.PathLike, out: str | os.PathLike,
+            config: ExtractConfig = ExtractConfig(), *, backbone: Backbone | None = None) -> ExtractResult:
+    """Embed every image under `inputs` with a frozen backbone into Parquet shards in `out`.
+
+    Args:
+        inputs: image directories and/or list files (see `images.list_images`).
+        out: output directory (created if needed).
+        config: what to run and how.
+        backbone: an already-loaded backbone to reuse (must match `config.model`).
+
+    Returns:
+        An `ExtractResult` summary. Rerunning after an interruption resumes.
+    """
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    _check_config(config)
+    listing = list_images(list(inputs), labels=config.labels)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with shards.DirectoryLock(out):
+        return _extract_locked(listing, out, config, backbone)
+
+
+def _check_config(config: ExtractConfig) -> None:
+    if config.dtype not in ("float32", "float16"):
+        raise InputError(f"--dtype must be float32 or float16, not {config.dtype!r}.")
+    if config.shard_size < 1:
+        raise InputError("--shard-size must be at least 1.")
+    if config.batch_size is not None and config.batch_size < 1:
+        raise InputError("--batch-size must be at least 1.")
+    if config.num_workers is not None and config.num_workers < 0:
+        raise InputError("--num-workers must be 0 or more.")
+
+
+def _extract_locked(listing: ImageListing, out: Path, config: ExtractConfig, backbone: Backbone | None) -> ExtractResult:
+    import torch
+
+    t0 = time.perf_counter()
+    device = resolve_device(config.device)
+    precision = resolve_precision(config.precision, device)
+    if backbone is None:
+        backbone = load_backbone(config.model, config.weights)
+    elif backbone.model_name != config.model:
+        raise EmbedxError(f"backbone {backbone.model_name!r} does not match config.model {config.model!r}")
+    records = listing.records
+    metadata = provenance(backbone, config, precision)
+    fingerprint = _fingerprint(metadata, records, config.shard_size)
+
+    manifest = shards.read_manifest(out)
+    if manifest is not None and config.overwrite:
+        _clear(out)
+        manifest = None
+    elif manifest is None and any(out.glob("part-*.parquet")):
+        if not config.overwrite:
+            raise OutputExistsError(f"{out} holds shards but no manifest.json. Use --overwrite to replace them.")
+        _clear(out)
+    if manifest is not None and manifest.get("fingerprint") != fingerprint:
+        raise OutputExistsError(_mismatch_message(out, manifest, metadata, records, config))
+    if manifest is None:
+        manifest = {
+            "format_version": shards.FORMAT_VERSION,
+            "fingerprint": fingerprint,
+            "config": _config_for_manifest(config),
+            "metadata": metadata,
+            "root": listing.root,
+            "num_images": len(records),
+            "num_shards": _num_shards(len(records), config.shard_size),
+            "shards": [],
+            "complete": False,
+        }
+        shards.write_manifest(out, manifest)
+
+    done = {s["index"] for s in manifest["shards"]}
+    plan = [i for i in range(manifest["num_shards"]) if i not in done]
+    pending = [r for r in records if r.row_id // config.shard_size not in done]
+    skipped = len(records) - len(pending)
+    embedded_before = sum(s["rows"] for s in manifest["shards"])
+    errors_before = sum(len(s.get("errors", [])) for s in manifest["shards"])
+
+    num_embedded = embedded_before
+    num_errors = errors_before
+    if plan:
+        if skipped:
+            log.info("resuming: %d of %d shards already complete", len(done), manifest["num_shards"])
+        model = _prepare_model(backbone, device, config.channels_last)
+        batch_size = config.batch_size or (256 if device.startswith("cuda") else 32)
+        num_workers = default_num_workers(device) if config.num_workers is None else config.num_workers
+        runner = _Embedder(model, backbone, device, precision, config.normalize, config.channels_last)
+        writer = _ShardWriter(out, manifest, config, backbone.dim, metadata)
+        from ._loader import ImageDataset, make_loader
+
+        draft = backbone.data_config.resize_size if config.fast_decode else None
+        dataset = ImageDataset(pending, backbone.pil_transform(), backbone.data_config.input_size, draft, config.max_pixels)
+        loader = make_loader(dataset, batch_size, num_workers, pin_memory=device.startswith("cuda"))
+        bar = _progress(len(records), skipped, config.progress)
+        try:
+            with torch.inference_mode():
+                for batch in loader:
+                    emb = runner.embed(batch.pixels)
+                    k = 0
+                    for pos, ok, w, h, err in zip(batch.positions, batch.ok, batch.widths, batch.heights, batch.errors):
+                        rec = pending[pos]
+                        if ok:
+                            writer.add(rec, emb[k], w, h)
+                            k += 1
+                            num_embedded += 1
+                        else:
+                            writer.add_error(rec, err[0], err[1])
+                            num_errors += 1
+                    bar.update(len(batch.positions))
+                    bar.set_postfix(errors=num_errors, refresh=False)
+        finally:
+            bar.close()
+        writer.finish()
+    manifest["complete"] = True
+    manifest["num_embedded"] = num_embedded
+    manifest["num_errors"] = num_errors
+    shards.write_manifest(out, manifest)
+    if not (out / shards.ERRORS).exists():
+        shards.write_errors(out, [])
+    seconds = time.perf_counter() - t0
+    size = sum(p.stat().st_size for p in out.glob("*.parquet"))
+    return ExtractResult(str(out), len(records), num_embedded, num_errors, skipped, seconds, size, precision, device)
+
+
+def provenance(backbone: Backbone, config: ExtractConfig, precision: str) -> dict:
+    """The `embedx` schema metadata: everything needed to reproduce or query the embeddings."""
+    from . import __version__
+
+    return {
+        "model": backbone.model_name,
+        "weights_source": backbone.weights_source,
+        "weights_sha256": backbone.weights_sha256,
+        "data_config": backbone.data_config.to_dict(),
+        "pooling": backbone.pooling,
+        "normalized": bool(config.normalize),
+        "dim": backbone.dim,
+        "dtype": config.dtype,
+        "precision": precision,
+        "decode": "pil-draft" if config.fast_decode else "pil",
+        "embedx_version": __version__,
+    }
+
+
+def _fingerprint(metadata: dict, records: list[ImageRecord], shard_size: int) -> str:
+    keep = {k: v for k, v in metadata.items() if k != "embedx_version"}
+    h = hashlib.sha256(repr(sorted(keep.items())).encode())
+    h.update(f"|shard_size={shard_size}|n={len(records)}|".encode())
+    for r in records:
+        h.update(r.path.encode())
+        h.update(b"\0")
+        h.update((r.label or "").encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def _mismatch_message(out: Path, manifest: dict, metadata: dict, records, config: ExtractConfig) -> str:
+    old = manifest.get("metadata", {})
+    diffs = [f"{k}: {old.get(k)!r} -> {metadata.get(k)!r}" for k in sorted(metadata)
+             if k != "embedx_version" and old.get(k) != metadata.get(k)]
+    if manifest.get("num_images") != len(records):
+        diffs.append(f"number of input images: {manifest.get('num_images')} -> {len(records)}")
+    old_shard = manifest.get("config", {}).get("shard_size")
+    if old_shard != config.shard_size:
+        diffs.append(f"shard_size: {old_shard} -> {config.shard_size}")
+    if not diffs:
+        diffs.append("the list of input images (paths or labels) changed")
+    return (
+        f"{out} already holds a run with a different configuration:\n  " + "\n  ".join(diffs)
+        + "\nUse another --out directory, or --overwrite to replace it."
+    )
+
+
+def _config_for_manifest(config: ExtractConfig) -> dict:
+    d = asdict(config)
+    d.pop("overwrite")
+    d.pop("progress")
+    return d
+
+
+def _num_shards(n: int, shard_size: int) -> int:
+    return (n + shard_size - 1) // shard_size
+
+
+def _clear(out: Path) -> None:
+    for p in list(out.glob("part-*.parquet")) + [out / shards.ERRORS, out / shards.MANIFEST]:
+        if p.exists():
+            p.unlink()
+    for p in out.glob(".*.tmp"):
+        p.unlink()
+
+
+def _prepare_model(backbone: Backbone, device: str, channels_last: bool):
+    import torch
+
+    model = backbone.model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+class _Embedder:
+    """uint8 NCHW batch -> normalised float on device -> model -> (n, D) float32 numpy.
+
+    A batch that runs out of GPU memory is split in halves and retried, recursively.
+    """
+
+    def __init__(self, model, backbone: Backbone, device: str, precision: str, normalize: bool, channels_last: bool):
+        import torch
+
+        self.model = model
+        self.device = device
+        self.precision = precision
+        self.normalize = normalize
+        self.channels_last = channels_last
+        mean = torch.tensor(backbone.data_config.mean, dtype=torch.float32).view(1, 3, 1, 1)
+        std = torch.tensor(backbone.data_config.std, dtype=torch.float32).view(1, 3, 1, 1)
+        # (x / 255 - mean) / std == x * scale + shift
+        self.scale = (1.0 / (255.0 * std)).to(device)
+        self.shift = (-mean / std).to(device)
+        self.dim = backbone.dim
+
+    def embed(self, pixels) -> np.ndarray:
+        if pixels.shape[0] == 0:
+            return np.empty((0, self.dim), dtype=np.float32)
+        try:
+            return self._forward(pixels)
+        except Exception as e:  # noqa: BLE001 - only out-of-memory errors are retried
+            if not _is_oom(e) or pixels.shape[0] == 1:
+                raise
+            self._free()
+            half = pixels.shape[0] // 2
+            log.warning("out of memory on a batch of %d; retrying as two halves", pixels.shape[0])
+            return np.concatenate([self.embed(pixels[:half]), self.embed(pixels[half:])])
+
+    def _forward(self, pixels) -> np.ndarray:
+        import torch
+
+        x = pixels.to(self.device, non_blocking=True)
+        x = x.float().mul_(self.scale).add_(self.shift)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(self.device, self.precision):
+            feats = self.model(x)
+        feats = feats.float()
+        if self.normalize:
+            feats = torch.nn.functional.normalize(feats, dim=1)
+        return feats.cpu().numpy()
+
+    def _free(self) -> None:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _is_oom(e: Exception) -> bool:
+    import torch
+
+    if isinstance(e, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(e, RuntimeError) and "out of memory" in str(e).lower()
+
+
+class _ShardWriter:
+    """Accumulates rows shard by shard, in listing order, and writes each shard once complete."""
+
+    def __init__(self, out: Path, manifest: dict, config: ExtractConfig, dim: int, metadata: dict):
+        self.out = out
+        self.manifest = manifest
+        self.shard_size = config.shard_size
+        self.dtype = config.dtype
+        self.dim = dim
+        self.metadata = metadata
+        self.num_records = manifest["num_images"]
+        self.current: int | None = None
+        self._reset()
+
+    def _reset(self):
+        self.row_ids: list[int] = []
+        self.paths: list[str] = []
+        self.labels: list[str | None] = []
+        self.embs: list[np.ndarray] = []
+        self.widths: list[int] = []
+        self.heights: list[int] = []
+        self.errors: list[shards.ErrorRow] = []
+        self.seen = 0
+
+    def _enter(self, rec: ImageRecord) -> None:
+        index = rec.row_id // self.shard_size
+        if self.current is None:
+            self.current = index
+        assert index == self.current, "records must arrive in listing order"
+
+    def _maybe_flush(self) -> None:
+        start = self.current * self.shard_size
+        expected = min(self.shard_size, self.num_records - start)
+        if self.seen == expected:
+            self._flush()
+
+    def add(self, rec: ImageRecord, embedding: np.ndarray, width: int, height: int) -> None:
+        self._enter(rec)
+        self.row_ids.append(rec.row_id)
+        self.paths.append(rec.path)
+        self.labels.append(rec.label)
+        self.embs.append(embedding)
+        self.widths.append(width)
+        self.heights.append(height)
+        self.seen += 1
+        self._maybe_flush()
+
+    def add_error(self, rec: ImageRecord, kind: str, message: str) -> None:
+        self._enter(rec)
+        self.errors.append(shards.ErrorRow(rec.row_id, rec.path, kind, message))
+        self.seen += 1
+        self._maybe_flush()
+
+    def _flush(self) -> None:
+        emb = np.stack(self.embs) if self.embs else np.empty((0, self.dim), dtype=np.float32)
+        rows = shards.ShardRows(
+            np.asarray(self.row_ids, dtype=np.int64), self.paths, self.labels, emb,
+            np.asarray(self.widths), np.asarray(self.heights),
+        )
+        path = shards.write_shard(self.out, self.current, rows, self.dim, self.dtype, self.metadata)
+        self.manifest["shards"].append({
+            "index": self.current, "file": path.name, "rows": len(self.row_ids),
+            "errors": [asdict(e) for e in self.errors],
+        })
+        self.manifest["shards"].sort(key=lambda s: s["index"])
+        # errors.parquet first, then the manifest: a crash in between only means the
+        # errors file lists a shard the manifest does not yet name, and is rewritten on resume
+        all_errors = [shards.ErrorRow(**e) for s in self.manifest["shards"] for e in s["errors"]]
+        shards.write_errors(self.out, all_errors)
+        shards.write_manifest(self.out, self.manifest)
+        self.current = None
+        self._reset()
+
+    def finish(self) -> None:
+        if self.seen:
+            raise EmbedxError(f"internal error: shard {self.current} ended incomplete ({self.seen} rows)")
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, unit="img", unit_scale=False, dynamic_ncols=True,
+                disable=not enabled, desc="extract", file=sys.stderr, smoothing=0.1)
+
+
+__all__ = ["ExtractConfig", "ExtractResult", "extract", "provenance"]

@@ -1,0 +1,272 @@
+"""Finding and decoding images: the only module that touches PIL.
+
+`list_images` turns the user's inputs (directories, or text/CSV/Parquet files listing
+paths) into a sorted, deterministic list of `ImageRecord`s. `decode_image` opens one
+file robustly: EXIF orientation applied, every mode converted to 8-bit RGB, the first
+frame of animations, a configurable decompression-bomb limit, and JPEG decoding at a
+reduced scale when the model wants far fewer pixels than the file holds.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import InputError
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".jfif"}
+)
+
+#: Default decompression-bomb limit, in pixels (PIL's own default is ~89 Mpx and only warns).
+DEFAULT_MAX_PIXELS = 178_956_970
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One input image.
+
+    Attributes:
+        row_id: position in the sorted listing; stable across reruns of the same input.
+        path: what is written to the shards (relative to `root` for directory inputs,
+            absolute for list-file inputs).
+        file: absolute path on disk.
+        label: class label (parent folder name or list-file column), or None.
+    """
+
+    row_id: int
+    path: str
+    file: str
+    label: str | None
+
+
+@dataclass(frozen=True)
+class ImageListing:
+    """The resolved input: records plus the root that relative paths hang from."""
+
+    records: list[ImageRecord]
+    root: str | None
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """An image decoded to RGB, with the size of the original file."""
+
+    image: "object"  # PIL.Image.Image; typed loosely so importing this module stays cheap
+    width: int
+    height: int
+
+
+class ImageDecodeError(Exception):
+    """One image could not be decoded. `kind` is a short machine-readable reason."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+def list_images(inputs: list[str | os.PathLike], labels: str = "folder") -> ImageListing:
+    """Resolve inputs into a deterministic, sorted list of image records.
+
+    Args:
+        inputs: image directories (walked recursively, symlinks followed), or list files:
+            `.txt` (one path per line), `.csv` / `.parquet` (a `path` column and an optional
+            `label` column). Relative paths in list files are resolved against the list
+            file's folder.
+        labels: `folder` (label = name of the parent directory, like torchvision's
+            ImageFolder) or `none`.
+
+    Returns:
+        An `ImageListing` whose records are sorted by path, with row ids 0..N-1.
+    """
+    if labels not in ("folder", "none"):
+        raise InputError(f"--labels must be 'folder' or 'none', not {labels!r}.")
+    if not inputs:
+        raise InputError("No input given: pass at least one image directory or list file.")
+    dirs: list[Path] = []
+    listed: list[tuple[str, str, str | None]] = []  # (path, file, label)
+    for raw in inputs:
+        p = Path(raw).expanduser()
+        if p.is_dir():
+            dirs.append(p.resolve())
+        elif p.is_file():
+            listed.extend(_read_list_file(p, labels))
+        else:
+            raise InputError(
+                f"Input {str(raw)!r} does not exist. Pass an image directory or a "
+                ".txt/.csv/.parquet file that lists image paths."
+            )
+    root: str | None = None
+    entries: list[tuple[str, str, str | None]] = list(listed)
+    if dirs:
+        root_path = Path(os.path.commonpath(dirs)) if len(dirs) > 1 else dirs[0]
+        root = str(root_path)
+        for d in dirs:
+            for f in _walk(d):
+                rel = f.relative_to(root_path).as_posix()
+                label = f.parent.name if labels == "folder" and f.parent != d else None
+                entries.append((rel, str(f), label))
+    seen: dict[str, tuple[str, str, str | None]] = {}
+    for e in entries:
+        seen.setdefault(e[0], e)  # an image listed twice is embedded once
+    ordered = sorted(seen.values(), key=lambda e: e[0])
+    records = [ImageRecord(i, path, file, label) for i, (path, file, label) in enumerate(ordered)]
+    if not records:
+        raise InputError(
+            "No images found in " + ", ".join(map(str, inputs)) + " (looked for "
+            + ", ".join(sorted(IMAGE_EXTENSIONS)) + ")."
+        )
+    return ImageListing(records=records, root=root)
+
+
+def _walk(directory: Path) -> list[Path]:
+    found = []
+    for dirpath, dirnames, filenames in os.walk(directory, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in filenames:
+            if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+                found.append(Path(dirpath) / name)
+    return found
+
+
+def _read_list_file(path: Path, labels: str) -> list[tuple[str, str, str | None]]:
+    suffix = path.suffix.lower()
+    base = path.resolve().parent
+    rows: list[tuple[str, str | None]]
+    if suffix == ".txt" or suffix == ".lst":
+        with open(path, encoding="utf-8") as fh:
+            rows = [(line.strip(), None) for line in fh if line.strip() and not line.startswith("#")]
+    elif suffix == ".csv":
+        with open(path, newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            if reader.fieldnames is None or "path" not in reader.fieldnames:
+                raise InputError(f"{path}: a CSV list needs a 'path' column (and optionally 'label').")
+            rows = [(r["path"], r.get("label") or None) for r in reader]
+    elif suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        if "path" not in table.column_names:
+            raise InputError(f"{path}: a Parquet list needs a 'path' column (and optionally 'label').")
+        paths = table.column("path").to_pylist()
+        labs = table.column("label").to_pylist() if "label" in table.column_names else [None] * len(paths)
+        rows = [(p, None if lab is None else str(lab)) for p, lab in zip(paths, labs)]
+    else:
+        raise InputError(
+            f"{path} is a file but not an image list: list files end in .txt, .csv or .parquet."
+        )
+    out = []
+    for p, lab in rows:
+        f = Path(p).expanduser()
+        f = f if f.is_absolute() else base / f
+        f = Path(os.path.abspath(f))
+        if labels == "folder" and lab is None:
+            lab = f.parent.name
+        elif labels == "none":
+            lab = None
+        out.append((str(f), str(f), lab))
+    return out
+
+
+def decode_image(file: str, draft_size: int | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> DecodedImage:
+    """Decode one image file to 8-bit RGB.
+
+    Args:
+        file: path on disk.
+        draft_size: if set, JPEGs are decoded at the smallest DCT scale whose both sides
+            are still >= this many pixels (PIL `draft`): far less work for a 224 px model.
+        max_pixels: refuse images with more pixels than this (decompression bombs);
+            None disables the check.
+
+    Raises:
+        ImageDecodeError: with `kind` one of `missing`, `unreadable`, `empty`, `not_an_image`,
+            `too_large`, `truncated`, `decode_error`.
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    # PIL raises its own DecompressionBombError at twice this value; ours is checked below.
+    Image.MAX_IMAGE_PIXELS = max_pixels
+
+    try:
+        size = os.path.getsize(file)
+    except FileNotFoundError:
+        raise ImageDecodeError("missing", "file not found") from None
+    except OSError as e:
+        raise ImageDecodeError("unreadable", str(e)) from None
+    if size == 0:
+        raise ImageDecodeError("empty", "zero-byte file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PIL warns on palette transparency, EXIF oddities, …
+            with Image.open(file) as im:
+                width, height = im.size
+                if max_pixels is not None and width * height > max_pixels:
+                    raise ImageDecodeError(
+                        "too_large",
+                        f"{width}x{height} = {width * height} pixels exceeds the limit of {max_pixels} "
+                        "(raise it with --max-pixels)",
+                    )
+                # EXIF orientation swaps the sides for 90° rotations: report the upright size.
+                orientation = _exif_orientation(im)
+                if orientation in (5, 6, 7, 8):
+                    width, height = height, width
+                if draft_size and im.format == "JPEG" and orientation in (None, 1):
+                    im.draft("RGB", (draft_size, draft_size))
+                if getattr(im, "n_frames", 1) > 1:
+                    im.seek(0)
+                im.load()
+                img = ImageOps.exif_transpose(im) if orientation not in (None, 1) else im
+                rgb = _to_rgb(img)
+    except ImageDecodeError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageDecodeError("not_an_image", "not a recognised image format") from None
+    except Image.DecompressionBombError as e:
+        raise ImageDecodeError("too_large", str(e)) from None
+    except PermissionError as e:
+        raise ImageDecodeError("unreadable", str(e)) from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        kind = "truncated" if "truncated" in str(e).lower() else "decode_error"
+        raise ImageDecodeError(kind, f"{type(e).__name__}: {e}") from None
+    return DecodedImage(rgb, width, height)
+
+
+def _exif_orientation(im) -> int | None:
+    try:
+        return im.getexif().get(0x0112)
+    except Exception:  # a broken EXIF block must not fail an otherwise good image
+        return None
+
+
+def _to_rgb(img):
+    """Convert any PIL mode to 8-bit RGB; transparent areas are composited on white."""
+    from PIL import Image
+
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode == "P":
+        img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
+        mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        import numpy as np
+
+        arr = np.asarray(img, dtype=np.float32)
+        hi = 65535.0 if mode.startswith("I;16") or arr.max() > 255 else 255.0
+        arr = np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, "L").convert("RGB")
+    if mode == "F":
+        import numpy as np
+
+        arr = np.asarray(img, dtype=np.float32)
+        lo, hi = float(arr.min()), float(arr.max())
+        arr = ((arr - lo) / (hi - lo if hi > lo else 1.0) * 255.0 + 0.5).astype(np.uint8)
+        return Image.fromarray(arr, "L").convert("RGB")
+    if mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV

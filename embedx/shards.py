@@ -1,0 +1,331 @@
+"""Parquet feature shards: the only pyarrow code (schema, writer, reader, manifest, lock).
+
+A shard directory holds::
+
+    part-00000.parquet …   row_id int64, path string, label string?, embedding
+                           fixed_size_list<float32|float16>[D], width int32, height int32;
+                           schema metadata key "embedx" = JSON provenance
+    errors.parquet         path, error, message: inputs that could not be embedded
+    manifest.json          completed shards with row counts and errors, plus the config
+    .lock                  held (flock) while a process writes
+
+Every file is written to a temporary name and renamed into place, so a killed run
+leaves either a complete shard or none, and `manifest.json` only names complete shards.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import FeaturesError, LockedError
+
+MANIFEST = "manifest.json"
+ERRORS = "errors.parquet"
+METADATA_KEY = b"embedx"
+FORMAT_VERSION = 1
+
+
+def shard_name(index: int) -> str:
+    return f"part-{index:05d}.parquet"
+
+
+def schema(dim: int, dtype: str = "float32", metadata: dict | None = None):
+    import pyarrow as pa
+
+    value_type = {"float32": pa.float32(), "float16": pa.float16()}[dtype]
+    fields = [
+        pa.field("row_id", pa.int64(), nullable=False),
+        pa.field("path", pa.string(), nullable=False),
+        pa.field("label", pa.string(), nullable=True),
+        pa.field("embedding", pa.list_(pa.field("item", value_type, nullable=False), dim), nullable=False),
+        pa.field("width", pa.int32(), nullable=False),
+        pa.field("height", pa.int32(), nullable=False),
+    ]
+    meta = {METADATA_KEY: json.dumps(metadata or {}, sort_keys=True).encode()}
+    return pa.schema(fields, metadata=meta)
+
+
+@dataclass(frozen=True)
+class ShardRows:
+    """Rows of one shard, columnar. `embeddings` is (N, D) float32 or float16."""
+
+    row_ids: np.ndarray
+    paths: list[str]
+    labels: list[str | None]
+    embeddings: np.ndarray
+    widths: np.ndarray
+    heights: np.ndarray
+
+
+@dataclass(frozen=True)
+class ErrorRow:
+    row_id: int
+    path: str
+    error: str
+    message: str
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with _suppress_oserror():
+            os.unlink(tmp)
+        raise
+
+
+def _atomic_write_table(path: Path, table, compression: str = "zstd") -> None:
+    import pyarrow.parquet as pq
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp, compression=compression)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with _suppress_oserror():
+            os.unlink(tmp)
+        raise
+
+
+class _suppress_oserror:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        return exc_type is not None and issubclass(exc_type, OSError)
+
+
+def write_shard(directory: Path, index: int, rows: ShardRows, dim: int, dtype: str, metadata: dict) -> Path:
+    """Write one shard atomically and return its path."""
+    import pyarrow as pa
+
+    emb = np.ascontiguousarray(rows.embeddings, dtype=np.float16 if dtype == "float16" else np.float32)
+    if emb.ndim != 2 or emb.shape[1] != dim or emb.shape[0] != len(rows.paths):
+        raise ValueError(f"embeddings shape {emb.shape} does not fit {len(rows.paths)} rows x {dim}")
+    sch = schema(dim, dtype, metadata)
+    values = pa.array(emb.reshape(-1), type=sch.field("embedding").type.value_type)
+    table = pa.Table.from_arrays(
+        [
+            pa.array(np.asarray(rows.row_ids, dtype=np.int64)),
+            pa.array(rows.paths, type=pa.string()),
+            pa.array(rows.labels, type=pa.string()),
+            pa.FixedSizeListArray.from_arrays(values, dim),
+            pa.array(np.asarray(rows.widths, dtype=np.int32)),
+            pa.array(np.asarray(rows.heights, dtype=np.int32)),
+        ],
+        schema=sch,
+    )
+    path = Path(directory) / shard_name(index)
+    _atomic_write_table(path, table)
+    return path
+
+
+def write_errors(directory: Path, errors: list[ErrorRow]) -> None:
+    import pyarrow as pa
+
+    table = pa.table(
+        {
+            "row_id": pa.array([e.row_id for e in errors], type=pa.int64()),
+            "path": pa.array([e.path for e in errors], type=pa.string()),
+            "error": pa.array([e.error for e in errors], type=pa.string()),
+            "message": pa.array([e.message for e in errors], type=pa.string()),
+        }
+    )
+    _atomic_write_table(Path(directory) / ERRORS, table)
+
+
+def read_errors(directory: str | os.PathLike):
+    """The errors table (pyarrow) of a shard directory; empty if there were none."""
+    import pyarrow.parquet as pq
+
+    path = Path(directory) / ERRORS
+    if not path.exists():
+        return None
+    return pq.read_table(path)
+
+
+# ---------------------------------------------------------------------------------------
+# Manifest
+
+
+def read_manifest(directory: str | os.PathLike) -> dict | None:
+    path = Path(directory) / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise FeaturesError(f"{path} is corrupt ({e}). Rerun with --overwrite to start over.") from None
+
+
+def write_manifest(directory: str | os.PathLike, manifest: dict) -> None:
+    atomic_write_bytes(Path(directory) / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode())
+
+
+class DirectoryLock:
+    """An exclusive, non-blocking flock on DIR/.lock; released automatically if the process dies."""
+
+    def __init__(self, directory: str | os.PathLike):
+        self.path = Path(directory) / ".lock"
+        self._fh = None
+
+    def __enter__(self):
+        self._fh = open(self.path, "a+")
+        try:
+            fcntl.flock(self._fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            self._fh.close()
+            self._fh = None
+            if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise LockedError(
+                    f"Another embedx process is writing to {self.path.parent} (lock {self.path} is held). "
+                    "Wait for it to finish, or write to another --out directory."
+                ) from None
+            raise
+        self._fh.seek(0)
+        self._fh.truncate()
+        self._fh.write(str(os.getpid()))
+        self._fh.flush()
+        return self
+
+    def __exit__(self, *exc):
+        if self._fh is not None:
+            fcntl.flock(self._fh.fileno(), fcntl.LOCK_UN)
+            self._fh.close()
+            self._fh = None
+
+
+# ---------------------------------------------------------------------------------------
+# Reading
+
+
+@dataclass
+class FeatureTable:
+    """All rows of a shard directory, with embeddings as one contiguous (N, D) array."""
+
+    row_ids: np.ndarray
+    paths: list[str]
+    labels: list[str | None]
+    embeddings: np.ndarray
+    metadata: dict
+    root: str | None = None
+
+    def __len__(self) -> int:
+        return len(self.row_ids)
+
+    @property
+    def dim(self) -> int:
+        return int(self.embeddings.shape[1])
+
+
+def shard_files(directory: str | os.PathLike) -> list[Path]:
+    """Completed shards in order: those the manifest names (or all part-*.parquet without one)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FeaturesError(f"{directory} is not a directory. Give the --out directory of `embedx extract`.")
+    manifest = read_manifest(directory)
+    if manifest is not None:
+        names = [s["file"] for s in sorted(manifest.get("shards", []), key=lambda s: s["index"])]
+        return [directory / n for n in names]
+    return sorted(directory.glob("part-*.parquet"))
+
+
+def read_metadata(directory: str | os.PathLike) -> dict:
+    """The `embedx` provenance of a shard directory (from its first shard)."""
+    import pyarrow.parquet as pq
+
+    files = shard_files(directory)
+    if not files:
+        raise FeaturesError(f"{directory} holds no feature shards. Run `embedx extract ... --out {directory}` first.")
+    return _metadata_of(pq.read_schema(files[0]))
+
+
+def _metadata_of(sch) -> dict:
+    raw = (sch.metadata or {}).get(METADATA_KEY)
+    return json.loads(raw) if raw else {}
+
+
+def iter_shards(directory: str | os.PathLike, columns: list[str] | None = None):
+    """Yield one pyarrow Table per completed shard (bounded memory for streaming consumers)."""
+    import pyarrow.parquet as pq
+
+    for f in shard_files(directory):
+        yield pq.read_table(f, columns=columns)
+
+
+def embeddings_of(table) -> np.ndarray:
+    """(N, D) numpy view of a table's embedding column (zero-copy per chunk when possible)."""
+    col = table.column("embedding")
+    dim = col.type.list_size
+    parts = [_chunk_values(c, dim) for c in col.chunks]
+    if len(parts) == 1:
+        return parts[0]
+    if not parts:
+        return np.empty((0, dim), dtype=np.float32)
+    return np.concatenate(parts)
+
+
+def _chunk_values(chunk, dim: int) -> np.ndarray:
+    values = chunk.values
+    if chunk.offset:  # a sliced chunk: values start at the slice
+        values = values.slice(chunk.offset * dim, len(chunk) * dim)
+    return values.to_numpy(zero_copy_only=False).reshape(-1, dim)
+
+
+def read_features(directory: str | os.PathLike, *, dtype=np.float32) -> FeatureTable:
+    """Read a shard directory into one contiguous (N, D) array plus ids, paths and labels.
+
+    Embeddings are copied exactly once, from the Parquet buffers into the final array.
+
+    Args:
+        directory: an `embedx extract` output directory.
+        dtype: dtype of the returned embeddings (float16 shards are widened to float32 by default).
+    """
+    import pyarrow.parquet as pq
+
+    files = shard_files(directory)
+    if not files:
+        raise FeaturesError(f"{directory} holds no feature shards. Run `embedx extract ... --out {directory}` first.")
+    metas = [pq.read_metadata(f) for f in files]
+    total = sum(m.num_rows for m in metas)
+    meta = _metadata_of(pq.read_schema(files[0]))
+    dim = int(meta.get("dim") or pq.read_schema(files[0]).field("embedding").type.list_size)
+    out = np.empty((total, dim), dtype=dtype)
+    row_ids = np.empty(total, dtype=np.int64)
+    paths: list[str] = []
+    labels: list[str | None] = []
+    pos = 0
+    for f in files:
+        table = pq.read_table(f)
+        n = table.num_rows
+        if table.schema.field("embedding").type.list_size != dim:
+            raise FeaturesError(f"{f} has another embedding size than the first shard: mixed directories?")
+        col = table.column("embedding")
+        start = pos
+        for chunk in col.chunks:
+            vals = _chunk_values(chunk, dim)
+            out[start:start + len(vals)] = vals  # the one copy (with widening if needed)
+            start += len(vals)
+        row_ids[pos:pos + n] = table.column("row_id").to_numpy()
+        paths.extend(table.column("path").to_pylist())
+        labels.extend(table.column("label").to_pylist())
+        pos += n
+    manifest = read_manifest(directory) or {}
+    return FeatureTable(row_ids, paths, labels, out, meta, root=manifest.get("root"))

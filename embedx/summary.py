@@ -1,0 +1,43 @@
+"""`embedx info`: a plain summary of a shard directory."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from pathlib import Path
+
+from . import shards
+
+
+def describe(directory: str | os.PathLike) -> dict:
+    """Rows, dimension, provenance, labels and errors of a shard directory."""
+    import pyarrow.parquet as pq
+
+    directory = Path(directory)
+    files = shards.shard_files(directory)
+    manifest = shards.read_manifest(directory) or {}
+    meta = shards.read_metadata(directory)
+    rows = sum(pq.read_metadata(f).num_rows for f in files)
+    labels: Counter = Counter()
+    for table in shards.iter_shards(directory, columns=["label"]):
+        labels.update(table.column("label").to_pylist())
+    errors = shards.read_errors(directory)
+    error_kinds = Counter(errors.column("error").to_pylist()) if errors is not None else Counter()
+    return {
+        "directory": str(directory),
+        "rows": rows,
+        "shards": len(files),
+        "complete": bool(manifest.get("complete", False)),
+        "num_images": manifest.get("num_images", rows),
+        "dim": meta.get("dim"),
+        "dtype": meta.get("dtype"),
+        "model": meta.get("model"),
+        "weights": meta.get("weights_source"),
+        "precision": meta.get("precision"),
+        "normalized": meta.get("normalized"),
+        "classes": len([k for k in labels if k is not None]),
+        "unlabelled": labels.get(None, 0),
+        "errors": sum(error_kinds.values()),
+        "error_kinds": dict(error_kinds),
+        "bytes": sum(f.stat().st_size for f in files),
+    }
