@@ -211,6 +211,11 @@ def _effnet_block_map(model, ds_map, ir_map, block_prefix, top_map) -> dict[str,
     timm nests blocks as blocks.<stage>.<block>; the foreign layouts number them flat.
     The flat index follows timm's own block order, read off the model itself.
     """
+    if not hasattr(model, "blocks") or not hasattr(model, "conv_stem"):
+        raise WeightsError(
+            f"This checkpoint is an EfficientNet/MobileNet-family layout, but the model is a "
+            f"{type(model).__name__}. Choose the matching --model (e.g. {', '.join(sorted(BUNDLED))})."
+        )
     mapping = {f"{k}.": f"{v}." for k, v in top_map.items()}
     flat = 0
     for s, stage in enumerate(model.blocks):

@@ -1,0 +1,264 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import embedx
+from embedx import shards
+from embedx.errors import LockedError, OutputExistsError
+from embedx.extractor import ExtractConfig, extract
+
+FAST = dict(progress=False, num_workers=0, batch_size=8)
+
+
+def _cfg(**kw):
+    return ExtractConfig(**{**FAST, **kw})
+
+
+def test_shard_contract(tiny_dir, tmp_path, backbone):
+    out = tmp_path / "f"
+    r = extract(tiny_dir, out, _cfg(shard_size=10), backbone=backbone)
+    assert (r.num_images, r.num_embedded, r.num_errors) == (24, 24, 0)
+    files = sorted(out.glob("part-*.parquet"))
+    assert [f.name for f in files] == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    t = pq.read_table(files[0])
+    assert t.schema.field("row_id").type == pa.int64()
+    assert t.schema.field("path").type == pa.string()
+    assert t.schema.field("label").type == pa.string()
+    emb_type = t.schema.field("embedding").type
+    assert isinstance(emb_type, pa.FixedSizeListType) and emb_type.list_size == 1280
+    assert emb_type.value_type == pa.float32()
+    assert t.schema.field("width").type == pa.int32() and t.schema.field("height").type == pa.int32()
+    meta = json.loads(t.schema.metadata[b"embedx"])
+    for key in ("model", "weights_source", "weights_sha256", "data_config", "pooling", "normalized", "dim",
+                "dtype", "embedx_version"):
+        assert key in meta, key
+    assert meta["model"] == "tf_efficientnet_lite0" and meta["dim"] == 1280
+    assert meta["weights_source"].startswith("bundled:") and len(meta["weights_sha256"]) == 64
+    for key in ("input_size", "crop_pct", "mean", "std", "interpolation"):
+        assert key in meta["data_config"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [s["rows"] for s in manifest["shards"]] == [10, 10, 4] and manifest["complete"]
+    assert manifest["config"]["model"] == "tf_efficientnet_lite0"
+    assert pq.read_table(out / "errors.parquet").num_rows == 0
+    # original sizes recorded
+    from PIL import Image
+
+    first = pq.read_table(files[0]).to_pylist()[0]
+    with Image.open(tiny_dir / first["path"]) as im:
+        assert (first["width"], first["height"]) == im.size
+
+
+def test_read_features_contiguous_and_complete(tiny_dir, tmp_path, backbone):
+    out = tmp_path / "f"
+    extract(tiny_dir, out, _cfg(shard_size=7), backbone=backbone)
+    f = embedx.read_features(out)
+    assert f.embeddings.shape == (24, 1280) and f.embeddings.flags["C_CONTIGUOUS"]
+    assert f.row_ids.tolist() == list(range(24))
+    assert f.paths == sorted(f.paths) and f.labels[0] == "class_0"
+    assert np.isfinite(f.embeddings).all() and f.embeddings.std() > 0
+    assert f.metadata["model"] == "tf_efficientnet_lite0" and f.root == str(tiny_dir.resolve())
+
+
+def test_other_readers_read_shards_unchanged(tiny_dir, tmp_path, backbone):
+    import duckdb
+    import pandas as pd
+    import polars as pl
+
+    out = tmp_path / "f"
+    extract(tiny_dir, out, _cfg(shard_size=10), backbone=backbone)
+    ref = embedx.read_features(out)
+    df = pd.read_parquet(out / "part-00000.parquet")
+    np.testing.assert_array_equal(np.stack(df["embedding"].to_numpy()), ref.embeddings[:10])
+    pdf = pl.read_parquet(str(out / "part-*.parquet"))
+    assert pdf.height == 24 and pdf["path"].to_list() == ref.paths
+    con = duckdb.connect()
+    n, labels = con.execute(
+        f"select count(*), count(distinct label) from read_parquet('{out}/part-*.parquet')"
+    ).fetchone()
+    assert (n, labels) == (24, 3)
+
+
+def test_torture_folder_records_errors_and_goes_on(tmp_path, backbone):
+    from PIL import Image
+
+    d = tmp_path / "torture"
+    d.mkdir()
+    rng = np.random.default_rng(3)
+    good = Image.fromarray(rng.integers(0, 255, (50, 60, 3), dtype=np.uint8))
+    good.save(d / "good.jpg")
+    good.convert("CMYK").save(d / "cmyk.jpg")
+    Image.fromarray((rng.integers(0, 65535, (40, 40))).astype(np.uint16)).save(d / "sixteen.png")
+    good.convert("P").save(d / "palette.png", transparency=0)
+    good.save(d / "anim.gif", save_all=True, append_images=[good.rotate(90)])
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    good.save(d / "rotated.jpg", exif=exif)
+    (d / "zero.jpg").write_bytes(b"")
+    (d / "text.png").write_bytes(b"hello world, not a png")
+    raw = (d / "good.jpg").read_bytes()
+    (d / "truncated.jpg").write_bytes(raw[: len(raw) // 2])
+    Image.new("RGB", (1200, 1000)).save(d / "huge.png")
+    os.symlink(d / "does-not-exist.jpg", d / "dangling.jpg")
+    r = extract(d, tmp_path / "f", _cfg(max_pixels=1_000_000, shard_size=4), backbone=backbone)
+    errors = pq.read_table(tmp_path / "f" / "errors.parquet").to_pylist()
+    kinds = {e["path"]: e["error"] for e in errors}
+    assert kinds == {
+        "zero.jpg": "empty", "text.png": "not_an_image", "truncated.jpg": kinds.get("truncated.jpg"),
+        "huge.png": "too_large", "dangling.jpg": "missing",
+    }
+    assert kinds["truncated.jpg"] in ("truncated", "decode_error")
+    assert r.num_embedded == 6 and r.num_errors == 5
+    f = embedx.read_features(tmp_path / "f")
+    assert sorted(f.paths) == sorted(["good.jpg", "cmyk.jpg", "sixteen.png", "palette.png", "anim.gif", "rotated.jpg"])
+    rows = {r["path"]: r for t in shards.iter_shards(tmp_path / "f") for r in t.to_pylist()}
+    assert (rows["rotated.jpg"]["width"], rows["rotated.jpg"]["height"]) == (50, 60)  # upright size
+
+
+def test_deterministic_across_worker_counts(tiny_dir, tmp_path, backbone):
+    a = extract(tiny_dir, tmp_path / "a", _cfg(num_workers=0), backbone=backbone)
+    b = extract(tiny_dir, tmp_path / "b", _cfg(num_workers=2), backbone=backbone)
+    assert a.num_embedded == b.num_embedded == 24
+    fa, fb = embedx.read_features(tmp_path / "a"), embedx.read_features(tmp_path / "b")
+    assert fa.paths == fb.paths and fa.row_ids.tolist() == fb.row_ids.tolist()
+    np.testing.assert_array_equal(fa.embeddings, fb.embeddings)
+
+
+def test_rerun_same_config_is_noop_and_other_config_refused(tiny_dir, tmp_path, backbone):
+    out = tmp_path / "f"
+    extract(tiny_dir, out, _cfg(), backbone=backbone)
+    before = embedx.read_features(out).embeddings.copy()
+    r = extract(tiny_dir, out, _cfg(), backbone=backbone)
+    assert r.num_skipped == 24
+    with pytest.raises(OutputExistsError, match="normalized"):
+        extract(tiny_dir, out, _cfg(normalize=True), backbone=backbone)
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        extract(tiny_dir, out, _cfg(model="test_efficientnet", weights="random"))
+    np.testing.assert_array_equal(embedx.read_features(out).embeddings, before)  # nothing lost
+    extract(tiny_dir, out, _cfg(normalize=True, overwrite=True), backbone=backbone)
+    f = embedx.read_features(out)
+    np.testing.assert_allclose(np.linalg.norm(f.embeddings, axis=1), 1.0, rtol=1e-5)
+    assert f.metadata["normalized"] is True
+
+
+def test_float16_storage(tiny_dir, tmp_path, backbone):
+    extract(tiny_dir, tmp_path / "f", _cfg(dtype="float16"), backbone=backbone)
+    t = pq.read_table(tmp_path / "f" / "part-00000.parquet")
+    assert t.schema.field("embedding").type.value_type == pa.float16()
+    extract(tiny_dir, tmp_path / "g", _cfg(), backbone=backbone)
+    a, b = embedx.read_features(tmp_path / "f").embeddings, embedx.read_features(tmp_path / "g").embeddings
+    np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-3)
+
+
+def test_concurrent_writer_refused(tiny_dir, tmp_path, backbone):
+    out = tmp_path / "f"
+    out.mkdir()
+    with shards.DirectoryLock(out):
+        with pytest.raises(LockedError, match="Another embedx process"):
+            extract(tiny_dir, out, _cfg(), backbone=backbone)
+
+
+def test_out_of_memory_batch_is_split_and_retried(tiny_dir, tmp_path, backbone):
+    import torch
+
+    from embedx.backbone import Backbone
+
+    class OomAbove4(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+            self.sizes = []
+
+        def forward(self, x):
+            self.sizes.append(x.shape[0])
+            if x.shape[0] > 4:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+            return self.inner(x)
+
+    wrapped = OomAbove4(backbone.model)
+    bb = Backbone(wrapped, backbone.model_name, backbone.weights_source, backbone.weights_sha256,
+                  backbone.data_config, backbone.dim, backbone.pooling)
+    r = extract(tiny_dir, tmp_path / "oom", _cfg(batch_size=16), backbone=bb)
+    assert r.num_embedded == 24 and max(s for s in wrapped.sizes if s <= 4) == 4 and 16 in wrapped.sizes
+    extract(tiny_dir, tmp_path / "ref", _cfg(batch_size=4), backbone=backbone)
+    np.testing.assert_allclose(embedx.read_features(tmp_path / "oom").embeddings,
+                               embedx.read_features(tmp_path / "ref").embeddings, rtol=1e-4, atol=1e-4)
+
+
+def test_real_photos_crops_of_same_photo_are_closer(tmp_path, backbone):
+    from PIL import Image
+
+    from .conftest import real_photo
+
+    d = tmp_path / "crops"
+    d.mkdir()
+    names = ("chelsea", "coffee", "astronaut", "rocket")
+    for name in names:
+        img = real_photo(name)
+        h, w = img.shape[:2]
+        Image.fromarray(img[: int(h * 0.85), : int(w * 0.85)]).save(d / f"{name}_a.jpg")
+        Image.fromarray(img[h - int(h * 0.85):, w - int(w * 0.85):]).save(d / f"{name}_b.jpg")
+    extract(d, tmp_path / "f", _cfg(normalize=True, labels="none"), backbone=backbone)
+    f = embedx.read_features(tmp_path / "f")
+    sim = f.embeddings @ f.embeddings.T
+    idx = {p: i for i, p in enumerate(f.paths)}
+    same = [sim[idx[f"{n}_a.jpg"], idx[f"{n}_b.jpg"]] for n in names]
+    diff = [sim[idx[f"{a}_a.jpg"], idx[f"{b}_b.jpg"]] for a in names for b in names if a != b]
+    assert min(same) > max(diff), (same, diff)
+
+
+def _run_cli(args, **kw):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "embedx", *args], env=env, **kw)
+
+
+def test_killed_run_resumes_to_identical_output(tmp_path):
+    """kill -9 a real CLI run mid-way, rerun the same command, compare with an uninterrupted run."""
+    from PIL import Image
+
+    from .conftest import make_shapes_image
+
+    src = tmp_path / "imgs"
+    rng = np.random.default_rng(5)
+    for i in range(120):
+        (src / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(make_shapes_image(rng, i % 2)).save(src / f"c{i % 2}" / f"{i:04d}.jpg")
+    args = ["extract", str(src), "--batch-size", "1", "--num-workers", "0", "--shard-size", "8", "--no-progress"]
+    out = tmp_path / "killed"
+    proc = _run_cli([*args, "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    manifest = None
+    while time.time() < deadline:
+        manifest = shards.read_manifest(out) if (out / "manifest.json").exists() else None
+        if manifest and len(manifest["shards"]) >= 2:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert manifest is not None and len(manifest["shards"]) >= 2
+    partial = shards.read_manifest(out)
+    assert not partial["complete"] and len(partial["shards"]) < 15, "the run finished before it was killed"
+    done_before = len(partial["shards"])
+    resumed = _run_cli([*args, "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stdout, stderr = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, stderr
+    assert "done by an earlier run" in stdout
+    ref = tmp_path / "ref"
+    full = _run_cli([*args, "--out", str(ref)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _, stderr = full.communicate(timeout=300)
+    assert full.returncode == 0, stderr
+    a, b = embedx.read_features(out), embedx.read_features(ref)
+    assert len(a) == 120 and a.row_ids.tolist() == b.row_ids.tolist() == list(range(120))
+    assert a.paths == b.paths and a.labels == b.labels
+    np.testing.assert_allclose(a.embeddings, b.embeddings, rtol=1e-5, atol=1e-5)
+    assert sorted(p.name for p in out.glob("part-*.parquet")) == sorted(p.name for p in ref.glob("part-*.parquet"))
+    assert not list(Path(out).glob(".*.tmp"))
+    assert done_before >= 2
