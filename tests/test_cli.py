@@ -1,0 +1,61 @@
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+import embedx
+from embedx.cli import app
+
+runner = CliRunner()
+
+
+def _commands():
+    import typer.main
+
+    group = typer.main.get_command(app)
+    return group, sorted(group.commands)
+
+
+def test_every_command_has_help_with_an_example():
+    group, names = _commands()
+    assert {"extract", "info"} <= set(names)
+    for name in names:
+        cmd = group.commands[name]
+        assert cmd.help and "Example:" in cmd.help, name
+        result = runner.invoke(app, [*name.split(), "--help"])
+        assert result.exit_code == 0, (name, result.output)
+
+
+def test_cli_extract_then_info(tiny_dir, tmp_path):
+    out = tmp_path / "f"
+    result = runner.invoke(app, ["extract", str(tiny_dir), "--out", str(out), "--num-workers", "0",
+                                 "--shard-size", "10", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "24 embedded, 0 errors" in result.output
+    assert len(embedx.read_features(out)) == 24
+    result = runner.invoke(app, ["info", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    d = json.loads(result.output)
+    assert d["rows"] == 24 and d["dim"] == 1280 and d["classes"] == 3 and d["shards"] == 3
+
+
+def test_cli_errors_are_messages_not_tracebacks(tmp_path):
+    result = runner.invoke(app, ["extract", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2
+    assert "does not exist" in result.output and "Traceback" not in result.output
+    result = runner.invoke(app, ["info", str(tmp_path)])
+    assert result.exit_code == 2 and "no feature shards" in result.output
+
+
+def test_import_embedx_is_light():
+    import subprocess
+    import sys
+
+    code = "import sys, embedx; print('torch' in sys.modules, 'faiss' in sys.modules, 'pyarrow' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False False False"
+
+
+@pytest.mark.parametrize("name", ["extract", "read_features", "ExtractConfig", "load_backbone"])
+def test_public_api_names(name):
+    assert callable(getattr(embedx, name))
