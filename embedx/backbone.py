@@ -226,3 +226,40 @@ def autocast(device: str, precision: str):
 def assert_pretrained(backbone: Backbone) -> None:
     if backbone.weights_source == "random":
         raise WeightsError("This needs pretrained weights, but the backbone was initialised randomly.")
+
+
+def load_backbone_for(provenance: dict, weights: str | None = None) -> Backbone:
+    """Rebuild the backbone that produced a set of shards (from their `embedx` metadata).
+
+    Args:
+        provenance: the shards' `embedx` metadata (model, weights source and sha256, ...).
+        weights: override where the weights come from (a path, say, when the original
+            file moved); their sha256 must still match.
+
+    Raises:
+        WeightsError: the weights cannot be found again, or are not the same weights.
+    """
+    model_name = provenance["model"]
+    source = provenance.get("weights_source", "")
+    if weights is None:
+        if source.startswith("bundled:"):
+            weights = "bundled"
+        elif source.startswith("file:"):
+            weights = source[len("file:"):]
+        elif source.startswith("hub:"):
+            weights = "hub"
+        elif source == "random":
+            raise WeightsError(
+                "These features were made with a randomly initialised backbone, which cannot be rebuilt: "
+                "query by --id or --vectors instead of by image."
+            )
+    backbone = load_backbone(model_name, weights)
+    want = provenance.get("weights_sha256")
+    if want and backbone.weights_sha256 != want:
+        raise WeightsError(
+            f"The weights found for {model_name} ({backbone.weights_source}, sha256 {str(backbone.weights_sha256)[:12]}…) "
+            f"are not the ones the features were made with (sha256 {want[:12]}…). Pass the original file with --weights."
+        )
+    if backbone.data_config.to_dict() != provenance.get("data_config", backbone.data_config.to_dict()):
+        raise WeightsError(f"The preprocessing of {model_name} differs from the one recorded with the features.")
+    return backbone

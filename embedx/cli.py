@@ -118,6 +118,155 @@ def info(
         typer.echo(f"{key:>16}: {value}")
 
 
+@app.command("index")
+@_handle_errors
+def index_cmd(
+    args: List[str] = typer.Argument(..., help="FEATURES (build), or: add INDEX_DIR FEATURES (extend)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Index directory to write (build)."),
+    metric: str = typer.Option("cosine", help="cosine | ip | l2."),
+    factory: Optional[str] = typer.Option(None, help="Any FAISS index_factory string [default: chosen from size, dim, memory]."),
+    max_memory: Optional[str] = typer.Option(None, help="Memory budget for the index, e.g. 4G [default: half the RAM]."),
+    target_recall: float = typer.Option(0.95, help="Tune nprobe/efSearch until recall@10 reaches this."),
+    gpu: str = typer.Option("auto", help="auto | yes | no: build and search on GPUs with faiss-gpu."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing index in --out."),
+):
+    """Build a FAISS index over feature shards (or `index add` more shards to one).
+
+    Recall@10 against exact search is measured on held-out queries and written to
+    INDEX_DIR/index.json with queries/s and memory.
+
+    Example:
+        embedx index feats/ --out idx/ --target-recall 0.95
+        embedx index add idx/ more-feats/
+    """
+    from .index import IndexConfig, parse_bytes
+    from .indexer import add_to_index, build_index
+
+    if args[0] == "add":
+        if len(args) != 3:
+            raise typer.BadParameter("usage: embedx index add INDEX_DIR FEATURES")
+        info = add_to_index(args[1], args[2])
+        typer.echo(f"added {info['sources'][-1]['rows']} vectors; {info['num_vectors']} in {args[1]}")
+        return
+    if len(args) != 1 or out is None:
+        raise typer.BadParameter("usage: embedx index FEATURES --out INDEX_DIR")
+    config = IndexConfig(metric=metric, factory=factory, max_memory=parse_bytes(max_memory),
+                         target_recall=target_recall, use_gpu=gpu)
+    info = build_index(args[0], out, config, overwrite=overwrite)
+    typer.echo(
+        f"{info['factory']} over {info['num_vectors']} x {info['dim']} ({info['metric']}): "
+        f"recall@{info['k']} {info['recall_at_k']:.3f} at {info['search_param'] or 'exact'}"
+        f"{'=' + str(info['search_value']) if info['search_param'] else ''}, {info['qps']:.0f} queries/s "
+        f"(exact {info['exact_qps']:.0f}/s), {_human_bytes(info['index_bytes'])}, built in {info['build_seconds']:.1f} s -> {out}"
+    )
+
+
+@app.command()
+@_handle_errors
+def search(
+    index_dir: Path = typer.Argument(..., help="An index directory from `embedx index`."),
+    queries: Optional[List[str]] = typer.Argument(None, help="Query images or directories of images."),
+    row_id: Optional[List[int]] = typer.Option(None, "--id", help="Query by indexed row id (repeatable)."),
+    vectors: Optional[Path] = typer.Option(None, help="Query vectors: .npy or .parquet with an 'embedding' column."),
+    k: int = typer.Option(10, "-k", help="Neighbours per query."),
+    exclude_self: bool = typer.Option(False, "--exclude-self", help="Leave the query itself out of its results."),
+    fmt: str = typer.Option("table", "--format", help="table | json | csv."),
+    html_out: Optional[Path] = typer.Option(None, "--html", help="Also write a contact sheet of the results."),
+    weights: Optional[str] = typer.Option(None, help="Where to find the index's backbone weights, if they moved."),
+    device: str = typer.Option("auto", help="Device to embed query images on."),
+):
+    """Find the nearest indexed images of query images, row ids or vectors.
+
+    Example:
+        embedx search idx/ query.jpg -k 5 --html results.html
+        embedx search idx/ --id 42 --exclude-self --format json
+    """
+    from .query import SearchIndex, load_vectors, search_ids, search_images
+
+    if not queries and not row_id and vectors is None:
+        raise typer.BadParameter("give query images, --id ROW_ID or --vectors FILE")
+    if fmt not in ("table", "json", "csv"):
+        raise typer.BadParameter("--format must be table, json or csv")
+    idx = SearchIndex(index_dir)
+    results, query_files = [], []
+    if queries:
+        found, failures = search_images(idx, list(queries), k, exclude_self, weights=weights, device=device)
+        for f, why in failures:
+            typer.echo(f"skipped {f}: {why}", err=True)
+        results += found
+        query_files += [r.query for r in found]
+    if row_id:
+        found = search_ids(idx, list(row_id), k, exclude_self)
+        results += found
+        query_files += [idx.absolute_path(idx.position_of(r)) for r in row_id]
+    if vectors is not None:
+        found = idx.search(load_vectors(vectors), k, names=[f"{vectors.name}:{i}" for i in range(len(load_vectors(vectors)))])
+        results += found
+        query_files += [None] * len(found)
+    _print_results(results, fmt)
+    if html_out is not None:
+        from .sheet import write_sheet
+
+        rows = []
+        for r, qf in zip(results, query_files):
+            neigh = [(idx.absolute_path(n.position), f"#{n.rank} {n.score:.3f} {n.path}") for n in r.neighbors]
+            rows.append((r.query, qf, neigh))
+        write_sheet(html_out, rows, f"embedx search: {index_dir}")
+        typer.echo(f"contact sheet: {html_out}", err=True)
+
+
+def _print_results(results, fmt: str) -> None:
+    if fmt == "json":
+        typer.echo(json.dumps([r.to_dict() for r in results], indent=2))
+        return
+    import csv
+
+    if fmt == "csv":
+        w = csv.writer(sys.stdout)
+        w.writerow(["query", "rank", "row_id", "path", "score"])
+        for r in results:
+            for n in r.neighbors:
+                w.writerow([r.query, n.rank, n.row_id, n.path, f"{n.score:.6f}"])
+        return
+    for r in results:
+        typer.echo(f"query: {r.query}")
+        for n in r.neighbors:
+            typer.echo(f"  {n.rank:>3}  {n.score:8.4f}  {n.row_id:>8}  {n.path}")
+
+
+@app.command()
+@_handle_errors
+def dedup(
+    index_dir: Path = typer.Argument(..., help="An index directory from `embedx index`."),
+    threshold: float = typer.Option(0.95, help="Similarity at or above which images are duplicates (l2: distance at or below)."),
+    k: int = typer.Option(10, "-k", help="Neighbours examined per image."),
+    out: Path = typer.Option(Path("duplicates.parquet"), "--out", "-o", help="Parquet file of the groups."),
+    html_out: Optional[Path] = typer.Option(None, "--html", help="Also write a contact sheet of the groups."),
+):
+    """List groups of near-duplicate images, in bounded memory.
+
+    Example:
+        embedx dedup idx/ --threshold 0.95 --out dups.parquet --html dups.html
+    """
+    from .dedup import find_duplicates, write_groups
+    from .query import SearchIndex
+
+    idx = SearchIndex(index_dir)
+    groups = find_duplicates(idx, threshold, k)
+    write_groups(groups, out)
+    typer.echo(f"{groups.num_groups} groups, {len(groups.positions)} images -> {out}")
+    if html_out is not None:
+        from .sheet import write_sheet
+
+        rows = []
+        for g in range(groups.num_groups):
+            members = [i for i in range(len(groups.group)) if groups.group[i] == g]
+            first, rest = members[0], members[1:]
+            rows.append((f"group {g}: {groups.paths[first]}", idx.absolute_path(int(groups.positions[first])),
+                         [(idx.absolute_path(int(groups.positions[i])), f"{groups.best_score[i]:.3f} {groups.paths[i]}") for i in rest]))
+        write_sheet(html_out, rows, f"embedx dedup: {index_dir} (threshold {threshold})")
+
+
 def main() -> None:
     # hub access with no network would hang ~47 s before failing; users online are unaffected
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

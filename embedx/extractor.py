@@ -425,4 +425,41 @@ def _progress(total: int, initial: int, enabled: bool):
                 disable=not enabled, desc="extract", file=sys.stderr, smoothing=0.1)
 
 
-__all__ = ["ExtractConfig", "ExtractResult", "extract", "provenance"]
+
+@dataclass(frozen=True)
+class EmbeddedFiles:
+    """In-memory embeddings of a few files (queries, predictions): no shards written."""
+
+    files: list[str]
+    embeddings: np.ndarray  # (n_ok, D) float32, rows of the files that decoded
+    ok: list[bool]
+    errors: list[tuple[str, str] | None]
+
+
+def embed_files(files: list[str], backbone: Backbone, *, device: str = "auto", precision: str = "auto",
+                normalize: bool = False, batch_size: int | None = None, num_workers: int = 0,
+                fast_decode: bool = True, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> EmbeddedFiles:
+    """Embed image files in memory with the same pipeline as `extract`."""
+    import torch
+
+    from ._loader import ImageDataset, make_loader
+
+    device = resolve_device(device)
+    precision = resolve_precision(precision, device)
+    records = [ImageRecord(i, str(f), str(Path(f).resolve()), None) for i, f in enumerate(files)]
+    model = _prepare_model(backbone, device, channels_last=True)
+    runner = _Embedder(model, backbone, device, precision, normalize, channels_last=True)
+    draft = backbone.data_config.resize_size if fast_decode else None
+    dataset = ImageDataset(records, backbone.pil_transform(), backbone.data_config.input_size, draft, max_pixels)
+    loader = make_loader(dataset, batch_size or 32, num_workers, pin_memory=device.startswith("cuda"))
+    embs, ok, errors = [], [], []
+    with torch.inference_mode():
+        for batch in loader:
+            embs.append(runner.embed(batch.pixels))
+            ok.extend(batch.ok)
+            errors.extend(batch.errors)
+    emb = np.concatenate(embs) if embs else np.empty((0, backbone.dim), np.float32)
+    return EmbeddedFiles([str(f) for f in files], emb, ok, errors)
+
+
+__all__ = ["ExtractConfig", "ExtractResult", "EmbeddedFiles", "embed_files", "extract", "provenance"]

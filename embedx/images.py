@@ -72,7 +72,8 @@ def list_images(inputs: list[str | os.PathLike], labels: str = "folder") -> Imag
     """Resolve inputs into a deterministic, sorted list of image records.
 
     Args:
-        inputs: image directories (walked recursively, symlinks followed), or list files:
+        inputs: image directories (walked recursively, symlinks followed), image files
+            (stored with absolute paths), or list files:
             `.txt` (one path per line), `.csv` / `.parquet` (a `path` column and an optional
             `label` column). Relative paths in list files are resolved against the list
             file's folder.
@@ -92,6 +93,9 @@ def list_images(inputs: list[str | os.PathLike], labels: str = "folder") -> Imag
         p = Path(raw).expanduser()
         if p.is_dir():
             dirs.append(p.resolve())
+        elif p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS:
+            f = str(p.resolve())
+            listed.append((f, f, p.resolve().parent.name if labels == "folder" else None))
         elif p.is_file():
             listed.extend(_read_list_file(p, labels))
         else:

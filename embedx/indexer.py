@@ -1,0 +1,179 @@
+"""Build an index directory from feature shards, add more shards to it, and load it.
+
+All FAISS calls go through `embedx.index`; this module streams the shards, keeps the
+position -> row table and writes the measured quality into `index.json`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import index as fx
+from .errors import FeaturesError, SearchIndexError
+
+log = logging.getLogger(__name__)
+
+# provenance keys that must agree between an index and anything added to or searched in it
+PROVENANCE_KEYS = ("model", "weights_sha256", "data_config", "pooling", "dim")
+
+
+@dataclass
+class Rows:
+    """position -> row_id, path, label, source of an index."""
+
+    row_ids: np.ndarray
+    paths: list[str]
+    labels: list[str | None]
+    sources: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.row_ids)
+
+
+def provenance_mismatch(a: dict, b: dict) -> list[str]:
+    return [f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in PROVENANCE_KEYS if a.get(k) != b.get(k)]
+
+
+def build_index(features_dir, out_dir, config: fx.IndexConfig = fx.IndexConfig(), *, overwrite: bool = False) -> dict:
+    """Build, tune and save an index over a shard directory.
+
+    Returns:
+        The `index.json` content: factory, metric, tuned search parameter, recall@k,
+        queries/s, index bytes, build seconds, and the feature provenance.
+    """
+    t0 = time.perf_counter()
+    features_dir = Path(features_dir).resolve()
+    meta = fx.check_features(features_dir)
+    n = fx.count_rows(features_dir)
+    if n == 0:
+        raise FeaturesError(f"{features_dir} holds no embedded rows: nothing to index.")
+    dim = int(meta["dim"])
+    out_dir = Path(out_dir)
+    if (out_dir / fx.INFO_FILE).exists() and not overwrite:
+        raise SearchIndexError(f"{out_dir} already holds an index. Use --overwrite, or `embedx index add` to extend it.")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    budget = config.max_memory or fx.default_memory_budget()
+    factory = config.factory or fx.choose_factory(n, dim, budget)
+    index = fx.new_index(factory, dim, config.metric)
+    ngpu = fx.gpu_count(config.use_gpu)
+    rng = np.random.default_rng(config.seed)
+
+    train_positions = np.empty(0, np.int64)
+    if not index.is_trained:
+        nlist = fx.import_faiss().extract_index_ivf(index).nlist if fx._is_ivf(index) else 256
+        size = min(n, max(nlist * 64, 20_000), 500_000)
+        train_positions = np.sort(rng.choice(n, size=size, replace=False))
+        xt = fx.sample_vectors(features_dir, train_positions, config.metric, config.batch_size)
+        log.info("training %s on %d vectors", factory, len(xt))
+        index = fx.to_gpu(index, ngpu)
+        index.train(xt)
+        del xt
+    else:
+        index = fx.to_gpu(index, ngpu)
+
+    row_ids, paths, labels = [], [], []
+    for x, ids, p, lab in fx.iter_vectors(features_dir, config.metric, config.batch_size):
+        index.add(x)
+        row_ids.append(ids)
+        paths.extend(p)
+        labels.extend(lab)
+    rows = Rows(np.concatenate(row_ids), paths, labels, np.zeros(n, np.int32))
+    build_seconds = time.perf_counter() - t0
+
+    # held-out queries: vectors of the collection that the quantiser was not trained on
+    candidates = np.setdiff1d(np.arange(n), train_positions) if len(train_positions) < n else np.arange(n)
+    q_positions = np.sort(rng.choice(candidates, size=min(config.num_queries, len(candidates)), replace=False))
+    xq = fx.sample_vectors(features_dir, q_positions, config.metric, config.batch_size)
+    k = min(config.k, n)
+    _, gt = fx.exact_knn([features_dir], xq, k, config.metric, config.batch_size)
+    quality = fx.tune(index, xq, gt, k, config.target_recall)
+    t_exact = time.perf_counter()
+    fx.exact_knn([features_dir], xq, k, config.metric, config.batch_size)
+    exact_qps = len(xq) / max(time.perf_counter() - t_exact, 1e-9)
+
+    fx.save(index, out_dir / fx.INDEX_FILE)
+    fx.write_rows(out_dir / fx.ROWS_FILE, rows.row_ids, rows.paths, rows.labels, rows.sources)
+    from .shards import read_manifest
+
+    info = {
+        "factory": factory,
+        "metric": config.metric,
+        "num_vectors": n,
+        "dim": dim,
+        "search_param": quality["param"],
+        "search_value": quality["value"],
+        "recall_at_k": quality["recall"],
+        "k": k,
+        "target_recall": config.target_recall,
+        "num_queries": len(xq),
+        "qps": quality["qps"],
+        "exact_qps": exact_qps,
+        "sweep": quality["sweep"],
+        "index_bytes": (out_dir / fx.INDEX_FILE).stat().st_size,
+        "memory_budget": budget,
+        "build_seconds": build_seconds,
+        "gpus": ngpu,
+        "provenance": meta,
+        "sources": [{"features": str(features_dir), "root": (read_manifest(features_dir) or {}).get("root"), "rows": n}],
+        "config": fx.config_dict(config),
+    }
+    fx.write_info(out_dir, info)
+    return info
+
+
+def add_to_index(index_dir, features_dir, *, batch_size: int = 65_536) -> dict:
+    """Append the rows of another shard directory (same provenance) to an existing index."""
+    index_dir = Path(index_dir)
+    info = fx.read_info(index_dir)
+    features_dir = Path(features_dir).resolve()
+    meta = fx.check_features(features_dir)
+    diffs = provenance_mismatch(info["provenance"], meta)
+    if diffs:
+        raise SearchIndexError(
+            f"{features_dir} was extracted differently from the index ({'; '.join(diffs)}). "
+            "Re-extract with the index's model and weights, or build a new index."
+        )
+    if any(s["features"] == str(features_dir) for s in info["sources"]):
+        raise SearchIndexError(f"{features_dir} is already in this index.")
+    index = fx.load(index_dir / fx.INDEX_FILE, mmap=False)
+    rows = load_rows(index_dir)
+    source = len(info["sources"])
+    new_ids, new_paths, new_labels = [], [], []
+    for x, ids, p, lab in fx.iter_vectors(features_dir, info["metric"], batch_size):
+        index.add(x)
+        new_ids.append(ids)
+        new_paths.extend(p)
+        new_labels.extend(lab)
+    added = sum(len(a) for a in new_ids)
+    # write to temporaries, then swap both files in: a crash leaves the old index intact
+    tmp_index = index_dir / (fx.INDEX_FILE + ".new")
+    fx.save(index, tmp_index)
+    fx.write_rows(
+        index_dir / (fx.ROWS_FILE + ".new"),
+        np.concatenate([rows.row_ids, *new_ids]), rows.paths + new_paths, rows.labels + new_labels,
+        np.concatenate([rows.sources, np.full(added, source, np.int32)]),
+    )
+    os.replace(tmp_index, index_dir / fx.INDEX_FILE)
+    os.replace(index_dir / (fx.ROWS_FILE + ".new"), index_dir / fx.ROWS_FILE)
+    from .shards import read_manifest
+
+    info["sources"].append({"features": str(features_dir), "root": (read_manifest(features_dir) or {}).get("root"), "rows": added})
+    info["num_vectors"] = int(index.ntotal)
+    info["index_bytes"] = (index_dir / fx.INDEX_FILE).stat().st_size
+    fx.write_info(index_dir, info)
+    return info
+
+
+def load_rows(index_dir) -> Rows:
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(Path(index_dir) / fx.ROWS_FILE)
+    return Rows(t.column("row_id").to_numpy(), t.column("path").to_pylist(), t.column("label").to_pylist(),
+                t.column("source").to_numpy())
+

@@ -1,0 +1,208 @@
+"""Nearest-neighbour queries against an index directory, answered with paths.
+
+Queries come as vectors, as indexed row ids, or as images (embedded with the backbone,
+weights and preprocessing the index records). All queries of a call are searched as one
+batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import index as fx
+from .errors import InputError, SearchIndexError
+from .indexer import Rows, load_rows
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Neighbor:
+    rank: int
+    row_id: int
+    path: str
+    score: float
+    label: str | None = None
+    position: int = -1  # position in the index (to find the file again)
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    query: str
+    neighbors: list[Neighbor]
+
+    def to_dict(self) -> dict:
+        return {
+            "query": self.query,
+            "results": [
+                {"rank": n.rank, "row_id": n.row_id, "path": n.path, "score": n.score, "label": n.label}
+                for n in self.neighbors
+            ],
+        }
+
+
+class SearchIndex:
+    """A loaded index directory: FAISS index + position->row table + provenance."""
+
+    def __init__(self, directory: str | os.PathLike, *, mmap: bool = True):
+        self.directory = Path(directory)
+        self.info = fx.read_info(self.directory)
+        self.index = fx.load(self.directory / fx.INDEX_FILE, mmap=mmap)
+        self.rows: Rows = load_rows(self.directory)
+        if self.index.ntotal == 0:
+            raise SearchIndexError(f"The index in {self.directory} is empty: build it from shards that hold rows.")
+        if self.index.ntotal != len(self.rows):
+            raise SearchIndexError(f"{self.directory} is inconsistent ({self.index.ntotal} vectors, {len(self.rows)} rows): rebuild it.")
+        fx.set_search_param(self.index, self.info.get("search_param"), self.info.get("search_value"))
+        self._by_row_id: dict[int, list[int]] | None = None
+
+    @property
+    def metric(self) -> str:
+        return self.info["metric"]
+
+    @property
+    def provenance(self) -> dict:
+        return self.info["provenance"]
+
+    def __len__(self) -> int:
+        return int(self.index.ntotal)
+
+    def absolute_path(self, position: int) -> str:
+        """The image file behind an indexed row (relative paths hang from their source root)."""
+        p = self.rows.paths[position]
+        if os.path.isabs(p):
+            return p
+        root = self.info["sources"][int(self.rows.sources[position])].get("root") or ""
+        return str(Path(root) / p)
+
+    def position_of(self, row_id: int) -> int:
+        if self._by_row_id is None:
+            self._by_row_id = {}
+            for pos, rid in enumerate(self.rows.row_ids.tolist()):
+                self._by_row_id.setdefault(rid, []).append(pos)
+        found = self._by_row_id.get(int(row_id))
+        if not found:
+            raise SearchIndexError(f"Row id {row_id} is not in this index ({len(self)} rows; `embedx info` lists the shards).")
+        if len(found) > 1:
+            raise SearchIndexError(f"Row id {row_id} appears in {len(found)} added shard directories; query by --vectors instead.")
+        return found[0]
+
+    def vectors_for(self, positions: list[int]) -> np.ndarray:
+        """Stored vectors of indexed rows, read back from their feature shards."""
+        from . import shards
+
+        out = np.empty((len(positions), self.info["dim"]), np.float32)
+        want: dict[int, dict[int, list[int]]] = {}
+        for i, pos in enumerate(positions):
+            want.setdefault(int(self.rows.sources[pos]), {}).setdefault(int(self.rows.row_ids[pos]), []).append(i)
+        for source, by_id in want.items():
+            features = self.info["sources"][source]["features"]
+            for table in shards.iter_shards(features, columns=["row_id", "embedding"]):
+                ids = table.column("row_id").to_numpy()
+                hit = np.nonzero(np.isin(ids, list(by_id)))[0]
+                if len(hit):
+                    emb = shards.embeddings_of(table)
+                    for h in hit:
+                        for i in by_id[int(ids[h])]:
+                            out[i] = emb[h]
+        return fx.prepare(out, self.metric)
+
+    def check_vectors(self, xq: np.ndarray) -> np.ndarray:
+        xq = np.atleast_2d(np.asarray(xq, dtype=np.float32))
+        if xq.shape[1] != self.info["dim"]:
+            raise InputError(f"Query vectors have dimension {xq.shape[1]}, the index {self.info['dim']}.")
+        return fx.prepare(xq, self.metric)
+
+    def search(self, xq: np.ndarray, k: int = 10, *, exclude: list[int | None] | None = None,
+               names: list[str] | None = None) -> list[SearchResult]:
+        """Search all queries in one batch.
+
+        Args:
+            xq: (nq, D) query vectors (normalised here for cosine indexes).
+            k: neighbours per query.
+            exclude: per query, an index position to leave out (the query itself).
+            names: how each query is named in the results.
+        """
+        if k < 1:
+            raise InputError("-k must be at least 1.")
+        xq = self.check_vectors(xq)
+        extra = 1 if exclude is not None else 0
+        D, I = self.index.search(xq, min(k + extra, len(self)))
+        results = []
+        for qi in range(len(xq)):
+            skip = exclude[qi] if exclude is not None else None
+            neigh = []
+            for d, pos in zip(D[qi], I[qi]):
+                if pos < 0 or pos == skip:
+                    continue
+                if len(neigh) == k:
+                    break
+                neigh.append(Neighbor(len(neigh) + 1, int(self.rows.row_ids[pos]), self.rows.paths[pos], float(d),
+                                      self.rows.labels[pos], int(pos)))
+            results.append(SearchResult(names[qi] if names else f"vector:{qi}", neigh))
+        return results
+
+
+def search_ids(idx: SearchIndex, row_ids: list[int], k: int = 10, exclude_self: bool = False) -> list[SearchResult]:
+    positions = [idx.position_of(r) for r in row_ids]
+    xq = idx.vectors_for(positions)
+    return idx.search(xq, k, exclude=positions if exclude_self else None, names=[f"row_id:{r}" for r in row_ids])
+
+
+def search_images(idx: SearchIndex, inputs: list[str], k: int = 10, exclude_self: bool = False, *,
+                  weights: str | None = None, device: str = "auto") -> tuple[list[SearchResult], list[tuple[str, str]]]:
+    """Embed query images with the index's own backbone and search them.
+
+    Returns:
+        (results, failures): one result per decodable image; (file, reason) per failure.
+    """
+    from .backbone import load_backbone_for
+    from .extractor import embed_files
+    from .images import list_images
+
+    files = [r.file for r in list_images(inputs, labels="none").records]
+    backbone = load_backbone_for(idx.provenance, weights)
+    prov = idx.provenance
+    emb = embed_files(files, backbone, device=device, precision=_query_precision(prov, device),
+                      normalize=bool(prov.get("normalized")), fast_decode=prov.get("decode", "pil-draft") == "pil-draft")
+    ok_files = [f for f, ok in zip(files, emb.ok) if ok]
+    failures = [(f, f"{e[0]}: {e[1]}") for f, ok, e in zip(files, emb.ok, emb.errors) if not ok]
+    if not ok_files:
+        return [], failures
+    exclude = None
+    if exclude_self:
+        by_path = {idx.absolute_path(p): p for p in range(len(idx))} if len(idx) <= 5_000_000 else {}
+        exclude = [by_path.get(str(Path(f).resolve())) for f in ok_files]
+    return idx.search(emb.embeddings, k, exclude=exclude, names=ok_files), failures
+
+
+def _query_precision(provenance: dict, device: str) -> str:
+    """The precision the features were made with, so queries land in the same space."""
+    from .backbone import resolve_device
+
+    p = provenance.get("precision", "fp32")
+    return "fp32" if p == "fp16" and resolve_device(device) == "cpu" else p
+
+
+def load_vectors(path: str | os.PathLike) -> np.ndarray:
+    """Query vectors from .npy, or from Parquet (an `embedding` column or a shard)."""
+    path = Path(path)
+    if path.suffix == ".npy":
+        return np.load(path)
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        from .shards import embeddings_of
+
+        t = pq.read_table(path)
+        if "embedding" not in t.column_names:
+            raise InputError(f"{path} has no 'embedding' column.")
+        if hasattr(t.schema.field("embedding").type, "list_size") and t.schema.field("embedding").type.list_size > 0:
+            return embeddings_of(t)
+        return np.asarray(t.column("embedding").to_pylist(), np.float32)
+    raise InputError(f"--vectors takes a .npy or .parquet file, not {path.name}.")
