@@ -104,7 +104,11 @@ def choose_factory(n: int, dim: int, max_memory: int) -> str:
         if n * (m + 8) + centroids + dim * dim * 4 <= max_memory:
             # OPQ rotates the space so that PQ's sub-vectors are balanced: it pays when the
             # codes compress hard (m well below dim)
-            return f"OPQ{m},IVF{nlist},PQ{m}" if m <= dim // 4 else f"IVF{nlist},PQ{m}"
+            base = f"OPQ{m},IVF{nlist},PQ{m}" if m <= dim // 4 else f"IVF{nlist},PQ{m}"
+            # PQ distances alone cap recall; re-rank with SQ8 codes when those fit too
+            if n * (m + 8 + dim) + centroids + dim * dim * 4 <= max_memory:
+                return base + ",Refine(SQ8)"
+            return base
     raise SearchIndexError(
         f"{n} vectors of dimension {dim} do not fit a memory budget of {max_memory / 2**20:.0f} MiB "
         "even with the smallest PQ codes. Raise --max-memory."
@@ -236,6 +240,10 @@ def tune(index, xq: np.ndarray, gt: np.ndarray, k: int, target: float) -> dict:
         values = [16, 32, 64, 128, 256, 512, 1024]
     else:
         values = [None]
+    refine = _refine_of(index)
+    if refine is not None:
+        # re-rank 8x more candidates with the stored vectors: PQ distances alone cap recall
+        refine.k_factor = 8
     sweep = []
     chosen = None
     for v in values:
@@ -252,7 +260,14 @@ def tune(index, xq: np.ndarray, gt: np.ndarray, k: int, target: float) -> dict:
         chosen = max(sweep, key=lambda s: s["recall"])
         log.warning("target recall %.3f not reached; best %.3f with %s=%s", target, chosen["recall"], name, chosen["value"])
     set_search_param(index, name, chosen["value"])
-    return {"param": name, "value": chosen["value"], "recall": chosen["recall"], "qps": chosen["qps"], "sweep": sweep}
+    return {"param": name, "value": chosen["value"], "recall": chosen["recall"], "qps": chosen["qps"], "sweep": sweep,
+            "target_reached": chosen["recall"] >= target, "k_factor": refine.k_factor if refine is not None else None}
+
+
+def _refine_of(index):
+    faiss = import_faiss()
+    index = faiss.downcast_index(index)
+    return index if isinstance(index, faiss.IndexRefine) else None
 
 
 def gpu_count(use_gpu: str) -> int:

@@ -109,6 +109,8 @@ def build_index(features_dir, out_dir, config: fx.IndexConfig = fx.IndexConfig()
         "search_param": quality["param"],
         "search_value": quality["value"],
         "recall_at_k": quality["recall"],
+        "target_reached": quality["target_reached"],
+        "k_factor": quality["k_factor"],
         "k": k,
         "target_recall": config.target_recall,
         "num_queries": len(xq),
