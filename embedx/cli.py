@@ -118,6 +118,116 @@ def info(
         typer.echo(f"{key:>16}: {value}")
 
 
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise typer.BadParameter(f"expected comma-separated numbers, got {text!r}") from None
+
+
+@app.command("train-head")
+@_handle_errors
+def train_head_cmd(
+    features: Path = typer.Argument(..., help="Shard directory with labels (from `embedx extract`)."),
+    out: Path = typer.Option(..., "--out", "-o", help="HEAD_DIR to write."),
+    head: str = typer.Option("linear", help="linear | mlp."),
+    val: Optional[Path] = typer.Option(None, help="A second shard directory to validate on (e.g. the test split)."),
+    val_fraction: float = typer.Option(0.2, help="Seeded stratified validation fraction when --val is not given."),
+    lrs: str = typer.Option("1e-3,3e-3,1e-2", help="Learning rates of the sweep."),
+    weight_decays: str = typer.Option("0,1e-4,1e-3,1e-2", help="Weight decays of the sweep."),
+    epochs: int = typer.Option(100, help="Maximum epochs (early stopping on validation)."),
+    patience: int = typer.Option(10, help="Stop after this many epochs without improvement."),
+    batch_size: int = typer.Option(1024, help="Training batch size."),
+    hidden: int = typer.Option(512, help="Hidden units of the mlp head."),
+    class_weights: str = typer.Option("none", help="none | balanced (for imbalanced labels)."),
+    knn: bool = typer.Option(True, "--knn/--no-knn", help="Report a weighted kNN baseline (k=10, 20)."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda."),
+    seed: int = typer.Option(0, help="Seed for the split and initialisation."),
+):
+    """Train linear/MLP heads on cached features: a whole lr x weight-decay sweep in one pass.
+
+    Example:
+        embedx train-head feats/train --val feats/test --out head/ --head linear
+    """
+    from .train import HeadConfig, train_head
+
+    config = HeadConfig(head=head, lrs=_floats(lrs), weight_decays=_floats(weight_decays), hidden=hidden,
+                        epochs=epochs, batch_size=batch_size, patience=patience, val_fraction=val_fraction,
+                        class_weights=class_weights, knn=knn, device=device, seed=seed)
+    m = train_head(features, out, config, val=val)
+    typer.echo(
+        f"{m['head']} head: val accuracy {m['val_accuracy']:.4f} (top-5 {m['val_top5_accuracy']:.4f}), "
+        f"train {m['train_accuracy']:.4f}; best lr {m['best']['lr']:g}, wd {m['best']['weight_decay']:g} "
+        f"of {len(m['sweep'])} heads; "
+        + (f"kNN k=20 {m['knn_k20_accuracy']:.4f}; " if "knn_k20_accuracy" in m else "")
+        + f"{m['train_seconds']:.1f} s -> {out}"
+    )
+
+
+@app.command()
+@_handle_errors
+def finetune(
+    images: List[str] = typer.Argument(..., help="Image folders with one sub-folder per class."),
+    out: Path = typer.Option(..., "--out", "-o", help="HEAD_DIR to write (backbone + head)."),
+    model: str = typer.Option("tf_efficientnet_lite0", help="Any timm model name."),
+    weights: Optional[str] = typer.Option(None, help="auto | bundled | hub | random | PATH."),
+    val: Optional[str] = typer.Option(None, help="Validation image folder [default: --val-fraction of IMAGES]."),
+    val_fraction: float = typer.Option(0.2, help="Seeded stratified validation fraction."),
+    unfreeze_blocks: int = typer.Option(2, help="Top backbone blocks to unfreeze in stage 2."),
+    head_epochs: int = typer.Option(3, help="Stage 1 epochs (backbone frozen)."),
+    epochs: int = typer.Option(5, help="Stage 2 epochs (top blocks unfrozen)."),
+    lr: float = typer.Option(1e-3, help="Head learning rate."),
+    backbone_lr_scale: float = typer.Option(0.1, help="Backbone learning rate = lr x this."),
+    batch_size: int = typer.Option(32, help="Batch size."),
+    patience: int = typer.Option(3, help="Early stopping patience (epochs)."),
+    head: str = typer.Option("linear", help="linear | mlp."),
+    num_workers: Optional[int] = typer.Option(None, help="Data loader workers."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start over instead of resuming."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+):
+    """Fine-tune the top blocks of a backbone together with a head (resumable).
+
+    Example:
+        embedx finetune data/fashion/train --val data/fashion/test --out ft/ --unfreeze-blocks 2
+    """
+    from .finetune import FinetuneConfig, finetune as run
+
+    config = FinetuneConfig(model=model, weights=weights, head=head, unfreeze_blocks=unfreeze_blocks,
+                            head_epochs=head_epochs, epochs=epochs, lr=lr, backbone_lr_scale=backbone_lr_scale,
+                            batch_size=batch_size, val_fraction=val_fraction, patience=patience,
+                            num_workers=num_workers, device=device, progress=progress)
+    m = run(images, out, config, val=val, overwrite=overwrite)
+    typer.echo(
+        f"fine-tuned: val accuracy {m['val_accuracy']:.4f} (head only {m['head_only_val_accuracy']:.4f}, "
+        f"gain {m['finetune_gain']:+.4f}) -> {out}; re-extract with: embedx extract IMAGES --model {model} "
+        f"--weights {Path(out) / 'backbone.safetensors'}"
+    )
+
+
+@app.command()
+@_handle_errors
+def predict(
+    head_dir: Path = typer.Argument(..., help="A HEAD_DIR from `train-head` or `finetune`."),
+    inputs: List[str] = typer.Argument(..., help="Images, image folders or shard directories."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output .parquet or .csv."),
+    k: int = typer.Option(5, "-k", help="Top-k classes to list."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda."),
+):
+    """Classify new images or existing shards with a trained head.
+
+    Example:
+        embedx predict head/ new_photos/ --out predictions.csv
+    """
+    from .predict import predict as run, write_predictions
+
+    pred = run(head_dir, inputs, device=device)
+    for f, why in pred.failures:
+        typer.echo(f"skipped {f}: {why}", err=True)
+    write_predictions(pred, out, k)
+    typer.echo(f"{len(pred.paths)} predictions -> {out}")
+
+
 @app.command("index")
 @_handle_errors
 def index_cmd(

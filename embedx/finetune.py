@@ -1,0 +1,336 @@
+"""End-to-end fine-tuning: the feature-extraction-then-fine-tuning recipe of the classic
+MobileNetV2 transfer-learning tutorial, on any timm backbone.
+
+Stage 1 trains the head with the backbone frozen. Stage 2 unfreezes the top N blocks
+(timm's own block grouping) and trains them with the head, the backbone at a learning
+rate ~10x lower. BatchNorm layers stay in inference mode throughout (running statistics
+frozen), as the tutorial does. Every epoch is checkpointed; a rerun resumes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .backbone import DEFAULT_MODEL, Backbone, autocast, load_backbone, resolve_device, resolve_precision
+from .errors import FeaturesError, InputError
+from .images import ImageDecodeError, ImageRecord, decode_image, list_images
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    model: str = DEFAULT_MODEL
+    weights: str | None = None
+    head: str = "linear"
+    unfreeze_blocks: int = 2
+    head_epochs: int = 3  # stage 1, backbone frozen
+    epochs: int = 5  # stage 2, top blocks unfrozen
+    lr: float = 1e-3  # head learning rate
+    backbone_lr_scale: float = 0.1  # backbone lr = lr * this
+    weight_decay: float = 1e-4
+    batch_size: int = 32
+    val_fraction: float = 0.2
+    patience: int = 3
+    num_workers: int | None = None
+    device: str = "auto"
+    augment: bool = True
+    seed: int = 0
+    progress: bool = True
+
+
+class _LabelledImages:
+    """(image tensor, class index) pairs through a timm transform; bad files yield None."""
+
+    def __init__(self, records: list[ImageRecord], targets: list[int], transform):
+        self.records, self.targets, self.transform = records, targets, transform
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, i):
+        try:
+            img = decode_image(self.records[i].file).image
+        except ImageDecodeError:
+            return None
+        return self.transform(img), self.targets[i]
+
+
+def _collate(items):
+    import torch
+
+    items = [it for it in items if it is not None]
+    if not items:
+        return None
+    return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
+
+
+def top_block_parameters(model, n: int) -> list[str]:
+    """Names of the parameters in the top `n` blocks (timm's fine block grouping), plus the
+    layers after the last block (e.g. EfficientNet's conv_head / bn2)."""
+    from timm.models import group_parameters
+
+    if n <= 0:
+        return []
+    groups = group_parameters(model, model.group_matcher(coarse=False))
+    order = sorted(groups)
+    grouped = {p for g in order for p in groups[g]}
+    top = {p for g in order[-n:] for p in groups[g]}
+    after = {name for name, _ in model.named_parameters() if name not in grouped}
+    return sorted(top | after)
+
+
+def _freeze_batchnorm(model) -> None:
+    from torch import nn
+
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+def _fingerprint(config: FinetuneConfig, records: list[ImageRecord], val_records: list[ImageRecord]) -> str:
+    keep = {k: v for k, v in asdict(config).items() if k not in ("progress", "num_workers", "device")}
+    h = hashlib.sha256(json.dumps(keep, sort_keys=True).encode())
+    for r in records + val_records:
+        h.update(f"{r.path}\0{r.label}\n".encode())
+    return h.hexdigest()
+
+
+def _split(images, val, config: FinetuneConfig):
+    from .train import stratified_split
+
+    listing = list_images(images if isinstance(images, list) else [images], labels="folder")
+    records = [r for r in listing.records if r.label is not None]
+    classes = sorted({r.label for r in records})
+    if len(classes) < 2:
+        raise FeaturesError(f"{images}: fine-tuning needs two or more class folders, found {classes}.")
+    if val is not None:
+        val_records = [r for r in list_images(val if isinstance(val, list) else [val], labels="folder").records]
+        unknown = sorted({r.label for r in val_records} - set(classes))
+        if unknown:
+            raise FeaturesError(f"--val has classes the training images lack: {unknown[:10]}")
+        return records, val_records, classes
+    y = np.array([classes.index(r.label) for r in records])
+    tr, va = stratified_split(y, config.val_fraction, config.seed)
+    if len(va) == 0:
+        raise FeaturesError("The validation split is empty: give more images per class or --val IMAGES.")
+    return [records[i] for i in tr], [records[i] for i in va], classes
+
+
+def finetune(images, out, config: FinetuneConfig = FinetuneConfig(), *, val=None, overwrite: bool = False) -> dict:
+    """Fine-tune a backbone and head end to end on folder-labelled images; resumable.
+
+    Returns:
+        metrics.json content (same keys as `train-head`, plus `head_only_val_accuracy`
+        and the per-epoch `history`).
+    """
+    import torch
+    from timm.data import create_transform
+    from torch.utils.data import DataLoader
+
+    from .heads import make_head
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+    device = resolve_device(config.device)
+    precision = resolve_precision("auto", device) if device.startswith("cuda") else "fp32"
+    train_records, val_records, classes = _split(images, val, config)
+    fingerprint = _fingerprint(config, train_records, val_records)
+    lookup = {c: i for i, c in enumerate(classes)}
+
+    backbone = load_backbone(config.model, config.weights)
+    model = backbone.model
+    head = make_head(config.head, backbone.dim, len(classes))
+    dc = backbone.timm_data_config()
+    train_tf = create_transform(**dc, is_training=config.augment)
+    eval_tf = create_transform(**dc, is_training=False)
+    workers = config.num_workers if config.num_workers is not None else min(4, max(0, (os.cpu_count() or 1) - 1))
+    g = torch.Generator().manual_seed(config.seed)
+    train_loader = DataLoader(_LabelledImages(train_records, [lookup[r.label] for r in train_records], train_tf),
+                              batch_size=config.batch_size, shuffle=True, generator=g, num_workers=workers,
+                              collate_fn=_collate, drop_last=False)
+    val_loader = DataLoader(_LabelledImages(val_records, [lookup[r.label] for r in val_records], eval_tf),
+                            batch_size=config.batch_size * 2, num_workers=workers, collate_fn=_collate)
+    model.to(device)
+    head.to(device)
+    unfreeze = top_block_parameters(model, config.unfreeze_blocks)
+
+    state = {"stage": 1, "epoch": 0, "best_acc": -1.0, "head_only_best": -1.0, "stale": 0, "history": []}
+    ckpt_path = out / CHECKPOINT
+    resume = None
+    if ckpt_path.exists() and not overwrite:
+        resume = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        if resume.get("fingerprint") != fingerprint:
+            raise InputError(f"{out} holds a fine-tune with other settings or images. Use --overwrite or another --out.")
+        model.load_state_dict(resume["backbone"])
+        head.load_state_dict(resume["head"])
+        state = json.loads(resume["state"])
+        log.info("resuming fine-tune at stage %d epoch %d", state["stage"], state["epoch"])
+    if state.get("done"):
+        return json.loads((out / "metrics.json").read_text())
+
+    total_epochs = config.head_epochs + config.epochs
+    for stage in (1, 2):
+        if state["stage"] > stage:
+            continue
+        n_epochs = config.head_epochs if stage == 1 else config.epochs
+        model.requires_grad_(False)
+        params = [{"params": head.parameters(), "lr": config.lr}]
+        if stage == 2 and unfreeze:
+            named = dict(model.named_parameters())
+            for name in unfreeze:
+                named[name].requires_grad_(True)
+            params.append({"params": [named[n] for n in unfreeze], "lr": config.lr * config.backbone_lr_scale})
+        opt = torch.optim.AdamW(params, weight_decay=config.weight_decay)
+        if resume is not None and resume.get("optimizer_stage") == stage and state["epoch"] > 0:
+            opt.load_state_dict(resume["optimizer"])
+        if state["stage"] < stage:
+            state.update(stage=stage, epoch=0, stale=0)
+        while state["epoch"] < n_epochs and state["stale"] < config.patience:
+            t0 = time.perf_counter()
+            model.train() if stage == 2 else model.eval()
+            _freeze_batchnorm(model)
+            head.train()
+            loss_sum, seen = 0.0, 0
+            for batch in _bar(train_loader, f"stage {stage} epoch {state['epoch'] + 1}/{n_epochs}", config.progress):
+                if batch is None:
+                    continue
+                x, y = batch[0].to(device, non_blocking=True), batch[1].to(device)
+                with autocast(device, precision):
+                    if stage == 1:
+                        with torch.no_grad():
+                            feats = model(x)
+                    else:
+                        feats = model(x)
+                    logits = head(feats.float())
+                loss = torch.nn.functional.cross_entropy(logits.float(), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                loss_sum += float(loss.detach()) * len(y)
+                seen += len(y)
+            acc, _, _ = _evaluate(model, head, val_loader, device, precision)
+            state["epoch"] += 1
+            improved = acc > state["best_acc"]
+            state["history"].append({"stage": stage, "epoch": state["epoch"], "train_loss": loss_sum / max(seen, 1),
+                                     "val_accuracy": acc, "seconds": time.perf_counter() - t0})
+            if stage == 1:
+                state["head_only_best"] = max(state["head_only_best"], acc)
+            if improved:
+                state["best_acc"] = acc
+                state["stale"] = 0
+                _save_best(out, model, head)
+            else:
+                state["stale"] += 1
+            _checkpoint(ckpt_path, model, head, opt, stage, state, fingerprint)
+            log.info("stage %d epoch %d: val acc %.4f", stage, state["epoch"], acc)
+    metrics = _final_metrics(out, backbone, head, classes, train_records, val_records, config, device, precision,
+                             eval_tf, workers, state, total_epochs)
+    state["done"] = True
+    _checkpoint(ckpt_path, model, head, None, 2, state, fingerprint)
+    return metrics
+
+
+def _bar(loader, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(loader, desc=desc, unit="batch", disable=not enabled, file=sys.stderr, leave=False)
+
+
+def _evaluate(model, head, loader, device, precision):
+    import torch
+
+    model.eval()
+    head.eval()
+    probs, ys = [], []
+    with torch.no_grad(), autocast(device, precision):
+        for batch in loader:
+            if batch is None:
+                continue
+            logits = head(model(batch[0].to(device)).float())
+            probs.append(torch.softmax(logits.float(), -1).cpu().numpy())
+            ys.append(batch[1].numpy())
+    if not probs:
+        return 0.0, np.empty((0, 0)), np.empty(0, np.int64)
+    p, y = np.concatenate(probs), np.concatenate(ys)
+    return float((p.argmax(1) == y).mean()), p, y
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    import torch
+
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _checkpoint(path: Path, model, head, opt, stage: int, state: dict, fingerprint: str) -> None:
+    _atomic_torch_save({
+        "backbone": model.state_dict(), "head": head.state_dict(),
+        "optimizer": opt.state_dict() if opt is not None else {}, "optimizer_stage": stage,
+        "state": json.dumps(state), "fingerprint": fingerprint,
+    }, path)
+
+
+def _save_best(out: Path, model, head) -> None:
+    from safetensors.torch import save_file
+
+    for name, module in (("backbone", model), ("head", head)):
+        tmp = out / f".{name}.safetensors.tmp"
+        save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, str(tmp))
+        os.replace(tmp, out / f"{name}.safetensors")
+
+
+def _final_metrics(out: Path, backbone: Backbone, head, classes, train_records, val_records, config, device,
+                   precision, eval_tf, workers, state, total_epochs) -> dict:
+    """Reload the best weights, evaluate on val and train (no augmentation), write outputs."""
+    from safetensors.torch import load_file
+    from torch.utils.data import DataLoader
+
+    from .train import evaluate, save_outputs
+    from .weights import sha256_file
+
+    backbone.model.load_state_dict(load_file(str(out / "backbone.safetensors")))
+    head.load_state_dict(load_file(str(out / "head.safetensors")))
+    lookup = {c: i for i, c in enumerate(classes)}
+
+    def loader(recs):
+        return DataLoader(_LabelledImages(recs, [lookup[r.label] for r in recs], eval_tf),
+                          batch_size=config.batch_size * 2, num_workers=workers, collate_fn=_collate)
+
+    _, pv, yv = _evaluate(backbone.model, head, loader(val_records), device, precision)
+    _, pt, yt = _evaluate(backbone.model, head, loader(train_records), device, precision)
+    metrics, cm, report = evaluate(pv, yv, pt, yt, classes)
+    metrics.update({
+        "num_classes": len(classes), "classes": classes, "num_train": len(train_records), "num_val": len(val_records),
+        "head": config.head, "head_only_val_accuracy": state["head_only_best"],
+        "finetune_gain": metrics["val_accuracy"] - state["head_only_best"],
+        "unfreeze_blocks": config.unfreeze_blocks, "history": state["history"],
+        "sweep": [{"name": f"stage{h['stage']}_epoch{h['epoch']}", "val_accuracy": h["val_accuracy"]} for h in state["history"]],
+        "epochs_run": len(state["history"]), "max_epochs": total_epochs,
+    })
+    head.cpu()
+    cfg = {
+        "kind": "finetune", "head": config.head, "hidden": 0, "dropout": 0.0, "dim": backbone.dim, "classes": classes,
+        "standardize": "none (trained end to end)", "model": backbone.model_name,
+        "backbone_weights": "backbone.safetensors",
+        "backbone_sha256": sha256_file(out / "backbone.safetensors"),
+        "provenance": {"model": backbone.model_name, "weights_source": backbone.weights_source,
+                       "weights_sha256": backbone.weights_sha256, "data_config": backbone.data_config.to_dict(),
+                       "dim": backbone.dim, "pooling": backbone.pooling},
+        "finetune_config": asdict(config),
+    }
+    save_outputs(out, head, cfg, metrics, cm, report, classes)
+    return metrics
