@@ -73,9 +73,13 @@ def build_grid(kind: str, lrs: list[float], weight_decays: list[float], hidden: 
 
 
 def _bank(specs: list[HeadSpec], dim: int, num_classes: int, seed: int):
-    torch.manual_seed(seed)
-    heads = nn.ModuleList(make_head(s.kind, dim, num_classes, s.hidden or 1, s.dropout) for s in specs)
-    return heads
+    heads = []
+    for s in specs:
+        # every head starts from the same seeded weights: a head's result does not depend
+        # on which other heads share the sweep
+        torch.manual_seed(seed)
+        heads.append(make_head(s.kind, dim, num_classes, s.hidden or 1, s.dropout))
+    return nn.ModuleList(heads)
 
 
 def _bank_forward(heads, specs: list[HeadSpec], x):

@@ -167,7 +167,9 @@ def train_head(features, out, config: HeadConfig = HeadConfig(), *, val=None) ->
     cw = balanced_weights(ytr, num_classes) if config.class_weights == "balanced" else None
     if config.class_weights not in ("none", "balanced"):
         raise InputError("--class-weights must be none or balanced.")
-    grid = train_grid(xtr, ytr, xva, yva, num_classes, specs, epochs=config.epochs, batch_size=config.batch_size,
+    # small datasets: at least ~10 steps an epoch, or a few epochs are only a few steps
+    batch_size = max(1, min(config.batch_size, max(64, len(ytr) // 10)))
+    grid = train_grid(xtr, ytr, xva, yva, num_classes, specs, epochs=config.epochs, batch_size=batch_size,
                       patience=config.patience, class_weights=cw, device=device, seed=config.seed)
     train_seconds = time.perf_counter() - t0
     metrics, cm, report = evaluate(predict_proba(grid.best_head, xva), yva, predict_proba(grid.best_head, xtr), ytr, classes)
@@ -182,6 +184,7 @@ def train_head(features, out, config: HeadConfig = HeadConfig(), *, val=None) ->
         "sweep": [{"name": s.name, "lr": s.lr, "weight_decay": s.weight_decay, "val_accuracy": a, "best_epoch": e}
                   for s, a, e in zip(grid.specs, grid.val_accuracy, grid.best_epoch)],
         "epochs_run": grid.epochs_run,
+        "batch_size": batch_size,
         "train_seconds": train_seconds,
         "val_source": str(val) if val is not None else f"stratified {config.val_fraction:g} of {features}",
     })

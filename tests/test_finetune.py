@@ -1,0 +1,90 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import embedx
+from embedx import finetune as ft
+from embedx.extractor import ExtractConfig, extract
+from embedx.predict import predict
+
+TINY = dict(model="test_efficientnet", weights="random", head_epochs=1, epochs=2, batch_size=8, num_workers=0,
+            progress=False, unfreeze_blocks=2, patience=5, lr=3e-3)
+
+
+def test_top_blocks_follow_timm_grouping():
+    import timm
+
+    m = timm.create_model("tf_efficientnet_lite0", num_classes=0)
+    assert ft.top_block_parameters(m, 0) == []
+    names = ft.top_block_parameters(m, 2)
+    assert any(n.startswith("blocks.6.0.") for n in names) and any(n.startswith("blocks.5.3.") for n in names)
+    assert not any(n.startswith("blocks.5.2.") for n in names)
+    assert "conv_head.weight" in names and "bn2.weight" in names  # the layers after the last block
+    assert not any(n.startswith(("conv_stem", "bn1.")) for n in names)
+
+
+def test_finetune_trains_only_top_blocks_and_keeps_bn_stats(tiny_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from embedx.backbone import load_backbone
+
+    torch.manual_seed(0)
+    m = ft.finetune(tiny_dir, tmp_path / "ft", ft.FinetuneConfig(**TINY))
+    for key in ("val_accuracy", "val_top5_accuracy", "train_accuracy", "num_classes", "classes", "num_train",
+                "num_val", "head_only_val_accuracy", "finetune_gain", "history"):
+        assert key in m, key
+    assert m["num_classes"] == 3 and len(m["history"]) == 3
+    assert [h["stage"] for h in m["history"]] == [1, 2, 2]
+    tuned = load_file(str(tmp_path / "ft" / "backbone.safetensors"))
+    # the randomly initialised start, rebuilt with the same seed timm used
+    torch.manual_seed(0)
+    start = load_backbone("test_efficientnet", "random").model.state_dict()
+    top = set(ft.top_block_parameters(load_backbone("test_efficientnet", "random").model, 2))
+    best_epoch_stage = max(m["history"], key=lambda h: h["val_accuracy"])["stage"]
+    for name, value in tuned.items():
+        if name.endswith(("running_mean", "running_var", "num_batches_tracked")):
+            torch.testing.assert_close(value, start[name], msg=f"BN statistics changed: {name}")
+        elif name not in top:
+            torch.testing.assert_close(value, start[name], msg=f"frozen parameter changed: {name}")
+    if best_epoch_stage == 2:
+        assert any(not torch.equal(tuned[n], start[n]) for n in top)
+    cfg = json.loads((tmp_path / "ft" / "config.json").read_text())
+    assert cfg["kind"] == "finetune" and cfg["classes"] == ["class_0", "class_1", "class_2"]
+
+
+def test_interrupted_finetune_resumes(tiny_dir, tmp_path, monkeypatch):
+    real_evaluate = ft._evaluate
+    calls = {"n": 0}
+
+    def interrupt_on_second_epoch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(ft, "_evaluate", interrupt_on_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        ft.finetune(tiny_dir, tmp_path / "ft", ft.FinetuneConfig(**TINY))
+    ckpt = torch.load(tmp_path / "ft" / ft.CHECKPOINT, weights_only=True)
+    assert json.loads(ckpt["state"])["epoch"] == 1 and not (tmp_path / "ft" / "metrics.json").exists()
+    monkeypatch.setattr(ft, "_evaluate", real_evaluate)
+    m = ft.finetune(tiny_dir, tmp_path / "ft", ft.FinetuneConfig(**TINY))
+    assert [h["stage"] for h in m["history"]] == [1, 2, 2]  # the first epoch was not redone
+    # a finished run is not trained again
+    assert ft.finetune(tiny_dir, tmp_path / "ft", ft.FinetuneConfig(**TINY))["history"] == m["history"]
+    with pytest.raises(embedx.EmbedxError, match="other settings"):
+        ft.finetune(tiny_dir, tmp_path / "ft", ft.FinetuneConfig(**{**TINY, "lr": 1e-2}))
+
+
+def test_finetuned_backbone_reextracts_and_predicts(tiny_dir, tmp_path):
+    ft.finetune(tiny_dir, tmp_path / "ft", ft.FinetuneConfig(**TINY))
+    w = str(tmp_path / "ft" / "backbone.safetensors")
+    extract(tiny_dir, tmp_path / "f", ExtractConfig(model="test_efficientnet", weights=w, progress=False, num_workers=0, precision="fp32"))
+    f = embedx.read_features(tmp_path / "f")
+    assert f.metadata["weights_source"] == f"file:{w}" and len(f) == 24
+    by_images = predict(tmp_path / "ft", [str(tiny_dir)])
+    by_shards = predict(tmp_path / "ft", [str(tmp_path / "f")])
+    assert len(by_images.paths) == 24 and by_images.classes == ["class_0", "class_1", "class_2"]
+    np.testing.assert_allclose(by_images.proba, by_shards.proba, atol=1e-4)
