@@ -1,0 +1,227 @@
+"""Extraction throughput: embedx vs the loops people write, side by side in one run.
+
+On one folder of real-photo JPEGs (~500x375, made from scikit-image's photos with a fixed
+seed), the same model and thread count, reports images/s of
+
+1. ceiling   - the model alone on in-memory tensors, in the engine's own precision/layout;
+2. naive     - PIL open -> timm transform -> model, one image at a time;
+3. timm-style- a torch DataLoader with workers, batched, fp32 (timm inference.py defaults);
+4. embedx    - `embedx.extract` end to end, shards written;
+
+and the ratios embedx/ceiling (pipeline efficiency) and embedx/timm-style. With --memory it
+also runs `embedx extract` in subprocesses on 10k and 100k small generated images with a
+tiny model and reports each run's peak RSS (it must stay flat as the corpus grows).
+
+    python benchmarks/bench_extract.py --images 512
+    python benchmarks/bench_extract.py --memory
+    python benchmarks/bench_extract.py --quick        # a smoke run (the test suite uses it)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+
+
+def photo_folder(n: int, cache: Path) -> Path:
+    from embedx.demo_data import PHOTOS, write_photo_folder
+
+    per = max(1, n // len(PHOTOS))
+    d = cache / f"photos-{per * len(PHOTOS)}"
+    if not (d / ".done").exists():
+        write_photo_folder(d, per_photo=per, seed=0)
+        (d / ".done").write_text("ok")
+    return d
+
+
+def files_of(d: Path) -> list[str]:
+    return sorted(str(p) for p in d.rglob("*.jpg"))
+
+
+def bench_ceiling(backbone, n: int, batch_size: int, device: str, precision: str) -> float:
+    import torch
+
+    from embedx.extractor import _Embedder, _prepare_model
+
+    model = _prepare_model(backbone, device, channels_last=True)
+    emb = _Embedder(model, backbone, device, precision, normalize=False, channels_last=True)
+    x = torch.randint(0, 256, (batch_size, *backbone.data_config.input_size), dtype=torch.uint8)
+    x = x.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        emb.embed(x)  # warm-up
+        t0 = time.perf_counter()
+        done = 0
+        while done < n:
+            emb.embed(x)
+            done += batch_size
+    return done / (time.perf_counter() - t0)
+
+
+def bench_naive(backbone, files: list[str]) -> float:
+    import torch
+    from PIL import Image
+    from timm.data import create_transform
+
+    tf = create_transform(**backbone.timm_data_config(), is_training=False)
+    model = backbone.model.float().to(memory_format=torch.contiguous_format).eval()
+    with torch.inference_mode():
+        model(tf(Image.open(files[0]).convert("RGB"))[None])
+        t0 = time.perf_counter()
+        for f in files:
+            model(tf(Image.open(f).convert("RGB"))[None])
+    return len(files) / (time.perf_counter() - t0)
+
+
+class _FolderDataset:
+    def __init__(self, files, tf):
+        self.files, self.tf = files, tf
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        return self.tf(Image.open(self.files[i]).convert("RGB")), 0
+
+
+def bench_timm_style(backbone, files: list[str], batch_size: int, workers: int) -> float:
+    import torch
+    from timm.data import create_transform
+    from torch.utils.data import DataLoader
+
+    tf = create_transform(**backbone.timm_data_config(), is_training=False)
+    model = backbone.model.float().to(memory_format=torch.contiguous_format).eval()
+    loader = DataLoader(_FolderDataset(files, tf), batch_size=batch_size, num_workers=workers)
+    t0 = time.perf_counter()
+    outs = []
+    with torch.inference_mode():
+        for x, _ in loader:
+            outs.append(model(x).numpy())
+    return len(files) / (time.perf_counter() - t0)
+
+
+def bench_embedx(backbone, folder: Path, batch_size: int) -> tuple[float, dict]:
+    from embedx.extractor import ExtractConfig, extract
+
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        r = extract(folder, Path(tmp) / "f", ExtractConfig(model=backbone.model_name, batch_size=batch_size,
+                                                          progress=False), backbone=backbone)
+        seconds = time.perf_counter() - t0
+    return r.num_embedded / seconds, {"precision": r.precision, "device": r.device, "errors": r.num_errors}
+
+
+def peak_rss_of_extract(folder: Path, model: str, workers: int) -> tuple[float, float]:
+    """(peak RSS in MiB, seconds) of an `embedx extract` subprocess."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "embedx", "extract", str(folder), "--out", f"{tmp}/f", "--model", model,
+               "--weights", "random", "--no-progress", "--shard-size", "5000", "--num-workers", str(workers)]
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - t0
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise RuntimeError(proc.stderr.read().decode()[-2000:])
+    return usage.ru_maxrss / 1024, seconds
+
+
+def tiny_folder(n: int, cache: Path) -> Path:
+    from PIL import Image
+
+    d = cache / f"tiny-{n}"
+    if (d / ".done").exists():
+        return d
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        sub = d / f"{i // 1000:04d}"
+        sub.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(sub / f"{i:07d}.png")
+    (d / ".done").write_text("ok")
+    return d
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--images", type=int, default=512)
+    ap.add_argument("--model", default="tf_efficientnet_lite0")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--timm-workers", type=int, default=2, help="timm inference.py's default --workers")
+    ap.add_argument("--memory", action="store_true", help="peak RSS for 10k vs 100k images instead")
+    ap.add_argument("--memory-sizes", default="10000,100000")
+    ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "embedx-bench")
+    ap.add_argument("--quick", action="store_true", help="tiny sizes: checks the benchmark runs")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    import torch
+
+    from embedx.backbone import load_backbone, resolve_device, resolve_precision
+    from embedx.extractor import default_num_workers
+
+    threads = torch.get_num_threads()
+    device = resolve_device("auto")
+    env = {"device": device, "torch_threads": threads, "cpu_count": os.cpu_count(), "torch": torch.__version__,
+           "platform": platform.platform(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    cache = args.cache
+    if args.memory:
+        sizes = [200, 1000] if args.quick else [int(s) for s in args.memory_sizes.split(",")]
+        rows = []
+        for n in sizes:
+            rss, seconds = peak_rss_of_extract(tiny_folder(n, cache), "test_efficientnet", default_num_workers(device))
+            rows.append({"images": n, "peak_rss_mib": rss, "seconds": seconds})
+            print(f"{n:>8} images: peak RSS {rss:8.1f} MiB, {seconds:7.1f} s ({n / seconds:.0f} img/s)")
+        result = {"benchmark": "extract-memory", "model": "test_efficientnet (random weights)", "env": env,
+                  "runs": rows, "rss_ratio_largest_vs_smallest": rows[-1]["peak_rss_mib"] / rows[0]["peak_rss_mib"]}
+        print(f"peak RSS ratio {sizes[-1]} vs {sizes[0]} images: {result['rss_ratio_largest_vs_smallest']:.2f}")
+        _write(result, args.out or RESULTS / ("extract_memory_quick.json" if args.quick else "extract_memory.json"))
+        return
+
+    n = 16 if args.quick else args.images
+    folder = photo_folder(n, cache)
+    files = files_of(folder)
+    backbone = load_backbone(args.model, "random" if args.quick and args.model.startswith("test_") else None)
+    precision = resolve_precision("auto", device)
+    res = {}
+    res["ceiling"] = bench_ceiling(backbone, len(files), args.batch_size, device, precision)
+    res["naive"] = bench_naive(backbone, files[: max(8, len(files) // 4)])
+    res["timm_style"] = bench_timm_style(backbone, files, args.batch_size, args.timm_workers)
+    backbone = load_backbone(args.model, "random" if args.quick and args.model.startswith("test_") else None)
+    res["embedx"], info = bench_embedx(backbone, folder, args.batch_size)
+    result = {
+        "benchmark": "extract", "model": args.model, "images": len(files), "batch_size": args.batch_size,
+        "precision": info["precision"], "env": env, "images_per_second": res,
+        "pipeline_efficiency": res["embedx"] / res["ceiling"],
+        "embedx_vs_timm_style": res["embedx"] / res["timm_style"],
+        "embedx_vs_naive": res["embedx"] / res["naive"],
+    }
+    print(f"{args.model}, {len(files)} JPEGs ~500x375, {threads} threads, {device}, engine precision {precision}")
+    for k, v in res.items():
+        print(f"  {k:>11}: {v:8.1f} img/s")
+    print(f"  embedx / ceiling    = {result['pipeline_efficiency']:.2f}")
+    print(f"  embedx / timm-style = {result['embedx_vs_timm_style']:.2f}")
+    print(f"  embedx / naive      = {result['embedx_vs_naive']:.2f}")
+    _write(result, args.out or RESULTS / ("extract_quick.json" if args.quick else "extract.json"))
+
+
+def _write(result: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
+    print(f"-> {path}")
+
+
+if __name__ == "__main__":
+    main()
