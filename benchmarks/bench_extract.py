@@ -159,8 +159,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=512)
     ap.add_argument("--model", default="tf_efficientnet_lite0")
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=None, help="[default: the engine's default for the device]")
     ap.add_argument("--timm-workers", type=int, default=2, help="timm inference.py's default --workers")
+    ap.add_argument("--timm-batch-size", type=int, default=32, help="batch size of the timm-style loop")
     ap.add_argument("--memory", action="store_true", help="peak RSS for 10k vs 100k images instead")
     ap.add_argument("--memory-sizes", default="10000,100000")
     ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "embedx-bench")
@@ -195,10 +196,14 @@ def main() -> None:
     files = files_of(folder)
     backbone = load_backbone(args.model, "random" if args.quick and args.model.startswith("test_") else None)
     precision = resolve_precision("auto", device)
+    from embedx.extractor import default_batch_size
+
+    args.batch_size = args.batch_size or default_batch_size(device)
     res = {}
     res["ceiling"] = bench_ceiling(backbone, len(files), args.batch_size, device, precision)
     res["naive"] = bench_naive(backbone, files[: max(8, len(files) // 4)])
-    res["timm_style"] = bench_timm_style(backbone, files, args.batch_size, args.timm_workers)
+    # timm's inference.py defaults: batch 256 (--batch-size), fp32, 2 workers; capped to what fits here
+    res["timm_style"] = bench_timm_style(backbone, files, min(len(files), args.timm_batch_size), args.timm_workers)
     backbone = load_backbone(args.model, "random" if args.quick and args.model.startswith("test_") else None)
     res["embedx"], info = bench_embedx(backbone, folder, args.batch_size)
     result = {
