@@ -25,6 +25,9 @@ class Batch:
     widths: list[int]
     heights: list[int]
     errors: list[tuple[str, str] | None]  # per item: (kind, message) when not ok
+    # decode="device": JPEG bytes still to decode, and per ok item where its pixels are
+    encoded: list = None  # uint8 numpy arrays of whole JPEG files
+    sources: list[str | None] = None  # per item: "pixels", "encoded" or None (failed)
 
     def pin_memory(self):
         self.pixels = self.pixels.pin_memory()
@@ -35,18 +38,25 @@ class ImageDataset:
     """Map-style dataset over image records (torch's DataLoader only needs len/getitem)."""
 
     def __init__(self, records: list[ImageRecord], transform, input_size: tuple[int, int, int],
-                 draft_size: int | None, max_pixels: int | None = DEFAULT_MAX_PIXELS):
+                 draft_size: int | None, max_pixels: int | None = DEFAULT_MAX_PIXELS, decode: str = "pil"):
         self.records = records
         self.transform = transform
         self.input_size = input_size
         self.draft_size = draft_size
         self.max_pixels = max_pixels
+        self.decode = decode
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, i: int):
         rec = self.records[i]
+        if self.decode == "device":
+            raw = _jpeg_bytes(rec.file, self.max_pixels)
+            if raw is not None:
+                if isinstance(raw, ImageDecodeError):
+                    return i, None, 0, 0, (raw.kind, str(raw))
+                return i, raw, 0, 0, "encoded"
         try:
             decoded = decode_image(rec.file, draft_size=self.draft_size, max_pixels=self.max_pixels)
             img = self.transform(decoded.image)
@@ -60,21 +70,49 @@ class ImageDataset:
             return i, None, 0, 0, ("decode_error", f"{type(e).__name__}: {e}")
 
 
+def _jpeg_bytes(file: str, max_pixels: int | None):
+    """Whole-file bytes of a JPEG after a header-only check; None for other formats
+    (decoded by PIL instead); an ImageDecodeError for unreadable files."""
+    import os
+
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        if os.path.getsize(file) == 0:
+            return ImageDecodeError("empty", "zero-byte file")
+        with Image.open(file) as im:  # reads the header only
+            if im.format != "JPEG":
+                return None
+            w, h = im.size
+    except FileNotFoundError:
+        return ImageDecodeError("missing", "file not found")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        return None  # let the PIL path classify it
+    if max_pixels is not None and w * h > max_pixels:
+        return ImageDecodeError("too_large", f"{w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} "
+                                             "(raise it with --max-pixels)")
+    return np.fromfile(file, dtype=np.uint8)
+
+
 def collate(items) -> Batch:
     import torch
 
-    ok_arrays = [arr for _, arr, _, _, _ in items if arr is not None]
+    ok_arrays = [arr for _, arr, _, _, err in items if arr is not None and err != "encoded"]
     if ok_arrays:
         pixels = torch.from_numpy(np.stack(ok_arrays)).permute(0, 3, 1, 2)  # NHWC -> NCHW view
     else:
         pixels = torch.empty((0, 3, 1, 1), dtype=torch.uint8)
+    encoded = [arr for _, arr, _, _, err in items if err == "encoded"]
     return Batch(
         positions=[i for i, *_ in items],
         pixels=pixels,
         ok=[arr is not None for _, arr, _, _, _ in items],
         widths=[w for _, _, w, _, _ in items],
         heights=[h for _, _, _, h, _ in items],
-        errors=[err for *_, err in items],
+        errors=[None if err == "encoded" else err for *_, err in items],
+        encoded=encoded,
+        sources=[("encoded" if err == "encoded" else "pixels") if arr is not None else None
+                 for _, arr, _, _, err in items],
     )
 
 

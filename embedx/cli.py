@@ -67,6 +67,7 @@ def extract(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run with another configuration in --out."),
     max_pixels: int = typer.Option(178_956_970, help="Refuse images with more pixels than this (decompression bombs)."),
     fast_decode: bool = typer.Option(True, "--fast-decode/--exact-decode", help="Decode JPEGs at reduced scale when the model needs fewer pixels."),
+    decode: str = typer.Option("pil", help="pil (CPU worker processes) | device (JPEG decode + resize on the GPU with nvJPEG)."),
     compile: str = typer.Option("auto", help="auto (for runs of 20k+ images on CPU) | yes | no: torch.compile the backbone."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ):
@@ -82,7 +83,7 @@ def extract(
     config = ExtractConfig(
         model=model, weights=weights, batch_size=batch_size, num_workers=num_workers, device=device,
         precision=precision, labels=labels, shard_size=shard_size, normalize=normalize, dtype=dtype,
-        overwrite=overwrite, max_pixels=max_pixels, fast_decode=fast_decode, compile=compile, progress=progress,
+        overwrite=overwrite, max_pixels=max_pixels, fast_decode=fast_decode, decode=decode, compile=compile, progress=progress,
     )
     r = run_extract(inputs, out, config)
     new = r.num_embedded + r.num_errors - r.num_skipped

@@ -43,6 +43,7 @@ class ExtractConfig:
     overwrite: bool = False
     max_pixels: int | None = DEFAULT_MAX_PIXELS
     fast_decode: bool = True  # JPEG DCT-domain downscaling (PIL draft) before the resize
+    decode: str = "pil"  # pil (CPU workers) | device (JPEGs decoded + resized on the model's device)
     channels_last: bool = True
     compile: str = "auto"  # auto | yes | no: torch.compile the backbone (auto: when the run is long enough)
     progress: bool = True
@@ -128,6 +129,8 @@ def _check_config(config: ExtractConfig) -> None:
         raise InputError("--batch-size must be at least 1.")
     if config.num_workers is not None and config.num_workers < 0:
         raise InputError("--num-workers must be 0 or more.")
+    if config.decode not in ("pil", "device"):
+        raise InputError(f"--decode must be pil or device, not {config.decode!r}.")
 
 
 def _extract_locked(listing: ImageListing, out: Path, config: ExtractConfig, backbone: Backbone | None) -> ExtractResult:
@@ -189,13 +192,16 @@ def _extract_locked(listing: ImageListing, out: Path, config: ExtractConfig, bac
         from ._loader import ImageDataset, make_loader
 
         draft = backbone.data_config.resize_size if config.fast_decode else None
-        dataset = ImageDataset(pending, backbone.pil_transform(), backbone.data_config.input_size, draft, config.max_pixels)
+        dataset = ImageDataset(pending, backbone.pil_transform(), backbone.data_config.input_size, draft,
+                               config.max_pixels, decode=config.decode)
         loader = make_loader(dataset, batch_size, num_workers, pin_memory=device.startswith("cuda"))
         bar = _progress(len(records), skipped, config.progress)
+        pre = _tensor_preprocess(backbone)
         try:
             with torch.inference_mode():
                 for batch in loader:
-                    emb = runner.embed(batch.pixels)
+                    pixels = _device_decode(batch, device, pre) if batch.encoded else batch.pixels
+                    emb = runner.embed(pixels)
                     k = 0
                     for pos, ok, w, h, err in zip(batch.positions, batch.ok, batch.widths, batch.heights, batch.errors):
                         rec = pending[pos]
@@ -236,7 +242,7 @@ def provenance(backbone: Backbone, config: ExtractConfig, precision: str) -> dic
         "dim": backbone.dim,
         "dtype": config.dtype,
         "precision": precision,
-        "decode": "pil-draft" if config.fast_decode else "pil",
+        "decode": "torchvision-device" if config.decode == "device" else ("pil-draft" if config.fast_decode else "pil"),
         "embedx_version": __version__,
     }
 
@@ -296,6 +302,40 @@ def _prepare_model(backbone: Backbone, device: str, channels_last: bool):
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
+
+
+def _tensor_preprocess(backbone: Backbone):
+    from ._tensor_decode import TensorPreprocess
+
+    d = backbone.data_config
+    return TensorPreprocess(d.resize_size, tuple(d.input_size[1:]), d.interpolation)
+
+
+def _device_decode(batch, device: str, pre):
+    """Decode the batch's JPEG bytes on the device and merge them with the PIL-decoded
+    pixels, in item order; JPEGs that fail to decode become error records."""
+    import torch
+
+    from ._tensor_decode import decode_batch
+
+    images, sizes, failures = decode_batch([torch.from_numpy(e) for e in batch.encoded], device, pre)
+    cpu_pixels = batch.pixels.to(device, non_blocking=True)
+    parts, k_enc, k_px = [], 0, 0
+    for item, source in enumerate(batch.sources):
+        if source == "encoded":
+            if k_enc in failures:
+                batch.ok[item] = False
+                batch.errors[item] = ("decode_error", failures[k_enc])
+            else:
+                parts.append(images[k_enc])
+                batch.widths[item], batch.heights[item] = sizes[k_enc]
+            k_enc += 1
+        elif source == "pixels":
+            parts.append(cpu_pixels[k_px])
+            k_px += 1
+    if not parts:
+        return torch.empty((0, 3, *pre.crop), dtype=torch.uint8, device=device)
+    return torch.stack(parts)
 
 
 class _Embedder:

@@ -262,3 +262,26 @@ def test_killed_run_resumes_to_identical_output(tmp_path):
     assert sorted(p.name for p in out.glob("part-*.parquet")) == sorted(p.name for p in ref.glob("part-*.parquet"))
     assert not list(Path(out).glob(".*.tmp"))
     assert done_before >= 2
+
+
+def test_device_decode_matches_pil_and_survives_bad_files(photo_dir, tmp_path, backbone):
+    """decode='device' (torchvision decode_jpeg + tensor resize; nvJPEG on a GPU, libjpeg here)."""
+    import shutil
+
+    d = tmp_path / "mix"
+    shutil.copytree(photo_dir, d)
+    (d / "chelsea" / "zero.jpg").write_bytes(b"")
+    (d / "chelsea" / "fake.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(d / "chelsea" / "png.png")
+    a = extract(d, tmp_path / "dev", _cfg(decode="device", normalize=True), backbone=backbone)
+    b = extract(d, tmp_path / "pil", _cfg(fast_decode=False, normalize=True), backbone=backbone)
+    assert a.num_embedded == b.num_embedded == 7 and a.num_errors == b.num_errors == 2
+    fa, fb = embedx.read_features(tmp_path / "dev"), embedx.read_features(tmp_path / "pil")
+    assert fa.paths == fb.paths and fa.metadata["decode"] == "torchvision-device"
+    cos = (fa.embeddings * fb.embeddings).sum(1)
+    assert cos.min() > 0.999, cos
+    ta = {r["path"]: (r["width"], r["height"]) for t in shards.iter_shards(tmp_path / "dev") for r in t.to_pylist()}
+    tb = {r["path"]: (r["width"], r["height"]) for t in shards.iter_shards(tmp_path / "pil") for r in t.to_pylist()}
+    assert ta == tb

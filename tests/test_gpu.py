@@ -1,0 +1,37 @@
+"""GPU checks (skipped without CUDA): bf16 on the GPU against fp32 on the CPU, and on-GPU
+JPEG decode against PIL, on real photos with the real default weights."""
+
+import numpy as np
+import pytest
+
+import embedx
+from embedx.extractor import ExtractConfig, extract
+
+pytestmark = pytest.mark.gpu
+
+
+def _cos(a, b):
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+def test_cuda_bf16_close_to_cpu_fp32(photo_dir, tmp_path, backbone):
+    g = extract(photo_dir, tmp_path / "g", ExtractConfig(device="cuda", progress=False, num_workers=2), backbone=backbone)
+    c = extract(photo_dir, tmp_path / "c", ExtractConfig(device="cpu", precision="fp32", progress=False, num_workers=0),
+                backbone=backbone)
+    assert g.precision == "bf16" and g.device == "cuda"
+    fg, fc = embedx.read_features(tmp_path / "g"), embedx.read_features(tmp_path / "c")
+    assert fg.metadata["precision"] == "bf16" and fg.paths == fc.paths
+    cos = _cos(fg.embeddings, fc.embeddings)
+    print(f"bf16 (cuda) vs fp32 (cpu) cosine: min {cos.min():.5f} mean {cos.mean():.5f}")
+    assert cos.min() > 0.99
+
+
+def test_cuda_device_decode_close_to_pil(photo_dir, tmp_path, backbone):
+    a = extract(photo_dir, tmp_path / "a", ExtractConfig(device="cuda", decode="device", precision="fp32",
+                                                        progress=False, num_workers=2), backbone=backbone)
+    b = extract(photo_dir, tmp_path / "b", ExtractConfig(device="cuda", fast_decode=False, precision="fp32",
+                                                        progress=False, num_workers=2), backbone=backbone)
+    assert a.num_embedded == b.num_embedded > 0
+    cos = _cos(embedx.read_features(tmp_path / "a").embeddings, embedx.read_features(tmp_path / "b").embeddings)
+    print(f"nvJPEG + tensor resize vs PIL cosine: min {cos.min():.5f} mean {cos.mean():.5f}")
+    assert cos.min() > 0.995
