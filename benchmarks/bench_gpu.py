@@ -82,6 +82,7 @@ def main() -> None:
                 t = time.perf_counter()
                 r = extract(folder, out, cfg, backbone=backbone)
                 row[f"e2e_{decode}"] = r.num_embedded / (time.perf_counter() - t)
+                row[f"stages_{decode}"] = {k: round(v, 3) for k, v in (r.stage_seconds or {}).items()}
                 shutil.rmtree(out, ignore_errors=True)
             best = max(row["e2e_pil"], row["e2e_device"])
             row["efficiency_pil"] = row["e2e_pil"] / row["ceiling"]
@@ -91,6 +92,8 @@ def main() -> None:
             print(f"{name:>24}: ceiling {row['ceiling']:8.0f} img/s | e2e CPU-decode {row['e2e_pil']:8.0f} "
                   f"({row['efficiency_pil']:.2f}) | e2e GPU-decode {row['e2e_device']:8.0f} ({row['efficiency_device']:.2f})",
                   flush=True)
+            print(f"{'':>24}  seconds by stage, CPU-decode: {row['stages_pil']}", flush=True)
+            print(f"{'':>24}  seconds by stage, GPU-decode: {row['stages_device']}", flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)

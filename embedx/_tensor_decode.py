@@ -29,12 +29,39 @@ def _mode(name: str):
             "nearest": InterpolationMode.NEAREST}.get(name, InterpolationMode.BICUBIC)
 
 
-def resize_crop(img, pre: TensorPreprocess):
-    """(3, H, W) uint8 -> (3, crop_h, crop_w) uint8: timm's eval Resize(shortest side) + CenterCrop."""
-    import torchvision.transforms.v2.functional as F
+def resized_shape(h: int, w: int, size: int) -> tuple[int, int]:
+    """torchvision's Resize(int): the shortest side becomes `size`, the other keeps the aspect."""
+    if h <= w:
+        return size, int(size * w / h)
+    return int(size * h / w), size
 
-    img = F.resize(img, [pre.resize_size], interpolation=_mode(pre.interpolation), antialias=True)
-    return F.center_crop(img, list(pre.crop))
+
+def resize_crop(img, pre: TensorPreprocess):
+    """(3, H, W) uint8 -> (3, crop_h, crop_w) float32 in 0..255: timm's eval Resize(shortest
+    side, antialiased) + CenterCrop, in two kernels (the batch is rounded and clamped once)."""
+    import torch.nn.functional as F
+
+    h, w = img.shape[1:]
+    nh, nw = resized_shape(h, w, pre.resize_size)
+    mode = {"bicubic": "bicubic", "bilinear": "bilinear"}.get(pre.interpolation, "nearest")
+    x = img[None].float()
+    if (nh, nw) != (h, w):
+        x = F.interpolate(x, size=(nh, nw), mode=mode, antialias=mode != "nearest",
+                          align_corners=False if mode != "nearest" else None)
+    ch, cw = pre.crop
+    top, left = int(round((nh - ch) / 2.0)), int(round((nw - cw) / 2.0))
+    if top < 0 or left < 0:  # smaller than the crop: pad like torchvision's center_crop
+        import torchvision.transforms.v2.functional as TF
+
+        return TF.center_crop(x[0], [ch, cw])
+    return x[0, :, top:top + ch, left:left + cw]
+
+
+def finish_batch(images: list):
+    """Stack float crops and round/clamp them to the 0..255 grid the PIL path produces."""
+    import torch
+
+    return torch.stack(images).round_().clamp_(0, 255)
 
 
 def decode_batch(encoded: list, device: str, pre: TensorPreprocess):

@@ -75,6 +75,8 @@ class ExtractResult:
     bytes_written: int
     precision: str
     device: str
+    # where the time went: loader_wait (starved by decoding), device_decode, model, write
+    stage_seconds: dict | None = None
 
     @property
     def images_per_second(self) -> float:
@@ -137,6 +139,7 @@ def _extract_locked(listing: ImageListing, out: Path, config: ExtractConfig, bac
     import torch
 
     t0 = time.perf_counter()
+    timer = _StageTimer()
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)
     if backbone is None:
@@ -197,26 +200,52 @@ def _extract_locked(listing: ImageListing, out: Path, config: ExtractConfig, bac
         loader = make_loader(dataset, batch_size, num_workers, pin_memory=device.startswith("cuda"))
         bar = _progress(len(records), skipped, config.progress)
         pre = _tensor_preprocess(backbone)
+        counts = {"embedded": 0, "errors": 0}
+
+        def finish(batch, handle):
+            # the previous batch's embeddings: on a GPU this waits only for that batch, while
+            # the batch launched after it keeps the device busy
+            with timer("model"):
+                emb = runner.result(handle)
+            with timer("write"):
+                k = 0
+                for pos, ok, w, h, err in zip(batch.positions, batch.ok, batch.widths, batch.heights, batch.errors):
+                    rec = pending[pos]
+                    if ok:
+                        writer.add(rec, emb[k], w, h)
+                        k += 1
+                        counts["embedded"] += 1
+                    else:
+                        writer.add_error(rec, err[0], err[1])
+                        counts["errors"] += 1
+            bar.update(len(batch.positions))
+            bar.set_postfix(errors=num_errors + counts["errors"], refresh=False)
+
         try:
             with torch.inference_mode():
-                for batch in loader:
-                    pixels = _device_decode(batch, device, pre) if batch.encoded else batch.pixels
-                    emb = runner.embed(pixels)
-                    k = 0
-                    for pos, ok, w, h, err in zip(batch.positions, batch.ok, batch.widths, batch.heights, batch.errors):
-                        rec = pending[pos]
-                        if ok:
-                            writer.add(rec, emb[k], w, h)
-                            k += 1
-                            num_embedded += 1
-                        else:
-                            writer.add_error(rec, err[0], err[1])
-                            num_errors += 1
-                    bar.update(len(batch.positions))
-                    bar.set_postfix(errors=num_errors, refresh=False)
+                in_flight = None
+                batches = iter(loader)
+                while True:
+                    with timer("loader_wait"):
+                        batch = next(batches, None)
+                    if batch is None:
+                        break
+                    with timer("device_decode"):
+                        pixels = _device_decode(batch, device, pre) if batch.encoded else batch.pixels
+                    with timer("model"):
+                        handle = runner.launch(pixels)
+                    if in_flight is not None:
+                        finish(*in_flight)
+                    in_flight = (batch, handle)
+                if in_flight is not None:
+                    finish(*in_flight)
         finally:
             bar.close()
+            with timer("write"):
+                writer.drain()
         writer.finish()
+        num_embedded += counts["embedded"]
+        num_errors += counts["errors"]
     manifest["complete"] = True
     manifest["num_embedded"] = num_embedded
     manifest["num_errors"] = num_errors
@@ -225,7 +254,8 @@ def _extract_locked(listing: ImageListing, out: Path, config: ExtractConfig, bac
         shards.write_errors(out, [])
     seconds = time.perf_counter() - t0
     size = sum(p.stat().st_size for p in out.glob("*.parquet"))
-    return ExtractResult(str(out), len(records), num_embedded, num_errors, skipped, seconds, size, precision, device)
+    return ExtractResult(str(out), len(records), num_embedded, num_errors, skipped, seconds, size, precision, device,
+                         stage_seconds=dict(timer.seconds))
 
 
 def provenance(backbone: Backbone, config: ExtractConfig, precision: str) -> dict:
@@ -304,6 +334,27 @@ def _prepare_model(backbone: Backbone, device: str, channels_last: bool):
     return model
 
 
+class _StageTimer:
+    """Accumulates wall-clock seconds per named stage: `with timer("model"): ...`."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._name = None
+
+    def __call__(self, name: str):
+        self._name = name
+        return self
+
+    def __enter__(self):
+        self._start = time.perf_counter()
+        self._current = self._name
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds[self._current] = self.seconds.get(self._current, 0.0) + time.perf_counter() - self._start
+        return False
+
+
 def _tensor_preprocess(backbone: Backbone):
     from ._tensor_decode import TensorPreprocess
 
@@ -316,10 +367,10 @@ def _device_decode(batch, device: str, pre):
     pixels, in item order; JPEGs that fail to decode become error records."""
     import torch
 
-    from ._tensor_decode import decode_batch
+    from ._tensor_decode import decode_batch, finish_batch
 
     images, sizes, failures = decode_batch([torch.from_numpy(e) for e in batch.encoded], device, pre)
-    cpu_pixels = batch.pixels.to(device, non_blocking=True)
+    cpu_pixels = batch.pixels.to(device, non_blocking=True).float()
     parts, k_enc, k_px = [], 0, 0
     for item, source in enumerate(batch.sources):
         if source == "encoded":
@@ -334,8 +385,8 @@ def _device_decode(batch, device: str, pre):
             parts.append(cpu_pixels[k_px])
             k_px += 1
     if not parts:
-        return torch.empty((0, 3, *pre.crop), dtype=torch.uint8, device=device)
-    return torch.stack(parts)
+        return torch.empty((0, 3, *pre.crop), dtype=torch.float32, device=device)
+    return finish_batch(parts).contiguous(memory_format=torch.channels_last)
 
 
 class _Embedder:
@@ -366,8 +417,16 @@ class _Embedder:
         self.dim = backbone.dim
 
     def embed(self, pixels) -> np.ndarray:
+        """Embeddings of a uint8 (or 0-255 float) NCHW batch, as (n, D) float32 numpy."""
+        return self.result(self.launch(pixels))
+
+    def launch(self, pixels):
+        """Queue the batch on the device; returns a device tensor (not yet synchronised).
+        Out-of-memory is raised at allocation, here, so the split-and-retry lives here."""
+        import torch
+
         if pixels.shape[0] == 0:
-            return np.empty((0, self.dim), dtype=np.float32)
+            return torch.empty((0, self.dim), dtype=torch.float32)
         try:
             return self._forward(pixels)
         except Exception as e:  # noqa: BLE001 - only out-of-memory errors are retried
@@ -376,9 +435,13 @@ class _Embedder:
             self._free()
             half = pixels.shape[0] // 2
             log.warning("out of memory on a batch of %d; retrying as two halves", pixels.shape[0])
-            return np.concatenate([self.embed(pixels[:half]), self.embed(pixels[half:])])
+            return torch.cat([self.launch(pixels[:half]).to(self.device), self.launch(pixels[half:]).to(self.device)])
 
-    def _forward(self, pixels) -> np.ndarray:
+    @staticmethod
+    def result(handle) -> np.ndarray:
+        return handle.cpu().numpy()
+
+    def _forward(self, pixels):
         import torch
 
         x = pixels.to(self.device, non_blocking=True)
@@ -398,7 +461,7 @@ class _Embedder:
         feats = feats.float()
         if self.normalize:
             feats = torch.nn.functional.normalize(feats, dim=1)
-        return feats.cpu().numpy()
+        return feats
 
     def _free(self) -> None:
         import torch
@@ -427,6 +490,10 @@ class _ShardWriter:
         self.metadata = metadata
         self.num_records = manifest["num_images"]
         self.current: int | None = None
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedx-shard-writer")
+        self._pending: list = []
         self._reset()
 
     def _reset(self):
@@ -474,10 +541,20 @@ class _ShardWriter:
             np.asarray(self.row_ids, dtype=np.int64), self.paths, self.labels, emb,
             np.asarray(self.widths), np.asarray(self.heights),
         )
-        path = shards.write_shard(self.out, self.current, rows, self.dim, self.dtype, self.metadata)
+        # compressing and writing a shard overlaps the next batches; one writer thread keeps
+        # shards (and manifest updates) in order
+        self._pending.append(self._pool.submit(self._write, self.current, rows, list(self.errors)))
+        for f in [f for f in self._pending if f.done()]:
+            f.result()  # surface a failed write early
+        self._pending = [f for f in self._pending if not f.done()]
+        self.current = None
+        self._reset()
+
+    def _write(self, index: int, rows, errors) -> None:
+        path = shards.write_shard(self.out, index, rows, self.dim, self.dtype, self.metadata)
         self.manifest["shards"].append({
-            "index": self.current, "file": path.name, "rows": len(self.row_ids),
-            "errors": [asdict(e) for e in self.errors],
+            "index": index, "file": path.name, "rows": len(rows.row_ids),
+            "errors": [asdict(e) for e in errors],
         })
         self.manifest["shards"].sort(key=lambda s: s["index"])
         # errors.parquet first, then the manifest: a crash in between only means the
@@ -485,10 +562,19 @@ class _ShardWriter:
         all_errors = [shards.ErrorRow(**e) for s in self.manifest["shards"] for e in s["errors"]]
         shards.write_errors(self.out, all_errors)
         shards.write_manifest(self.out, self.manifest)
-        self.current = None
-        self._reset()
+
+    def drain(self) -> None:
+        """Wait for the shards already handed to the writer thread (also on Ctrl-C: they are
+        complete, so they land in the manifest and a rerun skips them)."""
+        try:
+            for f in self._pending:
+                f.result()  # re-raises a failed write
+        finally:
+            self._pending = []
+            self._pool.shutdown(wait=True)
 
     def finish(self) -> None:
+        self.drain()
         if self.seen:
             raise EmbedxError(f"internal error: shard {self.current} ended incomplete ({self.seen} rows)")
 
