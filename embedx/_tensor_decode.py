@@ -36,15 +36,15 @@ def resized_shape(h: int, w: int, size: int) -> tuple[int, int]:
     return int(size * h / w), size
 
 
-def resize_crop(img, pre: TensorPreprocess):
-    """(3, H, W) uint8 -> (3, crop_h, crop_w) float32 in 0..255: timm's eval Resize(shortest
-    side, antialiased) + CenterCrop, in two kernels (the batch is rounded and clamped once)."""
+def resize_crop_batch(imgs, pre: TensorPreprocess):
+    """(n, 3, H, W) uint8 of one size -> (n, 3, crop_h, crop_w) float32 in 0..255: timm's eval
+    Resize(shortest side, antialiased) + CenterCrop (the batch is rounded and clamped later)."""
     import torch.nn.functional as F
 
-    h, w = img.shape[1:]
+    h, w = imgs.shape[2:]
     nh, nw = resized_shape(h, w, pre.resize_size)
     mode = {"bicubic": "bicubic", "bilinear": "bilinear"}.get(pre.interpolation, "nearest")
-    x = img[None].float()
+    x = imgs.float()
     if (nh, nw) != (h, w):
         x = F.interpolate(x, size=(nh, nw), mode=mode, antialias=mode != "nearest",
                           align_corners=False if mode != "nearest" else None)
@@ -53,8 +53,8 @@ def resize_crop(img, pre: TensorPreprocess):
     if top < 0 or left < 0:  # smaller than the crop: pad like torchvision's center_crop
         import torchvision.transforms.v2.functional as TF
 
-        return TF.center_crop(x[0], [ch, cw])
-    return x[0, :, top:top + ch, left:left + cw]
+        return TF.center_crop(x, [ch, cw])
+    return x[:, :, top:top + ch, left:left + cw]
 
 
 def finish_batch(images: list):
@@ -83,13 +83,20 @@ def decode_batch(encoded: list, device: str, pre: TensorPreprocess):
                 decoded.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True))
             except RuntimeError as e:
                 decoded.append(e)
-    images, sizes, failures = [], [], {}
+    images, sizes, failures = [None] * len(decoded), [(0, 0)] * len(decoded), {}
+    by_shape: dict[tuple[int, int], list[int]] = {}
     for i, img in enumerate(decoded):
         if isinstance(img, Exception):
-            images.append(None)
-            sizes.append((0, 0))
             failures[i] = f"{type(img).__name__}: {str(img).splitlines()[0] if str(img) else ''}"
             continue
-        sizes.append((int(img.shape[2]), int(img.shape[1])))
-        images.append(resize_crop(img, pre))
+        sizes[i] = (int(img.shape[2]), int(img.shape[1]))
+        by_shape.setdefault(tuple(img.shape[1:]), []).append(i)
+    import torch
+
+    # photos of one camera share a size: resize each size group in one call
+    for idxs in by_shape.values():
+        group = torch.stack([decoded[i] for i in idxs]) if len(idxs) > 1 else decoded[idxs[0]][None]
+        out = resize_crop_batch(group, pre)
+        for j, i in enumerate(idxs):
+            images[i] = out[j]
     return images, sizes, failures

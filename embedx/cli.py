@@ -61,7 +61,7 @@ def extract(
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
     precision: str = typer.Option("auto", help="auto (bf16 on GPU and bf16-capable CPUs) | fp32 | bf16 | fp16."),
     labels: str = typer.Option("folder", help="folder (parent directory name) | none."),
-    shard_size: int = typer.Option(50_000, help="Rows per Parquet shard."),
+    shard_size: int = typer.Option(10_000, help="Rows per Parquet shard (also the unit of resumption)."),
     normalize: bool = typer.Option(False, "--normalize", help="L2-normalise the embeddings."),
     dtype: str = typer.Option("float32", help="Stored embedding type: float32 | float16."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run with another configuration in --out."),

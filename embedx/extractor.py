@@ -37,7 +37,7 @@ class ExtractConfig:
     device: str = "auto"
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     labels: str = "folder"
-    shard_size: int = 50_000
+    shard_size: int = 10_000
     normalize: bool = False
     dtype: str = "float32"  # of the stored embeddings: float32 | float16
     overwrite: bool = False
@@ -186,11 +186,8 @@ def _extract_locked(listing: ImageListing, out: Path, config: ExtractConfig, bac
     if plan:
         if skipped:
             log.info("resuming: %d of %d shards already complete", len(done), manifest["num_shards"])
-        model = _prepare_model(backbone, device, config.channels_last)
         batch_size = config.batch_size or default_batch_size(device)
         num_workers = default_num_workers(device) if config.num_workers is None else config.num_workers
-        runner = _Embedder(model, backbone, device, precision, config.normalize, config.channels_last,
-                           compile=should_compile(config.compile, device, len(pending)))
         writer = _ShardWriter(out, manifest, config, backbone.dim, metadata)
         from ._loader import ImageDataset, make_loader
 
@@ -198,6 +195,13 @@ def _extract_locked(listing: ImageListing, out: Path, config: ExtractConfig, bac
         dataset = ImageDataset(pending, backbone.pil_transform(), backbone.data_config.input_size, draft,
                                config.max_pixels, decode=config.decode)
         loader = make_loader(dataset, batch_size, num_workers, pin_memory=device.startswith("cuda"))
+        with timer("startup"):
+            # start the decoder processes before CUDA is initialised here: forking a process
+            # that holds a CUDA context is slower and not safe
+            batches = iter(loader)
+            model = _prepare_model(backbone, device, config.channels_last)
+            runner = _Embedder(model, backbone, device, precision, config.normalize, config.channels_last,
+                               compile=should_compile(config.compile, device, len(pending)))
         bar = _progress(len(records), skipped, config.progress)
         pre = _tensor_preprocess(backbone)
         counts = {"embedded": 0, "errors": 0}
@@ -224,7 +228,6 @@ def _extract_locked(listing: ImageListing, out: Path, config: ExtractConfig, bac
         try:
             with torch.inference_mode():
                 in_flight = None
-                batches = iter(loader)
                 while True:
                     with timer("loader_wait"):
                         batch = next(batches, None)
