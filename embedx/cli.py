@@ -69,6 +69,9 @@ def extract(
     fast_decode: bool = typer.Option(True, "--fast-decode/--exact-decode", help="Decode JPEGs at reduced scale when the model needs fewer pixels."),
     decode: str = typer.Option("pil", help="pil (CPU worker processes) | device (JPEG decode + resize on the GPU with nvJPEG)."),
     compile: str = typer.Option("auto", help="auto (for runs of 20k+ images on CPU) | yes | no: torch.compile the backbone."),
+    engine: str = typer.Option("local", help="local | ray (Ray Data on a cluster: pip install 'embedx[ray]')."),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address for --engine ray (e.g. ray://head:10001, auto)."),
+    devices: Optional[str] = typer.Option(None, help="Several devices of this machine, e.g. cuda:0,cuda:1: one process each."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ):
     """Embed images with a frozen pretrained backbone into Parquet feature shards.
@@ -77,6 +80,7 @@ def extract(
 
     Example:
         embedx extract photos/ --out feats/ --model tf_efficientnet_lite0 --normalize
+        embedx extract s3-mounted/ --out /shared/feats --engine ray --address auto
     """
     from .extractor import ExtractConfig, extract as run_extract
 
@@ -85,7 +89,8 @@ def extract(
         precision=precision, labels=labels, shard_size=shard_size, normalize=normalize, dtype=dtype,
         overwrite=overwrite, max_pixels=max_pixels, fast_decode=fast_decode, decode=decode, compile=compile, progress=progress,
     )
-    r = run_extract(inputs, out, config)
+    r = run_extract(inputs, out, config, engine=engine, address=address,
+                    devices=[d.strip() for d in devices.split(",")] if devices else None)
     new = r.num_embedded + r.num_errors - r.num_skipped
     typer.echo(
         f"{r.num_embedded} embedded, {r.num_errors} errors"

@@ -100,7 +100,8 @@ def default_num_workers(device: str) -> int:
 
 
 def extract(inputs: list[str | os.PathLike] | str | os.PathLike, out: str | os.PathLike,
-            config: ExtractConfig = ExtractConfig(), *, backbone: Backbone | None = None) -> ExtractResult:
+            config: ExtractConfig = ExtractConfig(), *, backbone: Backbone | None = None, engine: str = "local",
+            address: str | None = None, devices: list[str] | None = None) -> ExtractResult:
     """Embed every image under `inputs` with a frozen backbone into Parquet shards in `out`.
 
     Args:
@@ -108,6 +109,10 @@ def extract(inputs: list[str | os.PathLike] | str | os.PathLike, out: str | os.P
         out: output directory (created if needed).
         config: what to run and how.
         backbone: an already-loaded backbone to reuse (must match `config.model`).
+        engine: "local" (this process and its decoder workers) or "ray" (a Ray cluster).
+        address: Ray cluster address for engine="ray" (default: start or join a local one).
+        devices: several devices of this machine (e.g. ["cuda:0", "cuda:1"]): one process each,
+            shards assigned round-robin.
 
     Returns:
         An `ExtractResult` summary. Rerunning after an interruption resumes.
@@ -118,8 +123,10 @@ def extract(inputs: list[str | os.PathLike] | str | os.PathLike, out: str | os.P
     listing = list_images(list(inputs), labels=config.labels)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if engine not in ("local", "ray"):
+        raise InputError(f"--engine must be local or ray, not {engine!r}.")
     with shards.DirectoryLock(out):
-        return _extract_locked(listing, out, config, backbone)
+        return _extract_locked(listing, out, config, backbone, engine, address, devices)
 
 
 def _check_config(config: ExtractConfig) -> None:
@@ -135,11 +142,45 @@ def _check_config(config: ExtractConfig) -> None:
         raise InputError(f"--decode must be pil or device, not {config.decode!r}.")
 
 
-def _extract_locked(listing: ImageListing, out: Path, config: ExtractConfig, backbone: Backbone | None) -> ExtractResult:
-    import torch
+@dataclass
+class _Plan:
+    """What a run has to do: the shards still missing and everything needed to write them."""
 
+    backbone: Backbone
+    device: str
+    precision: str
+    metadata: dict
+    manifest: dict
+    records: list[ImageRecord]
+    pending: list[ImageRecord]  # records of the shards not yet complete, in listing order
+    skipped: int
+    embedded_before: int
+    errors_before: int
+
+
+def _extract_locked(listing: ImageListing, out: Path, config: ExtractConfig, backbone: Backbone | None,
+                    engine: str = "local", address: str | None = None, devices: list[str] | None = None) -> ExtractResult:
     t0 = time.perf_counter()
     timer = _StageTimer()
+    plan = _plan(listing, out, config, backbone)
+    embedded = errors = 0
+    if plan.pending:
+        if plan.skipped:
+            log.info("resuming: %d of %d shards already complete", len(plan.manifest["shards"]), plan.manifest["num_shards"])
+        if engine == "ray":
+            from .ray_engine import run_ray
+
+            embedded, errors = run_ray(plan, out, config, address, timer)
+        elif devices and len(devices) > 1:
+            from .multi_device import run_devices
+
+            embedded, errors = run_devices(plan, out, config, devices)
+        else:
+            embedded, errors = _run_local(plan, out, config, timer)
+    return _finalize(out, plan, embedded, errors, t0, timer)
+
+
+def _plan(listing: ImageListing, out: Path, config: ExtractConfig, backbone: Backbone | None) -> _Plan:
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)
     if backbone is None:
@@ -173,82 +214,20 @@ def _extract_locked(listing: ImageListing, out: Path, config: ExtractConfig, bac
             "complete": False,
         }
         shards.write_manifest(out, manifest)
-
     done = {s["index"] for s in manifest["shards"]}
-    plan = [i for i in range(manifest["num_shards"]) if i not in done]
     pending = [r for r in records if r.row_id // config.shard_size not in done]
-    skipped = len(records) - len(pending)
-    embedded_before = sum(s["rows"] for s in manifest["shards"])
-    errors_before = sum(len(s.get("errors", [])) for s in manifest["shards"])
+    return _Plan(
+        backbone=backbone, device=device, precision=precision, metadata=metadata, manifest=manifest,
+        records=records, pending=pending, skipped=len(records) - len(pending),
+        embedded_before=sum(s["rows"] for s in manifest["shards"]),
+        errors_before=sum(len(s.get("errors", [])) for s in manifest["shards"]),
+    )
 
-    num_embedded = embedded_before
-    num_errors = errors_before
-    if plan:
-        if skipped:
-            log.info("resuming: %d of %d shards already complete", len(done), manifest["num_shards"])
-        batch_size = config.batch_size or default_batch_size(device)
-        num_workers = default_num_workers(device) if config.num_workers is None else config.num_workers
-        writer = _ShardWriter(out, manifest, config, backbone.dim, metadata)
-        from ._loader import ImageDataset, make_loader
 
-        draft = backbone.data_config.resize_size if config.fast_decode else None
-        dataset = ImageDataset(pending, backbone.pil_transform(), backbone.data_config.input_size, draft,
-                               config.max_pixels, decode=config.decode)
-        loader = make_loader(dataset, batch_size, num_workers, pin_memory=device.startswith("cuda"))
-        with timer("startup"):
-            # start the decoder processes before CUDA is initialised here: forking a process
-            # that holds a CUDA context is slower and not safe
-            batches = iter(loader)
-            model = _prepare_model(backbone, device, config.channels_last)
-            runner = _Embedder(model, backbone, device, precision, config.normalize, config.channels_last,
-                               compile=should_compile(config.compile, device, len(pending)))
-        bar = _progress(len(records), skipped, config.progress)
-        pre = _tensor_preprocess(backbone)
-        counts = {"embedded": 0, "errors": 0}
-
-        def finish(batch, handle):
-            # the previous batch's embeddings: on a GPU this waits only for that batch, while
-            # the batch launched after it keeps the device busy
-            with timer("model"):
-                emb = runner.result(handle)
-            with timer("write"):
-                k = 0
-                for pos, ok, w, h, err in zip(batch.positions, batch.ok, batch.widths, batch.heights, batch.errors):
-                    rec = pending[pos]
-                    if ok:
-                        writer.add(rec, emb[k], w, h)
-                        k += 1
-                        counts["embedded"] += 1
-                    else:
-                        writer.add_error(rec, err[0], err[1])
-                        counts["errors"] += 1
-            bar.update(len(batch.positions))
-            bar.set_postfix(errors=num_errors + counts["errors"], refresh=False)
-
-        try:
-            with torch.inference_mode():
-                in_flight = None
-                while True:
-                    with timer("loader_wait"):
-                        batch = next(batches, None)
-                    if batch is None:
-                        break
-                    with timer("device_decode"):
-                        pixels = _device_decode(batch, device, pre) if batch.encoded else batch.pixels
-                    with timer("model"):
-                        handle = runner.launch(pixels)
-                    if in_flight is not None:
-                        finish(*in_flight)
-                    in_flight = (batch, handle)
-                if in_flight is not None:
-                    finish(*in_flight)
-        finally:
-            bar.close()
-            with timer("write"):
-                writer.drain()
-        writer.finish()
-        num_embedded += counts["embedded"]
-        num_errors += counts["errors"]
+def _finalize(out: Path, plan: _Plan, embedded: int, errors: int, t0: float, timer: "_StageTimer") -> ExtractResult:
+    manifest = shards.read_manifest(out) if plan.manifest is None else plan.manifest
+    num_embedded = plan.embedded_before + embedded
+    num_errors = plan.errors_before + errors
     manifest["complete"] = True
     manifest["num_embedded"] = num_embedded
     manifest["num_errors"] = num_errors
@@ -257,8 +236,76 @@ def _extract_locked(listing: ImageListing, out: Path, config: ExtractConfig, bac
         shards.write_errors(out, [])
     seconds = time.perf_counter() - t0
     size = sum(p.stat().st_size for p in out.glob("*.parquet"))
-    return ExtractResult(str(out), len(records), num_embedded, num_errors, skipped, seconds, size, precision, device,
-                         stage_seconds=dict(timer.seconds))
+    return ExtractResult(str(out), len(plan.records), num_embedded, num_errors, plan.skipped, seconds, size,
+                         plan.precision, plan.device, stage_seconds=dict(timer.seconds))
+
+
+def _run_local(plan: _Plan, out: Path, config: ExtractConfig, timer: "_StageTimer",
+               shared_manifest: bool = False) -> tuple[int, int]:
+    """The single-process engine: decoder worker processes -> one device -> shard writer.
+
+    With `shared_manifest`, other processes write shards of the same plan at the same time
+    (multi-device runs): manifest updates re-read the file under a lock.
+    """
+    import torch
+
+    from ._loader import ImageDataset, make_loader
+
+    backbone, device, pending = plan.backbone, plan.device, plan.pending
+    batch_size = config.batch_size or default_batch_size(device)
+    num_workers = default_num_workers(device) if config.num_workers is None else config.num_workers
+    writer = _ShardWriter(out, plan.manifest, config, backbone.dim, plan.metadata, shared=shared_manifest)
+    draft = backbone.data_config.resize_size if config.fast_decode else None
+    dataset = ImageDataset(pending, backbone.pil_transform(), backbone.data_config.input_size, draft,
+                           config.max_pixels, decode=config.decode)
+    loader = make_loader(dataset, batch_size, num_workers, pin_memory=device.startswith("cuda"))
+    with timer("startup"):
+        # start the decoder processes before CUDA is initialised here: forking a process
+        # that holds a CUDA context is slower and not safe
+        batches = iter(loader)
+        model = _prepare_model(backbone, device, config.channels_last)
+        runner = _Embedder(model, backbone, device, plan.precision, config.normalize, config.channels_last,
+                           compile=should_compile(config.compile, device, len(pending)))
+    bar = _progress(len(plan.records), plan.skipped, config.progress)
+    pre = _tensor_preprocess(backbone)
+    counts = {"embedded": 0, "errors": 0}
+
+    def finish(batch, handle):
+        # the previous batch's embeddings: on a GPU this waits only for that batch, while
+        # the batch launched after it keeps the device busy
+        with timer("model"):
+            emb = runner.result(handle)
+        with timer("write"):
+            counts_batch = writer.add_batch([pending[p] for p in batch.positions], batch.ok, emb, batch.widths,
+                                            batch.heights, batch.errors)
+        counts["embedded"] += counts_batch[0]
+        counts["errors"] += counts_batch[1]
+        bar.update(len(batch.positions))
+        bar.set_postfix(errors=plan.errors_before + counts["errors"], refresh=False)
+
+    try:
+        with torch.inference_mode():
+            in_flight = None
+            while True:
+                with timer("loader_wait"):
+                    batch = next(batches, None)
+                if batch is None:
+                    break
+                with timer("device_decode"):
+                    pixels = _device_decode(batch, device, pre) if batch.encoded else batch.pixels
+                with timer("model"):
+                    handle = runner.launch(pixels)
+                if in_flight is not None:
+                    finish(*in_flight)
+                in_flight = (batch, handle)
+            if in_flight is not None:
+                finish(*in_flight)
+    finally:
+        bar.close()
+        with timer("write"):
+            writer.drain()
+    writer.finish()
+    return counts["embedded"], counts["errors"]
 
 
 def provenance(backbone: Backbone, config: ExtractConfig, precision: str) -> dict:
@@ -484,7 +531,9 @@ def _is_oom(e: Exception) -> bool:
 class _ShardWriter:
     """Accumulates rows shard by shard, in listing order, and writes each shard once complete."""
 
-    def __init__(self, out: Path, manifest: dict, config: ExtractConfig, dim: int, metadata: dict):
+    def __init__(self, out: Path, manifest: dict, config: ExtractConfig, dim: int, metadata: dict,
+                 shared: bool = False):
+        self.shared = shared
         self.out = out
         self.manifest = manifest
         self.shard_size = config.shard_size
@@ -497,6 +546,7 @@ class _ShardWriter:
 
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedx-shard-writer")
         self._pending: list = []
+        self._failed = False
         self._reset()
 
     def _reset(self):
@@ -532,6 +582,20 @@ class _ShardWriter:
         self.seen += 1
         self._maybe_flush()
 
+    def add_batch(self, recs: list[ImageRecord], ok: list[bool], embeddings: np.ndarray, widths, heights,
+                  errors) -> tuple[int, int]:
+        """Rows of one batch in listing order; `embeddings` holds the ok rows only.
+        Returns (embedded, errors)."""
+        k = n_err = 0
+        for rec, good, w, h, err in zip(recs, ok, widths, heights, errors):
+            if good:
+                self.add(rec, embeddings[k], int(w), int(h))
+                k += 1
+            else:
+                self.add_error(rec, str(err[0]), str(err[1]))
+                n_err += 1
+        return k, n_err
+
     def add_error(self, rec: ImageRecord, kind: str, message: str) -> None:
         self._enter(rec)
         self.errors.append(shards.ErrorRow(rec.row_id, rec.path, kind, message))
@@ -554,17 +618,32 @@ class _ShardWriter:
         self._reset()
 
     def _write(self, index: int, rows, errors) -> None:
-        path = shards.write_shard(self.out, index, rows, self.dim, self.dtype, self.metadata)
-        self.manifest["shards"].append({
-            "index": index, "file": path.name, "rows": len(rows.row_ids),
-            "errors": [asdict(e) for e in errors],
-        })
-        self.manifest["shards"].sort(key=lambda s: s["index"])
+        if self._failed:
+            raise EmbedxError(f"shard {index} not written: an earlier shard write failed")
+        try:
+            path = shards.write_shard(self.out, index, rows, self.dim, self.dtype, self.metadata)
+            if self.shared:
+                with shards.ManifestLock(self.out):
+                    # other processes add their shards too: start from the file, not our copy
+                    self.manifest = shards.read_manifest(self.out)
+                    self._record(index, path, rows, errors)
+            else:
+                self._record(index, path, rows, errors)
+        except BaseException:
+            self._failed = True
+            raise
+
+    def _record(self, index: int, path: Path, rows, errors) -> None:
+        entry = {"index": index, "file": path.name, "rows": len(rows.row_ids), "errors": [asdict(e) for e in errors]}
+        updated = dict(self.manifest)
+        updated["shards"] = sorted(self.manifest["shards"] + [entry], key=lambda s: s["index"])
         # errors.parquet first, then the manifest: a crash in between only means the
         # errors file lists a shard the manifest does not yet name, and is rewritten on resume
-        all_errors = [shards.ErrorRow(**e) for s in self.manifest["shards"] for e in s["errors"]]
-        shards.write_errors(self.out, all_errors)
-        shards.write_manifest(self.out, self.manifest)
+        shards.write_errors(self.out, [shards.ErrorRow(**e) for s in updated["shards"] for e in s["errors"]])
+        shards.write_manifest(self.out, updated)
+        # the caller's manifest dict is updated in place only once the shard is on disk
+        self.manifest.clear()
+        self.manifest.update(updated)
 
     def drain(self) -> None:
         """Wait for the shards already handed to the writer thread (also on Ctrl-C: they are

@@ -212,6 +212,23 @@ class DirectoryLock:
             self._fh = None
 
 
+class ManifestLock:
+    """A blocking flock on DIR/.manifest.lock around read-modify-write of the manifest, for
+    runs where several processes add shards (multi-device)."""
+
+    def __init__(self, directory: str | os.PathLike):
+        self.path = Path(directory) / ".manifest.lock"
+
+    def __enter__(self):
+        self._fh = open(self.path, "a+")
+        fcntl.flock(self._fh.fileno(), fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        fcntl.flock(self._fh.fileno(), fcntl.LOCK_UN)
+        self._fh.close()
+
+
 # ---------------------------------------------------------------------------------------
 # Reading
 

@@ -1,0 +1,87 @@
+"""Scale-out engines: Ray Data, and several devices of one machine. Both must write exactly
+what the local engine writes, and resume the same way."""
+
+import sys
+
+import numpy as np
+import pytest
+
+import embedx
+from embedx import shards
+from embedx.errors import DependencyError
+from embedx.extractor import ExtractConfig, extract
+
+CFG = dict(progress=False, num_workers=0, batch_size=4, shard_size=5, precision="fp32")
+
+
+@pytest.fixture(scope="module")
+def local_ref(tiny_dir, tmp_path_factory, backbone):
+    out = tmp_path_factory.mktemp("local") / "f"
+    extract(tiny_dir, out, ExtractConfig(**CFG), backbone=backbone)
+    return embedx.read_features(out)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    yield ray
+    ray.shutdown()
+
+
+def _same(a, b):
+    assert a.paths == b.paths and a.row_ids.tolist() == b.row_ids.tolist() and a.labels == b.labels
+    np.testing.assert_allclose(a.embeddings, b.embeddings, rtol=1e-5, atol=1e-5)
+    assert {k: v for k, v in a.metadata.items()} == {k: v for k, v in b.metadata.items()}
+
+
+@pytest.mark.ray
+def test_ray_engine_writes_what_the_local_engine_writes(ray_cluster, tiny_dir, tmp_path, backbone, local_ref):
+    r = extract(tiny_dir, tmp_path / "f", ExtractConfig(**CFG), backbone=backbone, engine="ray")
+    assert r.num_embedded == 24
+    _same(embedx.read_features(tmp_path / "f"), local_ref)
+    assert [s["rows"] for s in shards.read_manifest(tmp_path / "f")["shards"]] == [5, 5, 5, 5, 4]
+
+
+@pytest.mark.ray
+def test_ray_run_that_fails_midway_resumes(ray_cluster, tiny_dir, tmp_path, backbone, local_ref, monkeypatch):
+    real = shards.write_errors
+    calls = {"n": 0}
+
+    def crash_on_second_shard(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("simulated crash while writing")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(shards, "write_errors", crash_on_second_shard)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        extract(tiny_dir, tmp_path / "f", ExtractConfig(**CFG), backbone=backbone, engine="ray")
+    partial = shards.read_manifest(tmp_path / "f")
+    assert [s["index"] for s in partial["shards"]] == [0] and not partial["complete"]
+    monkeypatch.setattr(shards, "write_errors", real)
+    r = extract(tiny_dir, tmp_path / "f", ExtractConfig(**CFG), backbone=backbone, engine="ray")
+    assert r.num_skipped == 5 and r.num_embedded == 24
+    _same(embedx.read_features(tmp_path / "f"), local_ref)
+
+
+def test_several_devices_write_what_one_writes(tiny_dir, tmp_path, local_ref):
+    r = extract(tiny_dir, tmp_path / "f", ExtractConfig(**CFG), devices=["cpu", "cpu"])
+    assert r.num_embedded == 24 and r.num_errors == 0
+    _same(embedx.read_features(tmp_path / "f"), local_ref)
+    assert [s["index"] for s in shards.read_manifest(tmp_path / "f")["shards"]] == [0, 1, 2, 3, 4]
+
+
+def test_round_robin_assignment_is_deterministic():
+    from embedx.multi_device import assign
+
+    assert assign([0, 1, 2, 3, 4], 2) == [[0, 2, 4], [1, 3]]
+    assert assign([3, 4], 3) == [[3], [4], []]
+
+
+def test_ray_missing_says_how_to_install(monkeypatch):
+    from embedx.ray_engine import import_ray
+
+    monkeypatch.setitem(sys.modules, "ray", None)
+    with pytest.raises(DependencyError, match=r"pip install 'embedx\[ray\]'"):
+        import_ray()
