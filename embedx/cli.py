@@ -245,6 +245,7 @@ def index_cmd(
     max_memory: Optional[str] = typer.Option(None, help="Memory budget for the index, e.g. 4G [default: half the RAM]."),
     target_recall: float = typer.Option(0.95, help="Tune nprobe/efSearch until recall@10 reaches this."),
     gpu: str = typer.Option("auto", help="auto | yes | no: build and search on GPUs with faiss-gpu."),
+    on_disk: bool = typer.Option(False, "--on-disk", help="IVF only: merge per-shard partial indexes into inverted lists on disk (larger than RAM)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing index in --out."),
 ):
     """Build a FAISS index over feature shards (or `index add` more shards to one).
@@ -268,7 +269,7 @@ def index_cmd(
     if len(args) != 1 or out is None:
         raise typer.BadParameter("usage: embedx index FEATURES --out INDEX_DIR")
     config = IndexConfig(metric=metric, factory=factory, max_memory=parse_bytes(max_memory),
-                         target_recall=target_recall, use_gpu=gpu)
+                         target_recall=target_recall, use_gpu=gpu, on_disk=on_disk)
     info = build_index(args[0], out, config, overwrite=overwrite)
     typer.echo(
         f"{info['factory']} over {info['num_vectors']} x {info['dim']} ({info['metric']}): "

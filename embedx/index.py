@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 INDEX_FILE = "index.faiss"
 ROWS_FILE = "rows.parquet"
 INFO_FILE = "index.json"
+IVFDATA_FILE = "index.ivfdata"  # inverted lists of an --on-disk index, memory-mapped
 METRICS = ("cosine", "ip", "l2")
 # FAISS warns below 39 training points per centroid; keep well above it
 MIN_POINTS_PER_CENTROID = 39
@@ -48,6 +49,7 @@ class IndexConfig:
     num_queries: int = 1000  # held-out queries for the recall measurement
     batch_size: int = 65_536
     use_gpu: str = "auto"  # auto | yes | no
+    on_disk: bool = False  # IVF only: build per-shard partial indexes, merge lists into one mmap'ed file
     seed: int = 0
 
 
@@ -353,9 +355,26 @@ def save(index, path: Path) -> None:
 def load(path: Path, mmap: bool):
     """Read an index; IVF indexes are memory-mapped read-only when `mmap` is set."""
     faiss = import_faiss()
+    if (Path(path).parent / IVFDATA_FILE).exists():
+        # an --on-disk index: its lists live in the .ivfdata file beside it, wherever the folder moved
+        flags = faiss.IO_FLAG_ONDISK_SAME_DIR | (faiss.IO_FLAG_READ_ONLY if mmap else 0)
+        return faiss.read_index(str(path), flags)
     if mmap:
         try:
             return faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
         except RuntimeError:
             log.info("%s cannot be memory-mapped (only IVF indexes can); reading it into memory", path)
     return faiss.read_index(str(path))
+
+
+def merge_on_disk(trained: Path, blocks: list[Path], ivfdata: Path):
+    """Merge partial IVF indexes into `trained`'s structure with inverted lists in one file
+    (FAISS contrib.ondisk): the index then searches memory-mapped, larger than RAM."""
+    faiss = import_faiss()
+    from faiss.contrib.ondisk import merge_ondisk
+
+    index = faiss.read_index(str(trained))
+    if ivfdata.exists():
+        ivfdata.unlink()
+    merge_ondisk(index, [str(b) for b in blocks], str(ivfdata))
+    return index

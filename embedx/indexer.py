@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from . import index as fx
+from . import shards
 from .errors import FeaturesError, SearchIndexError
 
 log = logging.getLogger(__name__)
@@ -78,11 +80,34 @@ def build_index(features_dir, out_dir, config: fx.IndexConfig = fx.IndexConfig()
         index = fx.to_gpu(index, ngpu)
 
     row_ids, paths, labels = [], [], []
-    for x, ids, p, lab in fx.iter_vectors(features_dir, config.metric, config.batch_size):
-        index.add(x)
-        row_ids.append(ids)
-        paths.extend(p)
-        labels.extend(lab)
+    if config.on_disk:
+        if not fx._is_ivf(index):
+            raise SearchIndexError(f"--on-disk needs an IVF index, not {factory!r}: use e.g. --factory IVF4096,Flat.")
+        index = fx.to_cpu(index)
+        blocks = out_dir / ".blocks"
+        blocks.mkdir(exist_ok=True)
+        fx.save(index, blocks / "trained.index")
+        names, start = [], 0
+        for s, table in enumerate(shards.iter_shards(features_dir)):
+            # one partial index per shard: memory holds one shard's vectors at a time
+            part = fx.load(blocks / "trained.index", mmap=False)
+            x = fx.prepare(shards.embeddings_of(table), config.metric)
+            part.add_with_ids(x, np.arange(start, start + len(x), dtype=np.int64))
+            names.append(blocks / f"block_{s:05d}.index")
+            fx.save(part, names[-1])
+            row_ids.append(table.column("row_id").to_numpy())
+            paths.extend(table.column("path").to_pylist())
+            labels.extend(table.column("label").to_pylist())
+            start += len(x)
+            del part, x
+        index = fx.merge_on_disk(blocks / "trained.index", names, out_dir / fx.IVFDATA_FILE)
+        shutil.rmtree(blocks, ignore_errors=True)
+    else:
+        for x, ids, p, lab in fx.iter_vectors(features_dir, config.metric, config.batch_size):
+            index.add(x)
+            row_ids.append(ids)
+            paths.extend(p)
+            labels.extend(lab)
     rows = Rows(np.concatenate(row_ids), paths, labels, np.zeros(n, np.int32))
     build_seconds = time.perf_counter() - t0
 
@@ -121,6 +146,7 @@ def build_index(features_dir, out_dir, config: fx.IndexConfig = fx.IndexConfig()
         "memory_budget": budget,
         "build_seconds": build_seconds,
         "gpus": ngpu,
+        "on_disk": bool(config.on_disk),
         "provenance": meta,
         "sources": [{"features": str(features_dir), "root": (read_manifest(features_dir) or {}).get("root"), "rows": n}],
         "config": fx.config_dict(config),
@@ -140,6 +166,11 @@ def add_to_index(index_dir, features_dir, *, batch_size: int = 65_536) -> dict:
         raise SearchIndexError(
             f"{features_dir} was extracted differently from the index ({'; '.join(diffs)}). "
             "Re-extract with the index's model and weights, or build a new index."
+        )
+    if info.get("on_disk"):
+        raise SearchIndexError(
+            "This index keeps its lists on disk (--on-disk), which FAISS cannot extend efficiently: "
+            "rebuild it over all the shard directories instead."
         )
     if any(s["features"] == str(features_dir) for s in info["sources"]):
         raise SearchIndexError(f"{features_dir} is already in this index.")

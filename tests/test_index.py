@@ -215,3 +215,25 @@ def test_dedup_finds_planted_duplicates(tmp_path):
     import pyarrow.parquet as pq
 
     assert pq.read_table(out).num_rows == 7
+
+
+def test_on_disk_ivf_merge_equals_in_memory_ivf_and_moves(tmp_path):
+    import shutil
+
+    x, _ = clustered(6000, 16, 30, seed=8)
+    feats = write_features(tmp_path / "f", x, shard_size=1000)  # six shards -> six partial indexes
+    cfg = dict(factory="IVF32,Flat", num_queries=200, target_recall=0.9)
+    mem = build_index(feats, tmp_path / "mem", fx.IndexConfig(**cfg))
+    disk = build_index(feats, tmp_path / "disk", fx.IndexConfig(**cfg, on_disk=True))
+    assert disk["on_disk"] and (tmp_path / "disk" / fx.IVFDATA_FILE).exists()
+    assert not list((tmp_path / "disk").glob(".blocks*"))
+    assert disk["recall_at_k"] == mem["recall_at_k"] and disk["search_value"] == mem["search_value"]
+    shutil.move(tmp_path / "disk", tmp_path / "moved")
+    a, b = SearchIndex(tmp_path / "mem"), SearchIndex(tmp_path / "moved")
+    xq = x[:100] + 0.01
+    ra, rb = a.search(xq, 10), b.search(xq, 10)
+    assert [[n.row_id for n in r.neighbors] for r in ra] == [[n.row_id for n in r.neighbors] for r in rb]
+    with pytest.raises(SearchIndexError, match="on disk"):
+        add_to_index(tmp_path / "moved", feats)
+    with pytest.raises(SearchIndexError, match="needs an IVF"):
+        build_index(feats, tmp_path / "hnsw", fx.IndexConfig(factory="HNSW16,Flat", on_disk=True))
