@@ -102,3 +102,32 @@ def test_preprocessing_comes_from_the_model():
     assert b.data_config.input_size[-1] != 224
     steps = [type(s).__name__ for s in b.pil_transform().transforms]
     assert steps[0] == "Resize" and "CenterCrop" in steps
+
+
+def test_hub_weights_load_from_the_local_cache_offline(tmp_path, monkeypatch):
+    """A populated Hugging Face cache (as a past online run leaves it) serves timm's hub
+    weights with HF_HUB_OFFLINE=1 and no network wait."""
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(1)
+    source = timm.create_model("test_efficientnet", num_classes=1000)  # stands in for the hub's weights
+    repo = tmp_path / "hub" / "models--timm--test_efficientnet.r160_in1k"
+    snap = repo / "snapshots" / ("0" * 40)
+    snap.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(snap / "model.safetensors"))
+    import huggingface_hub.constants as hf_constants
+
+    # huggingface_hub reads its settings from the environment at import: set both
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    t0 = time.perf_counter()
+    b = load_backbone("test_efficientnet", "hub")
+    assert time.perf_counter() - t0 < 20
+    assert b.weights_source == "hub:timm/test_efficientnet.r160_in1k" and len(b.weights_sha256) == 64
+    for name, value in b.model.state_dict().items():
+        torch.testing.assert_close(value, source.state_dict()[name])

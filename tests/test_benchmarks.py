@@ -1,0 +1,58 @@
+"""Each benchmark runs end to end at a tiny size (--quick) and writes its result file.
+(The figures themselves come from full runs; see benchmarks/README.md.)"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from embedx.demo_data import fashion_mnist_available
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def run(script, tmp_path, *extra):
+    out = tmp_path / f"{script}.json"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(BENCH.parent))
+    proc = subprocess.run([sys.executable, str(BENCH / script), "--quick", "--out", str(out), *extra],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_bench_extract_quick(tmp_path):
+    r = run("bench_extract.py", tmp_path, "--cache", str(tmp_path / "cache"))
+    ips = r["images_per_second"]
+    assert set(ips) == {"ceiling", "naive", "timm_style", "embedx"} and all(v > 0 for v in ips.values())
+    assert r["pipeline_efficiency"] == pytest.approx(ips["embedx"] / ips["ceiling"])
+
+
+def test_bench_extract_memory_quick(tmp_path):
+    r = run("bench_extract.py", tmp_path, "--memory", "--cache", str(tmp_path / "cache"))
+    assert [x["images"] for x in r["runs"]] == [200, 1000] and all(x["peak_rss_mib"] > 0 for x in r["runs"])
+
+
+def test_bench_heads_quick(tmp_path):
+    r = run("bench_heads.py", tmp_path)
+    assert r["embedx_sweep"]["heads"] >= 8 and r["sklearn_logreg"]["seconds"] > 0
+
+
+def test_bench_search_quick(tmp_path):
+    r = run("bench_search.py", tmp_path)
+    assert r["runs"][0]["recall_at_10"] >= 0.95 and r["runs"][0]["qps"] > 0
+
+
+@pytest.mark.ray
+def test_bench_scale_quick(tmp_path):
+    pytest.importorskip("ray")
+    r = run("bench_scale.py", tmp_path)
+    assert r["outputs_identical"] and r["runs"]["ray"]["images"] == r["runs"]["local"]["images"]
+
+
+@pytest.mark.skipif(not fashion_mnist_available(), reason="apt-get install dataset-fashion-mnist")
+def test_bench_fashion_quick(tmp_path):
+    r = run("bench_fashion.py", tmp_path, "--work", str(tmp_path / "work"))
+    assert 0 <= r["results"]["linear"]["val_accuracy"] <= 1 and "gain" in r["results"]["finetune"]
