@@ -60,6 +60,8 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--queries", type=int, default=1000)
     ap.add_argument("--target-recall", type=float, default=0.95)
+    ap.add_argument("--points-per-cluster", type=int, default=100)
+    ap.add_argument("--spread", type=float, default=0.35, help="noise std around the cluster centres (unit-normal)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
@@ -74,7 +76,7 @@ def main() -> None:
     for n in sizes:
         tmp = Path(tempfile.mkdtemp(prefix="embedx-search-"))
         try:
-            x = clustered(n, dim, n_clusters=max(10, n // 100))
+            x = clustered(n, dim, n_clusters=max(10, n // args.points_per_cluster), spread=args.spread)
             write_shards(tmp / "f", x)
             t0 = time.perf_counter()
             info = build_index(tmp / "f", tmp / "i", IndexConfig(num_queries=args.queries, target_recall=args.target_recall))
@@ -106,7 +108,8 @@ def main() -> None:
             del x
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    result = {"benchmark": "search", "metric": "cosine", "queries": args.queries, "threads": faiss.omp_get_max_threads(),
+    result = {"benchmark": "search", "metric": "cosine", "points_per_cluster": args.points_per_cluster,
+              "spread": args.spread, "queries": args.queries, "threads": faiss.omp_get_max_threads(),
               "cpu_count": os.cpu_count(), "faiss": faiss.__version__, "runs": runs}
     out = args.out or HERE / "results" / ("search_quick.json" if args.quick else "search.json")
     out.parent.mkdir(parents=True, exist_ok=True)
