@@ -37,8 +37,9 @@ def run_devices(plan, out: Path, config, devices: list[str]) -> tuple[int, int]:
         wanted = set(group)
         records = [r for r in plan.pending if shard_of[r.row_id] in wanted]
         child_config = replace(config, device=device, weights=weights, progress=False, overwrite=False)
+        cpu_share = sum(1 for d in devices if d == "cpu")
         p = ctx.Process(target=_device_main, name=f"embedx-{device}",
-                        args=(records, str(out), child_config, plan.metadata, plan.backbone.weights_sha256))
+                        args=(records, str(out), child_config, plan.metadata, plan.backbone.weights_sha256, cpu_share))
         p.start()
         procs.append((device, p))
     failed = []
@@ -61,9 +62,17 @@ def run_devices(plan, out: Path, config, devices: list[str]) -> tuple[int, int]:
     return embedded, errors
 
 
-def _device_main(records, out: str, config, metadata: dict, expected_sha256: str | None) -> None:
+def _device_main(records, out: str, config, metadata: dict, expected_sha256: str | None, cpu_share: int = 1) -> None:
     """Child process: embed its shards on its device with the local engine."""
+    import os
+
+    import torch
+
     from . import shards
+
+    if config.device == "cpu" and cpu_share > 1:
+        # CPU "devices" share the machine's cores: without this each would start one thread per core
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // cpu_share))
     from .backbone import load_backbone
     from .errors import WeightsError
     from .extractor import _Plan, _run_local, _StageTimer
