@@ -130,7 +130,9 @@ def peak_rss_of_extract(folder: Path, model: str, workers: int) -> tuple[float, 
     """(peak RSS in MiB, seconds) of an `embedx extract` subprocess."""
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "embedx", "extract", str(folder), "--out", f"{tmp}/f", "--model", model,
-               "--weights", "random", "--no-progress", "--shard-size", "5000", "--num-workers", str(workers)]
+               "--weights", "random", "--no-progress", "--shard-size", "5000", "--num-workers", str(workers),
+               # torch.compile switches on by itself for long runs and costs ~0.5 GB: keep runs comparable
+               "--compile", "no"]
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         _, status, usage = os.wait4(proc.pid, 0)
