@@ -43,6 +43,7 @@ def main() -> None:
     ap.add_argument("--features", type=Path, default=None, help="use a labelled shard directory instead")
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--sklearn-max-iter", type=int, default=100)
+    ap.add_argument("--device", default="cpu", help="where embedx trains the heads (cpu | cuda)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
@@ -71,13 +72,15 @@ def main() -> None:
 
     one = [HeadSpec("linear", 1e-3, 1e-4)]
     # warm-up: the first optimiser step imports a few seconds of torch modules; time the training
-    train_grid(xtr[:256], ytr[:256], xva[:64], yva[:64], num_classes, one, epochs=1, batch_size=128)
+    train_grid(xtr[:256], ytr[:256], xva[:64], yva[:64], num_classes, one, epochs=1, batch_size=128, device=args.device)
     t0 = time.perf_counter()
-    r1 = train_grid(xtr, ytr, xva, yva, num_classes, one, epochs=args.epochs, batch_size=1024, patience=10**9)
+    r1 = train_grid(xtr, ytr, xva, yva, num_classes, one, epochs=args.epochs, batch_size=1024, patience=10**9,
+                    device=args.device)
     t_one = time.perf_counter() - t0
     grid = build_grid("linear", [1e-3, 3e-3, 1e-2], [0.0, 1e-4, 1e-3, 1e-2], 0, 0.0)
     t0 = time.perf_counter()
-    rg = train_grid(xtr, ytr, xva, yva, num_classes, grid, epochs=args.epochs, batch_size=1024, patience=10**9)
+    rg = train_grid(xtr, ytr, xva, yva, num_classes, grid, epochs=args.epochs, batch_size=1024, patience=10**9,
+                    device=args.device)
     t_grid = time.perf_counter() - t0
 
     mean, std = xtr.mean(0), xtr.std(0) + 1e-6
@@ -90,6 +93,7 @@ def main() -> None:
     result = {
         "benchmark": "heads", "data": source, "num_train": int(len(ytr)), "num_val": int(len(yva)),
         "classes": num_classes, "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+        "embedx_device": args.device,
         "embedx_one_head": {"seconds": t_one, "val_accuracy": r1.val_accuracy[0], "epochs": args.epochs},
         "embedx_sweep": {"heads": len(grid), "seconds": t_grid, "best_val_accuracy": max(rg.val_accuracy)},
         "sklearn_logreg": {"seconds": t_sk, "val_accuracy": acc_sk, "max_iter": args.sklearn_max_iter,
