@@ -318,7 +318,8 @@ def search(
         results += found
         query_files += [idx.absolute_path(idx.position_of(r)) for r in row_id]
     if vectors is not None:
-        found = idx.search(load_vectors(vectors), k, names=[f"{vectors.name}:{i}" for i in range(len(load_vectors(vectors)))])
+        xq = load_vectors(vectors)
+        found = idx.search(xq, k, names=[f"{vectors.name}:{i}" for i in range(len(xq))])
         results += found
         query_files += [None] * len(found)
     _print_results(results, fmt)

@@ -116,16 +116,13 @@ def build_index(features_dir, out_dir, config: fx.IndexConfig = fx.IndexConfig()
     q_positions = np.sort(rng.choice(candidates, size=min(config.num_queries, len(candidates)), replace=False))
     xq = fx.sample_vectors(features_dir, q_positions, config.metric, config.batch_size)
     k = min(config.k, n)
-    _, gt = fx.exact_knn([features_dir], xq, k, config.metric, config.batch_size)
-    quality = fx.tune(index, xq, gt, k, config.target_recall)
     t_exact = time.perf_counter()
-    fx.exact_knn([features_dir], xq, k, config.metric, config.batch_size)
+    _, gt = fx.exact_knn([features_dir], xq, k, config.metric, config.batch_size)
     exact_qps = len(xq) / max(time.perf_counter() - t_exact, 1e-9)
+    quality = fx.tune(index, xq, gt, k, config.target_recall)
 
     fx.save(index, out_dir / fx.INDEX_FILE)
     fx.write_rows(out_dir / fx.ROWS_FILE, rows.row_ids, rows.paths, rows.labels, rows.sources)
-    from .shards import read_manifest
-
     info = {
         "factory": factory,
         "metric": config.metric,
@@ -148,7 +145,7 @@ def build_index(features_dir, out_dir, config: fx.IndexConfig = fx.IndexConfig()
         "gpus": ngpu,
         "on_disk": bool(config.on_disk),
         "provenance": meta,
-        "sources": [{"features": str(features_dir), "root": (read_manifest(features_dir) or {}).get("root"), "rows": n}],
+        "sources": [{"features": str(features_dir), "root": (shards.read_manifest(features_dir) or {}).get("root"), "rows": n}],
         "config": fx.config_dict(config),
     }
     fx.write_info(out_dir, info)
@@ -194,9 +191,7 @@ def add_to_index(index_dir, features_dir, *, batch_size: int = 65_536) -> dict:
     )
     os.replace(tmp_index, index_dir / fx.INDEX_FILE)
     os.replace(index_dir / (fx.ROWS_FILE + ".new"), index_dir / fx.ROWS_FILE)
-    from .shards import read_manifest
-
-    info["sources"].append({"features": str(features_dir), "root": (read_manifest(features_dir) or {}).get("root"), "rows": added})
+    info["sources"].append({"features": str(features_dir), "root": (shards.read_manifest(features_dir) or {}).get("root"), "rows": added})
     info["num_vectors"] = int(index.ntotal)
     info["index_bytes"] = (index_dir / fx.INDEX_FILE).stat().st_size
     fx.write_info(index_dir, info)
