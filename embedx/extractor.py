@@ -8,6 +8,7 @@ resumes where it stopped and ends with exactly the shards an uninterrupted run w
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -225,7 +226,7 @@ def _plan(listing: ImageListing, out: Path, config: ExtractConfig, backbone: Bac
 
 
 def _finalize(out: Path, plan: _Plan, embedded: int, errors: int, t0: float, timer: "_StageTimer") -> ExtractResult:
-    manifest = shards.read_manifest(out) if plan.manifest is None else plan.manifest
+    manifest = plan.manifest
     num_embedded = plan.embedded_before + embedded
     num_errors = plan.errors_before + errors
     manifest["complete"] = True
@@ -389,20 +390,14 @@ class _StageTimer:
 
     def __init__(self):
         self.seconds: dict[str, float] = {}
-        self._name = None
 
+    @contextlib.contextmanager
     def __call__(self, name: str):
-        self._name = name
-        return self
-
-    def __enter__(self):
-        self._start = time.perf_counter()
-        self._current = self._name
-        return self
-
-    def __exit__(self, *exc):
-        self.seconds[self._current] = self.seconds.get(self._current, 0.0) + time.perf_counter() - self._start
-        return False
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
 def _tensor_preprocess(backbone: Backbone):
