@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .images import DEFAULT_MAX_PIXELS, ImageDecodeError, ImageRecord, decode_image
+from .images import DEFAULT_MAX_PIXELS, ImageDecodeError, ImageRecord, decode_image, read_jpeg_bytes
 
 
 @dataclass
@@ -52,10 +52,11 @@ class ImageDataset:
     def __getitem__(self, i: int):
         rec = self.records[i]
         if self.decode == "device":
-            raw = _jpeg_bytes(rec.file, self.max_pixels)
+            try:
+                raw = read_jpeg_bytes(rec.file, self.max_pixels)
+            except ImageDecodeError as e:
+                return i, None, 0, 0, (e.kind, str(e))
             if raw is not None:
-                if isinstance(raw, ImageDecodeError):
-                    return i, None, 0, 0, (raw.kind, str(raw))
                 return i, raw, 0, 0, "encoded"
         try:
             decoded = decode_image(rec.file, draft_size=self.draft_size, max_pixels=self.max_pixels)
@@ -68,30 +69,6 @@ class ImageDataset:
             return i, None, 0, 0, (e.kind, str(e))
         except Exception as e:  # noqa: BLE001 - one bad file must never stop the run
             return i, None, 0, 0, ("decode_error", f"{type(e).__name__}: {e}")
-
-
-def _jpeg_bytes(file: str, max_pixels: int | None):
-    """Whole-file bytes of a JPEG after a header-only check; None for other formats
-    (decoded by PIL instead); an ImageDecodeError for unreadable files."""
-    import os
-
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        if os.path.getsize(file) == 0:
-            return ImageDecodeError("empty", "zero-byte file")
-        with Image.open(file) as im:  # reads the header only
-            if im.format != "JPEG":
-                return None
-            w, h = im.size
-    except FileNotFoundError:
-        return ImageDecodeError("missing", "file not found")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-        return None  # let the PIL path classify it
-    if max_pixels is not None and w * h > max_pixels:
-        return ImageDecodeError("too_large", f"{w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} "
-                                             "(raise it with --max-pixels)")
-    return np.fromfile(file, dtype=np.uint8)
 
 
 def collate(items) -> Batch:

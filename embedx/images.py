@@ -194,25 +194,13 @@ def decode_image(file: str, draft_size: int | None = None, max_pixels: int | Non
     # PIL raises its own DecompressionBombError at twice this value; ours is checked below.
     Image.MAX_IMAGE_PIXELS = max_pixels
 
-    try:
-        size = os.path.getsize(file)
-    except FileNotFoundError:
-        raise ImageDecodeError("missing", "file not found") from None
-    except OSError as e:
-        raise ImageDecodeError("unreadable", str(e)) from None
-    if size == 0:
-        raise ImageDecodeError("empty", "zero-byte file")
+    _check_file(file)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # PIL warns on palette transparency, EXIF oddities, …
             with Image.open(file) as im:
                 width, height = im.size
-                if max_pixels is not None and width * height > max_pixels:
-                    raise ImageDecodeError(
-                        "too_large",
-                        f"{width}x{height} = {width * height} pixels exceeds the limit of {max_pixels} "
-                        "(raise it with --max-pixels)",
-                    )
+                _check_pixels(width, height, max_pixels)
                 # EXIF orientation swaps the sides for 90° rotations: report the upright size.
                 orientation = _exif_orientation(im)
                 if orientation in (5, 6, 7, 8):
@@ -236,6 +224,49 @@ def decode_image(file: str, draft_size: int | None = None, max_pixels: int | Non
         kind = "truncated" if "truncated" in str(e).lower() else "decode_error"
         raise ImageDecodeError(kind, f"{type(e).__name__}: {e}") from None
     return DecodedImage(rgb, width, height)
+
+
+def _check_file(file: str) -> None:
+    """Missing, unreadable and zero-byte files, before any decoder sees them."""
+    try:
+        size = os.path.getsize(file)
+    except FileNotFoundError:
+        raise ImageDecodeError("missing", "file not found") from None
+    except OSError as e:
+        raise ImageDecodeError("unreadable", str(e)) from None
+    if size == 0:
+        raise ImageDecodeError("empty", "zero-byte file")
+
+
+def _check_pixels(width: int, height: int, max_pixels: int | None) -> None:
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageDecodeError(
+            "too_large",
+            f"{width}x{height} = {width * height} pixels exceeds the limit of {max_pixels} (raise it with --max-pixels)",
+        )
+
+
+def read_jpeg_bytes(file: str, max_pixels: int | None = DEFAULT_MAX_PIXELS):
+    """The whole file as a uint8 array if it is a JPEG within the pixel limit (checked from the
+    header alone), for decoding elsewhere (`--decode device`); None for other formats and for
+    files PIL cannot identify, which `decode_image` then classifies.
+
+    Raises:
+        ImageDecodeError: `missing`, `unreadable`, `empty` or `too_large`.
+    """
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    _check_file(file)
+    try:
+        with Image.open(file) as im:  # reads the header only
+            if im.format != "JPEG":
+                return None
+            width, height = im.size
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        return None
+    _check_pixels(width, height, max_pixels)
+    return np.fromfile(file, dtype=np.uint8)
 
 
 def _exif_orientation(im) -> int | None:
