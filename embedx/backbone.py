@@ -141,7 +141,14 @@ def load_backbone(model_name: str = DEFAULT_MODEL, weights: str | None = None) -
         source = f"hub:{hub_id}"
         sha = weights_mod.state_dict_digest(model.state_dict())
     else:
-        model = create_model(model_name)
+        if spec.file is None:
+            # weights="random": a fixed seed, so every process that builds it (Ray actors,
+            # --devices children) gets the same network; the caller's RNG is left untouched
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                model = create_model(model_name)
+        else:
+            model = create_model(model_name)
         source = spec.source
         sha = None
         if spec.file is not None:
@@ -228,6 +235,30 @@ def assert_pretrained(backbone: Backbone) -> None:
         raise WeightsError("This needs pretrained weights, but the backbone was initialised randomly.")
 
 
+def weights_argument(weights_source: str) -> str:
+    """The `weights` value that loads recorded weights again ("bundled:…" -> "bundled", "file:P" -> P, …)."""
+    for prefix, argument in (("bundled:", "bundled"), ("hub:", "hub")):
+        if weights_source.startswith(prefix):
+            return argument
+    if weights_source.startswith("file:"):
+        return weights_source[len("file:"):]
+    if weights_source == "random":
+        return "random"
+    raise WeightsError(f"Unknown weights source {weights_source!r} in the features' metadata.")
+
+
+def load_matching(model_name: str, weights: str | None, expected_sha256: str | None) -> Backbone:
+    """Load a backbone and check that its weights are the expected ones (by sha256)."""
+    backbone = load_backbone(model_name, weights)
+    if expected_sha256 and backbone.weights_sha256 != expected_sha256:
+        raise WeightsError(
+            f"The weights found for {model_name} ({backbone.weights_source}, sha256 {str(backbone.weights_sha256)[:12]}…) "
+            f"are not the expected ones (sha256 {expected_sha256[:12]}…). Pass the original file with --weights, "
+            "and on a cluster make it readable at the same path on every node."
+        )
+    return backbone
+
+
 def load_backbone_for(provenance: dict, weights: str | None = None) -> Backbone:
     """Rebuild the backbone that produced a set of shards (from their `embedx` metadata).
 
@@ -240,26 +271,15 @@ def load_backbone_for(provenance: dict, weights: str | None = None) -> Backbone:
         WeightsError: the weights cannot be found again, or are not the same weights.
     """
     model_name = provenance["model"]
-    source = provenance.get("weights_source", "")
     if weights is None:
-        if source.startswith("bundled:"):
-            weights = "bundled"
-        elif source.startswith("file:"):
-            weights = source[len("file:"):]
-        elif source.startswith("hub:"):
-            weights = "hub"
-        elif source == "random":
+        source = provenance.get("weights_source", "")
+        if source == "random":
             raise WeightsError(
                 "These features were made with a randomly initialised backbone, which cannot be rebuilt: "
                 "query by --id or --vectors instead of by image."
             )
-    backbone = load_backbone(model_name, weights)
-    want = provenance.get("weights_sha256")
-    if want and backbone.weights_sha256 != want:
-        raise WeightsError(
-            f"The weights found for {model_name} ({backbone.weights_source}, sha256 {str(backbone.weights_sha256)[:12]}…) "
-            f"are not the ones the features were made with (sha256 {want[:12]}…). Pass the original file with --weights."
-        )
+        weights = weights_argument(source)
+    backbone = load_matching(model_name, weights, provenance.get("weights_sha256"))
     if backbone.data_config.to_dict() != provenance.get("data_config", backbone.data_config.to_dict()):
         raise WeightsError(f"The preprocessing of {model_name} differs from the one recorded with the features.")
     return backbone

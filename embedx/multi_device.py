@@ -26,9 +26,9 @@ def run_devices(plan, out: Path, config, devices: list[str]) -> tuple[int, int]:
     shard_of = {r.row_id: r.row_id // config.shard_size for r in plan.pending}
     pending_shards = sorted(set(shard_of.values()))
     groups = assign(pending_shards, len(devices))
-    weights = config.weights
-    if plan.backbone.weights_source.startswith("file:"):
-        weights = plan.backbone.weights_source[len("file:"):]
+    from .backbone import weights_argument
+
+    weights = weights_argument(plan.backbone.weights_source)
     ctx = mp.get_context("spawn")  # CUDA cannot be shared with forked children
     procs = []
     for device, group in zip(devices, groups):
@@ -73,13 +73,10 @@ def _device_main(records, out: str, config, metadata: dict, expected_sha256: str
     if config.device == "cpu" and cpu_share > 1:
         # CPU "devices" share the machine's cores: without this each would start one thread per core
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // cpu_share))
-    from .backbone import load_backbone
-    from .errors import WeightsError
+    from .backbone import load_matching
     from .extractor import _Plan, _run_local, _StageTimer
 
-    backbone = load_backbone(config.model, config.weights)
-    if expected_sha256 and backbone.weights_sha256 != expected_sha256:
-        raise WeightsError(f"{config.device}: loaded other weights than the parent process")
+    backbone = load_matching(config.model, config.weights, expected_sha256)
     out_path = Path(out)
     plan = _Plan(backbone=backbone, device=config.device if config.device != "auto" else "cpu",
                  precision=metadata["precision"], metadata=metadata, manifest=shards.read_manifest(out_path),

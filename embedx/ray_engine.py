@@ -68,17 +68,13 @@ class _EmbedActor:
                  channels_last: bool, expected_sha256: str | None, threads: int | None):
         import torch
 
-        from .backbone import load_backbone, resolve_device
-        from .errors import WeightsError
+        from .backbone import load_matching, resolve_device
         from .extractor import _Embedder, _prepare_model
 
         if threads:
             torch.set_num_threads(threads)
         device = resolve_device(device) if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        backbone = load_backbone(model_name, weights)
-        if expected_sha256 and backbone.weights_sha256 != expected_sha256:
-            raise WeightsError(f"A Ray worker found other weights for {model_name} than the driver "
-                               f"({backbone.weights_sha256} vs {expected_sha256}): make the same file reachable on every node.")
+        backbone = load_matching(model_name, weights, expected_sha256)
         self.dim = backbone.dim
         self.runner = _Embedder(_prepare_model(backbone, device, channels_last), backbone, device, precision,
                                 normalize, channels_last)
@@ -100,6 +96,7 @@ class _EmbedActor:
 def run_ray(plan, out: Path, config, address: str | None, timer) -> tuple[int, int]:
     """Embed `plan.pending` on a Ray cluster; the driver writes shards as the local engine does."""
     ray = import_ray()
+    from .backbone import weights_argument
     from .extractor import _progress, _ShardWriter, default_batch_size
 
     if not ray.is_initialized():
@@ -122,9 +119,7 @@ def run_ray(plan, out: Path, config, address: str | None, timer) -> tuple[int, i
         actors = max(1, cpus // 2)
         actor_opts = {"num_cpus": 1, "concurrency": actors}
         threads = max(1, cpus // (2 * actors))
-    weights = config.weights
-    if plan.backbone.weights_source.startswith("file:"):
-        weights = plan.backbone.weights_source[len("file:"):]
+    weights = weights_argument(backbone.weights_source)
     draft = backbone.data_config.resize_size if config.fast_decode else None
     items = [{ROW_ID: r.row_id, FILE: r.file} for r in plan.pending]
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // batch_size, 4 * cpus)))

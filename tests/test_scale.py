@@ -85,3 +85,11 @@ def test_ray_missing_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)
     with pytest.raises(DependencyError, match=r"pip install 'embedx\[ray\]'"):
         import_ray()
+
+
+def test_several_devices_with_random_weights_build_one_network(tiny_dir, tmp_path):
+    """Each process builds its own backbone: with weights='random' they must still agree."""
+    cfg = ExtractConfig(**{**CFG, "model": "test_efficientnet", "weights": "random"})
+    extract(tiny_dir, tmp_path / "one", cfg)
+    extract(tiny_dir, tmp_path / "two", cfg, devices=["cpu", "cpu"])
+    _same(embedx.read_features(tmp_path / "two"), embedx.read_features(tmp_path / "one"))
