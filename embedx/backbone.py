@@ -141,14 +141,7 @@ def load_backbone(model_name: str = DEFAULT_MODEL, weights: str | None = None) -
         source = f"hub:{hub_id}"
         sha = weights_mod.state_dict_digest(model.state_dict())
     else:
-        if spec.file is None:
-            # weights="random": a fixed seed, so every process that builds it (Ray actors,
-            # --devices children) gets the same network; the caller's RNG is left untouched
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(0)
-                model = create_model(model_name)
-        else:
-            model = create_model(model_name)
+        model = create_model(model_name)
         source = spec.source
         sha = None
         if spec.file is not None:
@@ -247,9 +240,23 @@ def weights_argument(weights_source: str) -> str:
     raise WeightsError(f"Unknown weights source {weights_source!r} in the features' metadata.")
 
 
-def load_matching(model_name: str, weights: str | None, expected_sha256: str | None) -> Backbone:
-    """Load a backbone and check that its weights are the expected ones (by sha256)."""
+def random_state_of(backbone: Backbone) -> dict | None:
+    """The weights to ship to other processes when they cannot load them themselves (random init)."""
+    if backbone.weights_source != "random":
+        return None
+    return {k: v.detach().cpu() for k, v in backbone.model.state_dict().items()}
+
+
+def load_matching(model_name: str, weights: str | None, expected_sha256: str | None,
+                  random_state: dict | None = None) -> Backbone:
+    """Load a backbone and check that its weights are the expected ones (by sha256).
+
+    `random_state`: for weights="random", the state dict of the network to reproduce (another
+    process's random init cannot be rebuilt from a seed it never recorded).
+    """
     backbone = load_backbone(model_name, weights)
+    if random_state is not None:
+        backbone.model.load_state_dict(random_state)
     if expected_sha256 and backbone.weights_sha256 != expected_sha256:
         raise WeightsError(
             f"The weights found for {model_name} ({backbone.weights_source}, sha256 {str(backbone.weights_sha256)[:12]}…) "

@@ -26,9 +26,10 @@ def run_devices(plan, out: Path, config, devices: list[str]) -> tuple[int, int]:
     shard_of = {r.row_id: r.row_id // config.shard_size for r in plan.pending}
     pending_shards = sorted(set(shard_of.values()))
     groups = assign(pending_shards, len(devices))
-    from .backbone import weights_argument
+    from .backbone import random_state_of, weights_argument
 
     weights = weights_argument(plan.backbone.weights_source)
+    random_state = random_state_of(plan.backbone)
     ctx = mp.get_context("spawn")  # CUDA cannot be shared with forked children
     procs = []
     for device, group in zip(devices, groups):
@@ -39,7 +40,8 @@ def run_devices(plan, out: Path, config, devices: list[str]) -> tuple[int, int]:
         child_config = replace(config, device=device, weights=weights, progress=False, overwrite=False)
         cpu_share = sum(1 for d in devices if d == "cpu")
         p = ctx.Process(target=_device_main, name=f"embedx-{device}",
-                        args=(records, str(out), child_config, plan.metadata, plan.backbone.weights_sha256, cpu_share))
+                        args=(records, str(out), child_config, plan.metadata, plan.backbone.weights_sha256, cpu_share,
+                              random_state))
         p.start()
         procs.append((device, p))
     failed = []
@@ -62,7 +64,8 @@ def run_devices(plan, out: Path, config, devices: list[str]) -> tuple[int, int]:
     return embedded, errors
 
 
-def _device_main(records, out: str, config, metadata: dict, expected_sha256: str | None, cpu_share: int = 1) -> None:
+def _device_main(records, out: str, config, metadata: dict, expected_sha256: str | None, cpu_share: int = 1,
+                 random_state: dict | None = None) -> None:
     """Child process: embed its shards on its device with the local engine."""
     import os
 
@@ -76,7 +79,7 @@ def _device_main(records, out: str, config, metadata: dict, expected_sha256: str
     from .backbone import load_matching
     from .extractor import _Plan, _run_local, _StageTimer
 
-    backbone = load_matching(config.model, config.weights, expected_sha256)
+    backbone = load_matching(config.model, config.weights, expected_sha256, random_state)
     out_path = Path(out)
     plan = _Plan(backbone=backbone, device=config.device if config.device != "auto" else "cpu",
                  precision=metadata["precision"], metadata=metadata, manifest=shards.read_manifest(out_path),

@@ -65,7 +65,8 @@ class _EmbedActor:
     """Ray Data actor: loads the backbone once, embeds the decoded rows of each batch."""
 
     def __init__(self, model_name: str, weights: str | None, device: str, precision: str, normalize: bool,
-                 channels_last: bool, expected_sha256: str | None, threads: int | None):
+                 channels_last: bool, expected_sha256: str | None, threads: int | None,
+                 random_state: dict | None = None):
         import torch
 
         from .backbone import load_matching, resolve_device
@@ -74,7 +75,7 @@ class _EmbedActor:
         if threads:
             torch.set_num_threads(threads)
         device = resolve_device(device) if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        backbone = load_matching(model_name, weights, expected_sha256)
+        backbone = load_matching(model_name, weights, expected_sha256, random_state)
         self.dim = backbone.dim
         self.runner = _Embedder(_prepare_model(backbone, device, channels_last), backbone, device, precision,
                                 normalize, channels_last)
@@ -96,7 +97,7 @@ class _EmbedActor:
 def run_ray(plan, out: Path, config, address: str | None, timer) -> tuple[int, int]:
     """Embed `plan.pending` on a Ray cluster; the driver writes shards as the local engine does."""
     ray = import_ray()
-    from .backbone import weights_argument
+    from .backbone import random_state_of, weights_argument
     from .extractor import _progress, _ShardWriter, default_batch_size
 
     if not ray.is_initialized():
@@ -128,7 +129,8 @@ def run_ray(plan, out: Path, config, address: str | None, timer) -> tuple[int, i
                                    "draft_size": draft, "max_pixels": config.max_pixels})
     ds = ds.map_batches(_EmbedActor, batch_size=batch_size, batch_format="numpy",
                         fn_constructor_args=(backbone.model_name, weights, device, plan.precision, config.normalize,
-                                             config.channels_last, backbone.weights_sha256, threads),
+                                             config.channels_last, backbone.weights_sha256, threads,
+                                             random_state_of(backbone)),
                         **actor_opts)
     writer = _ShardWriter(out, plan.manifest, config, backbone.dim, plan.metadata)
     by_id = {r.row_id: r for r in plan.pending}
