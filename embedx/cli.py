@@ -138,34 +138,44 @@ def train_head_cmd(
     features: Path = typer.Argument(..., help="Shard directory with labels (from `embedx extract`)."),
     out: Path = typer.Option(..., "--out", "-o", help="HEAD_DIR to write."),
     head: str = typer.Option("linear", help="linear | mlp."),
+    solver: str = typer.Option("auto", help="auto (lbfgs for linear, adamw for mlp) | lbfgs | adamw."),
     val: Optional[Path] = typer.Option(None, help="A second shard directory to validate on (e.g. the test split)."),
     val_fraction: float = typer.Option(0.2, help="Seeded stratified validation fraction when --val is not given."),
-    lrs: str = typer.Option("1e-3,3e-3,1e-2", help="Learning rates of the sweep."),
-    weight_decays: str = typer.Option("0,1e-4,1e-3,1e-2", help="Weight decays of the sweep."),
-    epochs: int = typer.Option(100, help="Maximum epochs (early stopping on validation)."),
-    patience: int = typer.Option(10, help="Stop after this many epochs without improvement."),
-    batch_size: int = typer.Option(1024, help="Training batch size."),
+    l2: str = typer.Option("1e-6,1e-5,1e-4,3e-4,1e-3,3e-3,1e-2,1e-1",
+                           help="lbfgs: L2 strengths of the sweep (on standardised features, mean loss)."),
+    max_iter: int = typer.Option(200, help="lbfgs: maximum L-BFGS steps."),
+    lrs: str = typer.Option("1e-3,3e-3,1e-2", help="adamw: learning rates of the sweep."),
+    weight_decays: str = typer.Option("0,1e-4,1e-3,1e-2", help="adamw: weight decays of the sweep."),
+    epochs: int = typer.Option(100, help="adamw: maximum epochs (early stopping on validation)."),
+    patience: int = typer.Option(10, help="adamw: stop after this many epochs without improvement."),
+    batch_size: int = typer.Option(1024, help="adamw: training batch size."),
     hidden: int = typer.Option(512, help="Hidden units of the mlp head."),
     class_weights: str = typer.Option("none", help="none | balanced (for imbalanced labels)."),
     knn: bool = typer.Option(True, "--knn/--no-knn", help="Report a weighted kNN baseline (k=10, 20)."),
+    stream: str = typer.Option("auto", help="auto | yes | no: read features through memory-mapped files "
+                               "instead of loading them (auto: when they would not fit in memory)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
     seed: int = typer.Option(0, help="Seed for the split and initialisation."),
 ):
-    """Train linear/MLP heads on cached features: a whole lr x weight-decay sweep in one pass.
+    """Train linear/MLP heads on cached features: a whole sweep of heads in the same passes.
+
+    Linear heads default to L-BFGS logistic regression over a sweep of L2 strengths; MLP heads
+    (or --solver adamw) to AdamW over a learning-rate x weight-decay sweep, with early stopping.
 
     Example:
         embedx train-head feats/train --val feats/test --out head/ --head linear
     """
     from .train import HeadConfig, train_head
 
-    config = HeadConfig(head=head, lrs=_floats(lrs), weight_decays=_floats(weight_decays), hidden=hidden,
-                        epochs=epochs, batch_size=batch_size, patience=patience, val_fraction=val_fraction,
-                        class_weights=class_weights, knn=knn, device=device, seed=seed)
+    config = HeadConfig(head=head, solver=solver, l2s=_floats(l2), max_iter=max_iter, lrs=_floats(lrs),
+                        weight_decays=_floats(weight_decays), hidden=hidden, epochs=epochs, batch_size=batch_size,
+                        patience=patience, val_fraction=val_fraction, class_weights=class_weights, knn=knn,
+                        stream=stream, device=device, seed=seed)
     m = train_head(features, out, config, val=val)
+    best = ", ".join(f"{k} {v:g}" for k, v in m["best"].items() if k != "solver")
     typer.echo(
-        f"{m['head']} head: val accuracy {m['val_accuracy']:.4f} (top-5 {m['val_top5_accuracy']:.4f}), "
-        f"train {m['train_accuracy']:.4f}; best lr {m['best']['lr']:g}, wd {m['best']['weight_decay']:g} "
-        f"of {len(m['sweep'])} heads; "
+        f"{m['head']} head ({m['solver']}): val accuracy {m['val_accuracy']:.4f} (top-5 {m['val_top5_accuracy']:.4f}), "
+        f"train {m['train_accuracy']:.4f}; best {best} of {len(m['sweep'])} heads; "
         + (f"kNN k=20 {m['knn_k20_accuracy']:.4f}; " if "knn_k20_accuracy" in m else "")
         + f"{m['train_seconds']:.1f} s -> {out}"
     )

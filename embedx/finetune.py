@@ -108,7 +108,7 @@ def _fingerprint(config: FinetuneConfig, records: list[ImageRecord], val_records
 
 
 def _split(images, val, config: FinetuneConfig):
-    from .train import stratified_split
+    from .trainset import stratified_split
 
     listing = list_images(images if isinstance(images, list) else [images], labels="folder")
     records = [r for r in listing.records if r.label is not None]

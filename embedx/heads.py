@@ -1,9 +1,18 @@
-"""Classifier heads on fixed features, and a whole learning-rate x weight-decay grid of them
-trained in one pass over the data (as DINOv2's linear evaluation does).
+"""Classifier heads on fixed features, a whole sweep of them trained in the same passes.
 
-`HeadBank` holds G heads. Their first-layer weights are concatenated for the forward pass,
-so each batch costs one (B x D) @ (D x G*C) matmul instead of G; every head keeps its own
-parameters, so each gets its own optimiser settings and early-stopping state.
+Two solvers:
+
+* ``lbfgs`` (linear heads): full-batch L-BFGS logistic regression over a grid of L2 strengths
+  (`logreg.fit_logreg`), the linear probe of CLIP's evaluation -- converges to the optimum,
+  no learning rate to tune;
+* ``adamw`` (linear or MLP heads): mini-batch AdamW over a learning-rate x weight-decay grid
+  trained in one pass over the data, as DINOv2's linear evaluation does. The heads' first-layer
+  weights are concatenated, so each batch costs one (B x D) @ (D x G*C) matmul instead of G;
+  every head keeps its own parameters, optimiser settings and early-stopping state.
+
+Features stay raw everywhere (an in-memory array or a `numpy.memmap` of rows that do not fit
+in memory); standardisation statistics come from the training rows and are applied per batch
+(AdamW) or folded into the weights (L-BFGS). Rows are read in chunks, never all at once.
 """
 
 from __future__ import annotations
@@ -20,19 +29,28 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 HEAD_KINDS = ("linear", "mlp")
+SOLVERS = ("lbfgs", "adamw")
 
 
 @dataclass(frozen=True)
 class HeadSpec:
     kind: str  # linear | mlp
-    lr: float
-    weight_decay: float
+    lr: float  # adamw only
+    weight_decay: float  # adamw: decoupled weight decay; lbfgs: the L2 strength
     hidden: int = 0
     dropout: float = 0.0
+    solver: str = "adamw"
 
     @property
     def name(self) -> str:
+        if self.solver == "lbfgs":
+            return f"{self.kind}_l2{self.weight_decay:g}"
         return f"{self.kind}_lr{self.lr:g}_wd{self.weight_decay:g}"
+
+    def hyperparameters(self) -> dict:
+        if self.solver == "lbfgs":
+            return {"solver": "lbfgs", "l2": self.weight_decay}
+        return {"solver": "adamw", "lr": self.lr, "weight_decay": self.weight_decay}
 
 
 class Head(nn.Module):
@@ -64,12 +82,54 @@ def make_head(kind: str, dim: int, num_classes: int, hidden: int = 1024, dropout
 
 
 def build_grid(kind: str, lrs: list[float], weight_decays: list[float], hidden: int, dropout: float) -> list[HeadSpec]:
+    """The AdamW sweep: every learning rate with every weight decay."""
     if kind not in HEAD_KINDS:
         from .errors import InputError
 
         raise InputError(f"--head must be one of {', '.join(HEAD_KINDS)}, not {kind!r}.")
     return [HeadSpec(kind, lr, wd, hidden if kind == "mlp" else 0, dropout if kind == "mlp" else 0.0)
             for lr in lrs for wd in weight_decays]
+
+
+def build_l2_grid(l2s: list[float]) -> list[HeadSpec]:
+    """The L-BFGS sweep of linear heads: one per L2 strength."""
+    if not l2s or min(l2s) <= 0:
+        from .errors import InputError
+
+        raise InputError("--l2 strengths must all be > 0 (e.g. 1e-6,1e-5,1e-4,1e-3).")
+    return [HeadSpec("linear", 0.0, l2, solver="lbfgs") for l2 in l2s]
+
+
+def column_stats(x: np.ndarray, rows: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-feature mean and std (float32 tensors) of `x`, read in chunks (float64 sums)."""
+    n = len(x)
+    total = np.zeros(x.shape[1])
+    for s in range(0, n, rows):
+        total += x[s:s + rows].sum(0, dtype=np.float64)
+    mean = total / max(n, 1)
+    sq = np.zeros(x.shape[1])
+    for s in range(0, n, rows):
+        d = x[s:s + rows] - mean  # float64: no cancellation
+        sq += (d * d).sum(0)
+    std = np.sqrt(sq / max(n, 1))
+    return torch.from_numpy(mean.astype(np.float32)), torch.from_numpy(std.astype(np.float32)).clamp_min(1e-6)
+
+
+def as_tensor(a: np.ndarray) -> torch.Tensor:
+    """float32 tensor over `a`: a view when possible, a copy for read-only (memory-mapped) rows."""
+    if a.dtype != np.float32 or not a.flags.c_contiguous or not a.flags.writeable:
+        a = np.array(a, dtype=np.float32, order="C")
+    return torch.from_numpy(a)
+
+
+def row_chunks(x: np.ndarray, rows: int, device: str = "cpu"):
+    """Yield (start, float32 tensor on `device`) chunks of x; memory-mapped rows are read per chunk."""
+    for s in range(0, len(x), rows):
+        yield s, as_tensor(x[s:s + rows]).to(device, non_blocking=True)
+
+
+def in_memory(x: np.ndarray) -> bool:
+    return not isinstance(x, np.memmap)
 
 
 def _bank(specs: list[HeadSpec], dim: int, num_classes: int, seed: int):
@@ -106,30 +166,77 @@ class GridResult:
     best_index: int
     best_head: object  # nn.Module with standardisation buffers set
     val_accuracy: list[float]  # best val accuracy per head
-    best_epoch: list[int]
+    best_epoch: list[int]  # adamw: epoch of each head's best; lbfgs: each head's L-BFGS steps
     epochs_run: int
+
+
+def _accuracies(logits_fn, x: np.ndarray, y: np.ndarray, mean, std, device: str) -> list[float]:
+    """Top-1 accuracy of every head: logits_fn maps standardised rows (B, D) to (G, B, C)."""
+    correct = None
+    with torch.no_grad():
+        for s, xb in row_chunks(x, 8192, device):
+            pred = logits_fn((xb - mean) / std).argmax(-1)
+            hits = (pred == torch.from_numpy(y[s:s + len(xb)]).to(device)).sum(1)
+            correct = hits if correct is None else correct + hits
+    if correct is None:
+        return []
+    return (correct.double() / max(1, len(y))).tolist()
+
+
+def _batches(x: np.ndarray, y: np.ndarray, batch_size: int, g: torch.Generator, device: str, resident):
+    """One epoch of shuffled (x, y) batches.
+
+    In memory, `resident` holds the whole training set on the device and batches are drawn
+    from one permutation of all rows. Memory-mapped rows are read in large chunks, in a random
+    chunk order, and shuffled within each chunk: sequential reads, bounded memory.
+    """
+    if resident is not None:
+        xt, yt = resident
+        perm = torch.randperm(len(xt), generator=g).to(device)
+        for s in range(0, len(xt), batch_size):
+            idx = perm[s:s + batch_size]
+            yield xt[idx], yt[idx]
+        return
+    chunk = max(batch_size, 65536 // batch_size * batch_size)
+    starts = torch.randperm((len(x) + chunk - 1) // chunk, generator=g).tolist()
+    for c in starts:
+        xc = as_tensor(x[c * chunk:(c + 1) * chunk]).to(device)
+        yc = torch.from_numpy(y[c * chunk:(c + 1) * chunk].astype(np.int64)).to(device)
+        perm = torch.randperm(len(xc), generator=g).to(device)
+        for s in range(0, len(xc), batch_size):
+            idx = perm[s:s + batch_size]
+            yield xc[idx], yc[idx]
+
+
+def _finish(spec: HeadSpec, dim: int, num_classes: int, state: dict, mean, std):
+    head = make_head(spec.kind, dim, num_classes, spec.hidden or 1, spec.dropout)
+    head.load_state_dict(state)
+    head.mean.copy_(mean)
+    head.std.copy_(std)
+    return head.eval()
 
 
 def train_grid(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, num_classes: int,
                specs: list[HeadSpec], *, epochs: int = 100, batch_size: int = 1024, patience: int = 10,
                class_weights: np.ndarray | None = None, device: str = "cpu", seed: int = 0,
                progress: bool = False) -> GridResult:
-    """Train every head of `specs` together; keep each head's best epoch on validation.
+    """AdamW: train every head of `specs` together; keep each head's best epoch on validation.
 
-    Features are standardised with statistics of the training split only.
+    Features are standardised with statistics of the training split only. Rows held in memory
+    are moved to the device once; memory-mapped rows are streamed in chunks every epoch.
     """
     g = torch.Generator().manual_seed(seed)
     dim = x_train.shape[1]
-    mean = torch.from_numpy(x_train.mean(0, dtype=np.float64).astype(np.float32))
-    std = torch.from_numpy(x_train.std(0, dtype=np.float64).astype(np.float32)).clamp_min(1e-6)
-    xt = ((torch.from_numpy(np.ascontiguousarray(x_train, np.float32)) - mean) / std).to(device)
-    xv = ((torch.from_numpy(np.ascontiguousarray(x_val, np.float32)) - mean) / std).to(device)
-    yt = torch.from_numpy(y_train.astype(np.int64)).to(device)
-    yv = torch.from_numpy(y_val.astype(np.int64)).to(device)
+    mean, std = column_stats(x_train)
+    md, sd = mean.to(device), std.to(device)
+    resident = None
+    if in_memory(x_train):
+        resident = (as_tensor(x_train).to(device),
+                    torch.from_numpy(y_train.astype(np.int64)).to(device))
     heads = _bank(specs, dim, num_classes, seed).to(device)
     opt = torch.optim.AdamW([{"params": h.parameters(), "lr": s.lr, "weight_decay": s.weight_decay}
                              for h, s in zip(heads, specs)])
-    steps_per_epoch = math.ceil(len(xt) / batch_size)
+    steps_per_epoch = math.ceil(len(x_train) / batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs * steps_per_epoch))
     cw = torch.from_numpy(class_weights.astype(np.float32)).to(device) if class_weights is not None else None
     loss_fn = nn.CrossEntropyLoss(weight=cw)
@@ -141,23 +248,16 @@ def train_grid(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_va
     epoch = 0
     for epoch in range(1, epochs + 1):
         heads.train()
-        perm = torch.randperm(len(xt), generator=g).to(device)
-        for s in range(0, len(xt), batch_size):
-            idx = perm[s:s + batch_size]
-            logits = _bank_forward(heads, specs, xt[idx])  # (G, B, C)
+        for xb, yb in _batches(x_train, y_train, batch_size, g, device, resident):
+            logits = _bank_forward(heads, specs, (xb - md) / sd)  # (G, B, C)
             # heads share no parameters: the sum's gradient is each head's own gradient
-            loss = loss_fn(logits.reshape(-1, num_classes), yt[idx].repeat(G))
+            loss = loss_fn(logits.reshape(-1, num_classes), yb.repeat(G))
             opt.zero_grad(set_to_none=True)
             (loss * G).backward()
             opt.step()
             sched.step()
         heads.eval()
-        with torch.no_grad():
-            correct = torch.zeros(G, device=device)
-            for s in range(0, len(xv), 8192):
-                pred = _bank_forward(heads, specs, xv[s:s + 8192]).argmax(-1)
-                correct += (pred == yv[s:s + 8192]).sum(1)
-            acc = (correct / max(1, len(xv))).tolist()
+        acc = _accuracies(lambda xb: _bank_forward(heads, specs, xb), x_val, y_val, md, sd, device)
         improved = False
         for i, a in enumerate(acc):
             if a > best_acc[i]:
@@ -170,12 +270,55 @@ def train_grid(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_va
         if stale >= patience:
             break
     best = int(np.argmax(best_acc))
-    head = make_head(specs[best].kind, dim, num_classes, specs[best].hidden or 1, specs[best].dropout)
-    head.load_state_dict(best_state[best])
-    head.mean.copy_(mean)
-    head.std.copy_(std)
-    head.eval()
-    return GridResult(specs, best, head.cpu(), best_acc, best_epoch, epoch)
+    head = _finish(specs[best], dim, num_classes, {k: v.cpu() for k, v in best_state[best].items()}, mean, std)
+    return GridResult(specs, best, head, best_acc, best_epoch, epoch)
+
+
+def train_lbfgs(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, num_classes: int,
+                specs: list[HeadSpec], *, max_iter: int = 200, tol: float = 1e-4,
+                class_weights: np.ndarray | None = None, device: str = "cpu", seed: int = 0,
+                sample_rows: int = 8192, chunk_rows: int = 4096, progress: bool = False) -> GridResult:
+    """L-BFGS: one linear head per L2 strength of `specs`, all fitted in the same passes.
+
+    GridResult.best_epoch holds each head's number of L-BFGS steps.
+    """
+    from .logreg import fit_logreg
+
+    dim = x_train.shape[1]
+    mean, std = column_stats(x_train)
+    weights = None if class_weights is None else torch.from_numpy(class_weights.astype(np.float32))
+    if in_memory(x_train):
+        xt = as_tensor(x_train).to(device)  # once, then views
+        yt = torch.from_numpy(y_train.astype(np.int64)).to(device)
+        wt = None if weights is None else weights.to(device)[yt]
+
+        def source():
+            for s in range(0, len(xt), chunk_rows):
+                yield xt[s:s + chunk_rows], yt[s:s + chunk_rows], None if wt is None else wt[s:s + chunk_rows]
+    else:
+        wd = None if weights is None else weights.to(device)
+
+        def source():
+            for s, xc in row_chunks(x_train, chunk_rows, device):
+                yc = torch.from_numpy(y_train[s:s + len(xc)].astype(np.int64)).to(device)
+                yield xc, yc, None if wd is None else wd[yc]
+    rng = np.random.default_rng(seed)
+    pick = np.sort(rng.choice(len(x_train), size=min(sample_rows, len(x_train)), replace=False))
+    sample = as_tensor(x_train[pick])
+    res = fit_logreg(source, dim, num_classes, [s.weight_decay for s in specs], mean=mean, std=std, sample=sample,
+                     max_iter=max_iter, tol=tol, device=device, progress=progress)
+    if not all(res.converged):
+        log.warning("L-BFGS stopped before its tolerance for l2 %s (after %s steps)",
+                    [s.weight_decay for s, c in zip(specs, res.converged) if not c], max(res.n_iter))
+    Wt = torch.from_numpy(res.weight).to(device)  # (K, C, D)
+    bt = torch.from_numpy(res.bias).to(device)
+    acc = _accuracies(lambda xb: torch.einsum("bd,kcd->kbc", xb, Wt) + bt[:, None, :], x_val, y_val,
+                      mean.to(device), std.to(device), device)
+    best = int(np.argmax(acc))
+    state = {"mean": mean, "std": std, "fc.weight": torch.from_numpy(res.weight[best]),
+             "fc.bias": torch.from_numpy(res.bias[best])}
+    head = _finish(specs[best], dim, num_classes, state, mean, std)
+    return GridResult(specs, best, head, acc, res.n_iter, max(res.n_iter))
 
 
 def predict_proba(head, x: np.ndarray, batch_size: int = 8192, device: str = "cpu") -> np.ndarray:
@@ -183,6 +326,6 @@ def predict_proba(head, x: np.ndarray, batch_size: int = 8192, device: str = "cp
     out = []
     with torch.no_grad():
         for s in range(0, len(x), batch_size):
-            xb = torch.from_numpy(np.ascontiguousarray(x[s:s + batch_size], np.float32)).to(device)
+            xb = as_tensor(x[s:s + batch_size]).to(device)
             out.append(torch.softmax(head(xb).float(), -1).cpu().numpy())
     return np.concatenate(out) if out else np.empty((0, 0), np.float32)

@@ -153,12 +153,6 @@ def iter_vectors(features_dir, metric: str, batch_size: int):
             yield prepare(emb[s:s + batch_size], metric), ids[s:s + batch_size], paths[s:s + batch_size], labels[s:s + batch_size]
 
 
-def count_rows(features_dir) -> int:
-    import pyarrow.parquet as pq
-
-    return sum(pq.read_metadata(f).num_rows for f in shards.shard_files(features_dir))
-
-
 def sample_vectors(features_dir, positions: np.ndarray, metric: str, batch_size: int) -> np.ndarray:
     """Vectors at the given (sorted) global positions, read streaming."""
     out = []

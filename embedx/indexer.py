@@ -52,7 +52,7 @@ def build_index(features_dir, out_dir, config: fx.IndexConfig = fx.IndexConfig()
     t0 = time.perf_counter()
     features_dir = Path(features_dir).resolve()
     meta = fx.check_features(features_dir)
-    n = fx.count_rows(features_dir)
+    n = shards.count_rows(features_dir)
     if n == 0:
         raise FeaturesError(f"{features_dir} holds no embedded rows: nothing to index.")
     dim = int(meta["dim"])

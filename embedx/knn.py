@@ -1,34 +1,68 @@
 """Weighted k-nearest-neighbour classification on features (the DINO evaluation): each of
-the k most cosine-similar training samples votes for its class with weight exp(sim / T)."""
+the k most cosine-similar training samples votes for its class with weight exp(sim / T).
+
+The training rows are read once, in chunks (they may be a memory-mapped array larger than
+memory); every query keeps a running top-k over the chunks seen so far.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 
 
-def knn_predict_proba(x_train: np.ndarray, y_train: np.ndarray, x_query: np.ndarray, num_classes: int,
-                      k: int = 20, temperature: float = 0.07, chunk: int = 1024, device: str = "cpu") -> np.ndarray:
-    """Class scores (rows sum to 1) for each query; memory bounded by chunk x N_train."""
+def knn_neighbours(x_train: np.ndarray, y_train: np.ndarray, x_query: np.ndarray, k: int, *,
+                   train_rows: int = 65536, query_rows: int = 1024, device: str = "cpu"):
+    """(similarities, labels) of each query's k most cosine-similar training rows, best first."""
+    import torch
+    from torch.nn.functional import normalize
+
+    from .heads import as_tensor
+
+    k = min(k, len(x_train))
+    nq = len(x_query)
+    best_sim = torch.full((nq, k), -float("inf"), device=device)
+    best_lab = torch.zeros((nq, k), dtype=torch.int64, device=device)
+    queries = [normalize(as_tensor(x_query[s:s + query_rows]).to(device), dim=1)
+               for s in range(0, nq, query_rows)] if nq * x_query.shape[1] * 4 <= 2**30 else None
+    for t in range(0, len(x_train), train_rows):
+        xt = normalize(as_tensor(x_train[t:t + train_rows]).to(device), dim=1)
+        yt = torch.from_numpy(y_train[t:t + train_rows].astype(np.int64)).to(device)
+        kk = min(k, len(xt))
+        for j, s in enumerate(range(0, nq, query_rows)):
+            q = queries[j] if queries is not None else normalize(
+                as_tensor(x_query[s:s + query_rows]).to(device), dim=1)
+            sim, idx = (q @ xt.T).topk(kk, dim=1)
+            sims = torch.cat([best_sim[s:s + len(q)], sim], 1)
+            labs = torch.cat([best_lab[s:s + len(q)], yt[idx]], 1)
+            top, pos = sims.topk(k, dim=1)  # sorted: the first k' columns are the top-k'
+            best_sim[s:s + len(q)] = top
+            best_lab[s:s + len(q)] = labs.gather(1, pos)
+    return best_sim, best_lab
+
+
+def _votes(sim, lab, num_classes: int, k: int, temperature: float) -> np.ndarray:
     import torch
 
-    xt = torch.nn.functional.normalize(torch.from_numpy(np.ascontiguousarray(x_train, np.float32)).to(device), dim=1)
-    yt = torch.from_numpy(y_train.astype(np.int64)).to(device)
-    k = min(k, len(xt))
-    out = []
-    for s in range(0, len(x_query), chunk):
-        q = torch.nn.functional.normalize(torch.from_numpy(np.ascontiguousarray(x_query[s:s + chunk], np.float32)).to(device), dim=1)
-        sim, idx = (q @ xt.T).topk(k, dim=1)
-        w = (sim / temperature).exp()
-        votes = torch.zeros(len(q), num_classes, device=device)
-        votes.scatter_add_(1, yt[idx], w)
-        out.append((votes / votes.sum(1, keepdim=True)).cpu().numpy())
-    return np.concatenate(out) if out else np.empty((0, num_classes), np.float32)
+    w = (sim[:, :k] / temperature).exp()
+    votes = torch.zeros(len(sim), num_classes, device=sim.device)
+    votes.scatter_add_(1, lab[:, :k], w)
+    return (votes / votes.sum(1, keepdim=True)).cpu().numpy()
+
+
+def knn_predict_proba(x_train: np.ndarray, y_train: np.ndarray, x_query: np.ndarray, num_classes: int,
+                      k: int = 20, temperature: float = 0.07, device: str = "cpu") -> np.ndarray:
+    """Class scores (rows sum to 1) for each query."""
+    if len(x_query) == 0:
+        return np.empty((0, num_classes), np.float32)
+    sim, lab = knn_neighbours(x_train, y_train, x_query, k, device=device)
+    return _votes(sim, lab, num_classes, k, temperature)
 
 
 def knn_accuracy(x_train, y_train, x_val, y_val, num_classes: int, ks=(10, 20), temperature: float = 0.07,
                  device: str = "cpu") -> dict[str, float]:
-    res = {}
-    for k in ks:
-        p = knn_predict_proba(x_train, y_train, x_val, num_classes, k=k, temperature=temperature, device=device)
-        res[f"knn_k{k}_accuracy"] = float((p.argmax(1) == y_val).mean()) if len(y_val) else float("nan")
-    return res
+    """Accuracy for each k in `ks`, from one pass over the training rows."""
+    if len(y_val) == 0:
+        return {f"knn_k{k}_accuracy": float("nan") for k in ks}
+    sim, lab = knn_neighbours(x_train, y_train, x_val, max(ks), device=device)
+    return {f"knn_k{k}_accuracy": float((_votes(sim, lab, num_classes, k, temperature).argmax(1) == y_val).mean())
+            for k in ks}

@@ -256,6 +256,13 @@ def shard_files(directory: str | os.PathLike) -> list[Path]:
     return sorted(directory.glob("part-*.parquet"))
 
 
+def count_rows(directory: str | os.PathLike) -> int:
+    """Rows of the completed shards, from the Parquet footers (no data read)."""
+    import pyarrow.parquet as pq
+
+    return sum(pq.read_metadata(f).num_rows for f in shard_files(directory))
+
+
 def read_metadata(directory: str | os.PathLike) -> dict:
     """The `embedx` provenance of a shard directory (from its first shard)."""
     import pyarrow.parquet as pq

@@ -11,13 +11,11 @@ from . import shards
 
 def describe(directory: str | os.PathLike) -> dict:
     """Rows, dimension, provenance, labels and errors of a shard directory."""
-    import pyarrow.parquet as pq
-
     directory = Path(directory)
     files = shards.shard_files(directory)
     manifest = shards.read_manifest(directory) or {}
     meta = shards.read_metadata(directory)
-    rows = sum(pq.read_metadata(f).num_rows for f in files)
+    rows = shards.count_rows(directory)
     labels: Counter = Counter()
     for table in shards.iter_shards(directory, columns=["label"]):
         labels.update(table.column("label").to_pylist())

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,8 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from . import shards
-from .errors import FeaturesError, InputError
-from .indexer import provenance_mismatch
+from .errors import InputError
+from .trainset import TrainingSet, class_indices, load_training_set
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,10 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class HeadConfig:
     head: str = "linear"  # linear | mlp
-    lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2)
+    solver: str = "auto"  # auto (lbfgs for linear, adamw for mlp) | lbfgs | adamw
+    l2s: tuple[float, ...] = (1e-6, 1e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 1e-1)  # lbfgs sweep
+    max_iter: int = 200  # lbfgs steps
+    lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2)  # adamw sweep: every lr with every weight decay
     weight_decays: tuple[float, ...] = (0.0, 1e-4, 1e-3, 1e-2)
     hidden: int = 512
     dropout: float = 0.5
@@ -40,8 +44,19 @@ class HeadConfig:
     val_fraction: float = 0.2
     class_weights: str = "none"  # none | balanced
     knn: bool = True
+    stream: str = "auto"  # auto | yes | no: memory-map the features instead of loading them
     device: str = "auto"
     seed: int = 0
+
+    def resolved_solver(self) -> str:
+        from .heads import SOLVERS
+
+        solver = {"linear": "lbfgs", "mlp": "adamw"}.get(self.head, "adamw") if self.solver == "auto" else self.solver
+        if solver not in SOLVERS:
+            raise InputError(f"--solver must be auto, lbfgs or adamw, not {self.solver!r}.")
+        if solver == "lbfgs" and self.head != "linear":
+            raise InputError("--solver lbfgs trains linear heads only; use --solver adamw for an mlp head.")
+        return solver
 
 
 @dataclass
@@ -53,46 +68,11 @@ class LabelledFeatures:
 
 
 def load_labelled(directory, classes: list[str] | None = None) -> tuple[LabelledFeatures, list[str]]:
-    """Features with labels; classes are sorted label names unless given."""
+    """All labelled rows of a shard directory in memory; classes are sorted label names unless given."""
     f = shards.read_features(directory)
-    labels = f.labels
-    if not any(lab is not None for lab in labels):
-        raise FeaturesError(
-            f"{directory} has no labels. Extract with --labels folder from a folder per class "
-            "(or a CSV/Parquet list with a 'label' column)."
-        )
-    keep = np.array([lab is not None for lab in labels])
-    if not keep.all():
-        log.warning("%d rows without a label are left out", int((~keep).sum()))
-    names = [lab for lab in labels if lab is not None]
-    if classes is None:
-        classes = sorted(set(names))
-    lookup = {c: i for i, c in enumerate(classes)}
-    unknown = sorted(set(names) - set(lookup))
-    if unknown:
-        raise FeaturesError(f"{directory} has labels the training classes lack: {unknown[:10]}.")
-    y = np.array([lookup[n] for n in names], dtype=np.int64)
-    x = f.embeddings[keep] if not keep.all() else f.embeddings
-    paths = [p for p, k in zip(f.paths, keep) if k]
-    return LabelledFeatures(x, y, paths, f.metadata), classes
-
-
-def stratified_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded per-class split; every class with 2+ samples puts at least one in validation."""
-    if not 0 < fraction < 1:
-        raise InputError("--val-fraction must be between 0 and 1.")
-    rng = np.random.default_rng(seed)
-    train, val = [], []
-    for c in np.unique(y):
-        idx = rng.permutation(np.nonzero(y == c)[0])
-        n_val = int(round(len(idx) * fraction))
-        if len(idx) >= 2:
-            n_val = min(max(n_val, 1), len(idx) - 1)
-        else:
-            n_val = 0
-        val.append(idx[:n_val])
-        train.append(idx[n_val:])
-    return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
+    rows, y, classes = class_indices(directory, f.labels, classes)
+    x = f.embeddings if len(rows) == len(f.embeddings) else f.embeddings[rows]
+    return LabelledFeatures(x, y, [f.paths[i] for i in rows], f.metadata), classes
 
 
 def balanced_weights(y: np.ndarray, num_classes: int) -> np.ndarray:
@@ -134,77 +114,91 @@ def train_head(features, out, config: HeadConfig = HeadConfig(), *, val=None) ->
     Args:
         features: shard directory with labels.
         out: HEAD_DIR to write.
-        config: head type, sweep, training and validation settings.
+        config: head type, solver, sweep, training and validation settings.
         val: optional second shard directory used as the validation split.
 
     Returns:
         The metrics dict written to metrics.json.
     """
     from .backbone import resolve_device
-    from .heads import build_grid, predict_proba, train_grid
+    from .heads import predict_proba
     from .knn import knn_accuracy
 
     t0 = time.perf_counter()
     device = resolve_device(config.device)
-    data, classes = load_labelled(features)
-    if len(classes) < 2:
-        raise FeaturesError(f"{features} holds a single class ({classes[0]!r}): a classifier needs two or more.")
-    if val is not None:
-        val_data, _ = load_labelled(val, classes)
-        diffs = provenance_mismatch(data.metadata, val_data.metadata)
-        if data.metadata.get("normalized") != val_data.metadata.get("normalized"):
-            diffs.append("normalized differs")
-        if diffs:
-            raise FeaturesError(f"{features} and --val {val} come from different models or preprocessing: {'; '.join(diffs)}.")
-        xtr, ytr, xva, yva = data.x, data.y, val_data.x, val_data.y
-    else:
-        tr, va = stratified_split(data.y, config.val_fraction, config.seed)
-        xtr, ytr, xva, yva = data.x[tr], data.y[tr], data.x[va], data.y[va]
-    if len(ytr) == 0 or len(yva) == 0:
-        raise FeaturesError("The train or validation split is empty: give more images per class or --val FEATURES.")
-    num_classes = len(classes)
-    specs = build_grid(config.head, list(config.lrs), list(config.weight_decays), config.hidden, config.dropout)
-    cw = balanced_weights(ytr, num_classes) if config.class_weights == "balanced" else None
+    solver = config.resolved_solver()
     if config.class_weights not in ("none", "balanced"):
         raise InputError("--class-weights must be none or balanced.")
-    # small datasets: at least ~10 steps an epoch, or a few epochs are only a few steps
-    batch_size = max(1, min(config.batch_size, max(64, len(ytr) // 10)))
-    grid = train_grid(xtr, ytr, xva, yva, num_classes, specs, epochs=config.epochs, batch_size=batch_size,
-                      patience=config.patience, class_weights=cw, device=device, seed=config.seed)
-    train_seconds = time.perf_counter() - t0
-    metrics, cm, report = evaluate(predict_proba(grid.best_head, xva), yva, predict_proba(grid.best_head, xtr), ytr, classes)
-    best = grid.specs[grid.best_index]
-    metrics.update({
-        "num_classes": num_classes,
-        "classes": classes,
-        "num_train": int(len(ytr)),
-        "num_val": int(len(yva)),
-        "head": best.kind,
-        "best": {"lr": best.lr, "weight_decay": best.weight_decay, "epoch": grid.best_epoch[grid.best_index]},
-        "sweep": [{"name": s.name, "lr": s.lr, "weight_decay": s.weight_decay, "val_accuracy": a, "best_epoch": e}
-                  for s, a, e in zip(grid.specs, grid.val_accuracy, grid.best_epoch)],
-        "epochs_run": grid.epochs_run,
-        "batch_size": batch_size,
-        "train_seconds": train_seconds,
-        "val_source": str(val) if val is not None else f"stratified {config.val_fraction:g} of {features}",
-    })
-    if config.knn:
-        metrics.update(knn_accuracy(xtr, ytr, xva, yva, num_classes, device=device))
+    out = Path(out)
+    cache = out / "_stream"
+    try:
+        data = load_training_set(features, val=val, val_fraction=config.val_fraction, seed=config.seed,
+                                 stream=config.stream, cache_dir=cache)
+        metrics, head, best = _fit(data, config, solver, device)
+        metrics["train_seconds"] = time.perf_counter() - t0
+        classes = data.classes
+        xtr, ytr, xva, yva = data.x_train, data.y_train, data.x_val, data.y_val
+        scores, cm, report = evaluate(predict_proba(head, xva, device=device), yva,
+                                      predict_proba(head, xtr, device=device), ytr, classes)
+        metrics = {**scores, **metrics, "val_source": data.val_source, "streamed": data.streamed}
+        if config.knn:
+            metrics.update(knn_accuracy(xtr, ytr, xva, yva, len(classes), device=device))
+        dim = int(xtr.shape[1])
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
     head_config = {
         "kind": "head",
         "head": best.kind,
         "hidden": best.hidden,
         "dropout": best.dropout,
-        "dim": int(xtr.shape[1]),
+        "dim": dim,
         "classes": classes,
         "standardize": "mean/std of the training split, stored in head.safetensors",
-        "hyperparameters": {"lr": best.lr, "weight_decay": best.weight_decay},
+        "hyperparameters": best.hyperparameters(),
         "provenance": data.metadata,
         "features": str(Path(features).resolve()),
         "train_config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()},
     }
-    save_outputs(Path(out), grid.best_head, head_config, metrics, cm, report, classes)
+    save_outputs(out, head, head_config, metrics, cm, report, classes)
     return metrics
+
+
+def _fit(data: TrainingSet, config: HeadConfig, solver: str, device: str):
+    """Train the sweep with `solver`; (metrics without accuracies, best head, its spec)."""
+    from .heads import build_grid, build_l2_grid, train_grid, train_lbfgs
+
+    num_classes = len(data.classes)
+    xtr, ytr = data.x_train, data.y_train
+    cw = balanced_weights(ytr, num_classes) if config.class_weights == "balanced" else None
+    if solver == "lbfgs":
+        specs = build_l2_grid(list(config.l2s))
+        grid = train_lbfgs(xtr, ytr, data.x_val, data.y_val, num_classes, specs, max_iter=config.max_iter,
+                           class_weights=cw, device=device, seed=config.seed)
+        steps = "iterations"
+        extra = {"max_iter": config.max_iter}
+    else:
+        specs = build_grid(config.head, list(config.lrs), list(config.weight_decays), config.hidden, config.dropout)
+        # small datasets: at least ~10 steps an epoch, or a few epochs are only a few steps
+        batch_size = max(1, min(config.batch_size, max(64, len(ytr) // 10)))
+        grid = train_grid(xtr, ytr, data.x_val, data.y_val, num_classes, specs, epochs=config.epochs,
+                          batch_size=batch_size, patience=config.patience, class_weights=cw, device=device,
+                          seed=config.seed)
+        steps = "best_epoch"
+        extra = {"epochs_run": grid.epochs_run, "batch_size": batch_size}
+    best = grid.specs[grid.best_index]
+    metrics = {
+        "num_classes": num_classes,
+        "classes": data.classes,
+        "num_train": int(len(ytr)),
+        "num_val": int(len(data.y_val)),
+        "head": best.kind,
+        "solver": solver,
+        "best": {**best.hyperparameters(), steps: grid.best_epoch[grid.best_index]},
+        "sweep": [{"name": s.name, **s.hyperparameters(), "val_accuracy": a, steps: e}
+                  for s, a, e in zip(grid.specs, grid.val_accuracy, grid.best_epoch)],
+        **extra,
+    }
+    return metrics, grid.best_head, best
 
 
 def load_head(head_dir: str | os.PathLike):

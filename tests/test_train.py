@@ -11,12 +11,13 @@ from embedx.errors import FeaturesError
 from embedx.extractor import ExtractConfig, extract
 from embedx.heads import build_grid, train_grid
 from embedx.knn import knn_predict_proba
-from embedx.train import HeadConfig, stratified_split, train_head
+from embedx.train import HeadConfig, train_head
+from embedx.trainset import stratified_split
 
 from .conftest import clustered
 from .test_index import write_features
 
-QUICK = HeadConfig(epochs=40, patience=8, lrs=(1e-3, 1e-2), weight_decays=(0.0, 1e-3))
+QUICK = HeadConfig(solver="adamw", epochs=40, patience=8, lrs=(1e-3, 1e-2), weight_decays=(0.0, 1e-3))
 
 
 def labelled_features(tmp_path, name="f", n=1200, dim=32, classes=4, seed=0, meta=None):
@@ -106,10 +107,13 @@ def test_refusals(tmp_path):
 def test_cli_train_head_and_predict_on_shards(tmp_path):
     feats, _ = labelled_features(tmp_path, n=400)
     runner = CliRunner()
-    r = runner.invoke(app, ["train-head", str(feats), "--out", str(tmp_path / "h"), "--epochs", "20",
-                            "--lrs", "1e-2", "--weight-decays", "0,1e-3"])
+    r = runner.invoke(app, ["train-head", str(feats), "--out", str(tmp_path / "h"), "--solver", "adamw",
+                            "--epochs", "20", "--lrs", "1e-2", "--weight-decays", "0,1e-3"])
     assert r.exit_code == 0, r.output
-    assert "val accuracy" in r.output and "of 2 heads" in r.output
+    assert "val accuracy" in r.output and "of 2 heads" in r.output and "(adamw)" in r.output
+    r = runner.invoke(app, ["train-head", str(feats), "--out", str(tmp_path / "h"), "--l2", "1e-4,1e-2"])
+    assert r.exit_code == 0, r.output
+    assert "(lbfgs)" in r.output and "of 2 heads" in r.output and "best l2" in r.output
     r = runner.invoke(app, ["predict", str(tmp_path / "h"), str(feats), "--out", str(tmp_path / "p.parquet"), "-k", "3"])
     assert r.exit_code == 0, r.output
     import pyarrow.parquet as pq
