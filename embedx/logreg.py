@@ -287,7 +287,8 @@ def fit_logreg(source: ChunkSource, dim: int, num_classes: int, l2: list[float],
         xs = sample.to(device=device, dtype=torch.float32)
         if mean is not None:
             xs = (xs - mean.to(device)) / std.to(device)
-        evals, U = torch.linalg.eigh((xs.t() @ xs).double() / len(xs))
+        evals, U = torch.linalg.eigh(xs.t() @ xs / len(xs))
+        evals, U = evals.double(), U.double()
         basis = (U, [(evals.clamp_min(0) + l2k / curvature).rsqrt() for l2k in l2])
     pb = _Problem(D, C, list(map(float, l2)), basis, curvature,
                   None if mean is None else mean.to(device, torch.float32),
