@@ -37,7 +37,10 @@ def test_bench_extract_memory_quick(tmp_path):
 
 def test_bench_heads_quick(tmp_path):
     r = run("bench_heads.py", tmp_path)
-    assert r["embedx_sweep"]["heads"] >= 8 and r["sklearn_logreg"]["seconds"] > 0
+    assert r["embedx_lbfgs_sweep"]["heads"] >= 8 and r["embedx_adamw_sweep"]["heads"] >= 8
+    assert r["sklearn_logreg"]["seconds"] > 0 and r["embedx_lbfgs_one_head"]["seconds"] > 0
+    # the same objective, minimised by both: embedx must reach scikit-learn's optimum
+    assert r["objective_difference_embedx_minus_sklearn"] < 1e-4
 
 
 def test_bench_search_quick(tmp_path):
