@@ -129,8 +129,15 @@ def row_chunks(x: np.ndarray, rows: int, device: str = "cpu"):
         yield s, as_tensor(x[s:s + rows]).to(device, non_blocking=True)
 
 
-def in_memory(x: np.ndarray) -> bool:
-    return not isinstance(x, np.memmap)
+def resident_on(device: str, x: np.ndarray) -> bool:
+    """Whether to hold all of x on `device` once (views per batch) rather than copy it chunk by
+    chunk every pass: in-memory rows that fit in half of the accelerator's free memory."""
+    if isinstance(x, np.memmap):
+        return False
+    if torch.device(device).type != "cuda":
+        return True
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    return 2 * x.nbytes < free
 
 
 def _bank(specs: list[HeadSpec], dim: int, num_classes: int, seed: int):
@@ -188,7 +195,8 @@ def _batches(x: np.ndarray, y: np.ndarray, batch_size: int, g: torch.Generator, 
     """One epoch of shuffled (x, y) batches.
 
     In memory, `resident` holds the whole training set on the device and batches are drawn
-    from one permutation of all rows. Memory-mapped rows are read in large chunks, in a random
+    from one permutation of all rows. Otherwise (memory-mapped rows, or rows too large for the
+    accelerator) they are read in large chunks, in a random
     chunk order, and shuffled within each chunk: sequential reads, bounded memory.
     """
     if resident is not None:
@@ -231,7 +239,7 @@ def train_grid(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_va
     mean, std = column_stats(x_train)
     md, sd = mean.to(device), std.to(device)
     resident = None
-    if in_memory(x_train):
+    if resident_on(device, x_train):
         resident = (as_tensor(x_train).to(device),
                     torch.from_numpy(y_train.astype(np.int64)).to(device))
     heads = _bank(specs, dim, num_classes, seed).to(device)
@@ -288,7 +296,7 @@ def train_lbfgs(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_v
     dim = x_train.shape[1]
     mean, std = column_stats(x_train)
     weights = None if class_weights is None else torch.from_numpy(class_weights.astype(np.float32))
-    if in_memory(x_train):
+    if resident_on(device, x_train):
         xt = as_tensor(x_train).to(device)  # once, then views
         yt = torch.from_numpy(y_train.astype(np.int64)).to(device)
         wt = None if weights is None else weights.to(device)[yt]

@@ -1,5 +1,6 @@
 """GPU checks (skipped without CUDA): bf16 on the GPU against fp32 on the CPU, and on-GPU
-JPEG decode against PIL, on real photos with the real default weights."""
+JPEG decode against PIL, on real photos with the real default weights; heads on the GPU
+against the same heads on the CPU."""
 
 import numpy as np
 import pytest
@@ -35,3 +36,16 @@ def test_cuda_device_decode_close_to_pil(photo_dir, tmp_path, backbone):
     cos = _cos(embedx.read_features(tmp_path / "a").embeddings, embedx.read_features(tmp_path / "b").embeddings)
     print(f"nvJPEG + tensor resize vs PIL cosine: min {cos.min():.5f} mean {cos.mean():.5f}")
     assert cos.min() > 0.995
+
+
+def test_lbfgs_heads_on_cuda_equal_cpu():
+    from embedx.heads import build_l2_grid, train_lbfgs
+
+    from .conftest import clustered
+
+    x, y = clustered(4000, 64, 5, seed=0, spread=2.0)
+    specs = build_l2_grid([1e-4, 1e-2])
+    g = train_lbfgs(x[:3000], y[:3000], x[3000:], y[3000:], 5, specs, device="cuda", tol=1e-5)
+    c = train_lbfgs(x[:3000], y[:3000], x[3000:], y[3000:], 5, specs, device="cpu", tol=1e-5)
+    np.testing.assert_allclose(g.val_accuracy, c.val_accuracy, atol=2e-3)
+    np.testing.assert_allclose(g.best_head.fc.weight.numpy(), c.best_head.fc.weight.numpy(), atol=5e-3)
