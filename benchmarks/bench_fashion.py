@@ -46,7 +46,7 @@ def main() -> None:
     if args.quick:
         args.train_per_class, args.test_per_class, args.cmp_per_class = 10, 5, 5
         args.ft_train_per_class, args.ft_val_per_class, args.ft_head_epochs, args.ft_epochs = 4, 2, 1, 1
-    w = args.work / (f"q" if args.quick else f"tr{args.train_per_class}-te{args.test_per_class or 'all'}")
+    w = args.work / ("q" if args.quick else f"tr{args.train_per_class}-te{args.test_per_class or 'all'}")
     t0 = time.perf_counter()
     if not (w / "images" / ".done").exists():
         counts = write_fashion_mnist(w / "images", args.train_per_class, args.test_per_class, seed=0)

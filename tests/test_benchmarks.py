@@ -43,6 +43,12 @@ def test_bench_heads_quick(tmp_path):
     assert r["objective_difference_embedx_minus_sklearn"] < 1e-4
 
 
+def test_bench_stream_quick(tmp_path):
+    r = run("bench_stream.py", tmp_path, "--work", str(tmp_path / "work"))
+    assert r["streamed"]["streamed"] and not r["in_memory"]["streamed"]
+    assert r["same_head"] and r["streamed"]["peak_anon_mib"] > 0
+
+
 def test_bench_search_quick(tmp_path):
     r = run("bench_search.py", tmp_path)
     assert r["runs"][0]["recall_at_10"] >= 0.95 and r["runs"][0]["qps"] > 0
