@@ -79,6 +79,34 @@ class Backbone:
             raise EmbedxError(f"Unexpected timm eval transform for {self.model_name}: {t}")
         return T.Compose(steps)
 
+    def draft_size(self, fast: bool = True) -> int | None:
+        """Target of the JPEG DCT-domain downscaling (PIL `draft`) decoders use when `fast`:
+        twice the resize size, so that an antialiased resize still follows. Drafting straight
+        to the resize size skips that filtering and moved Lite0 embeddings of real photos to
+        cosine 0.989 of timm's exact transform; at twice the size the minimum is 0.9995."""
+        return 2 * self.data_config.resize_size if fast else None
+
+    def worker_transform(self, fast: bool = True):
+        """What decoder workers apply to a decoded image: `UInt8ResizeCrop` when `fast` and
+        timm's eval transform is a plain Resize + CenterCrop (bilinear or bicubic), else
+        `pil_transform()` itself (the reference)."""
+        import torchvision.transforms as T
+
+        from ._loader import UInt8ResizeCrop
+
+        pil = self.pil_transform()
+        steps = pil.transforms
+        if not fast or len(steps) != 2 or type(steps[0]) is not T.Resize or type(steps[1]) is not T.CenterCrop:
+            return pil
+        resize, crop = steps
+        mode = getattr(resize.interpolation, "value", str(resize.interpolation))
+        if mode not in ("bilinear", "bicubic"):
+            return pil
+        size = resize.size if isinstance(resize.size, int) else list(resize.size)
+        if isinstance(size, list) and len(size) == 1:
+            size = size[0]
+        return UInt8ResizeCrop(size, mode, resize.max_size, tuple(crop.size))
+
     def timm_data_config(self) -> dict:
         d = self.data_config
         return {

@@ -256,8 +256,8 @@ def _run_local(plan: _Plan, out: Path, config: ExtractConfig, timer: "_StageTime
     batch_size = config.batch_size or default_batch_size(device)
     num_workers = default_num_workers(device) if config.num_workers is None else config.num_workers
     writer = _ShardWriter(out, plan.manifest, config, backbone.dim, plan.metadata, shared=shared_manifest)
-    draft = backbone.data_config.resize_size if config.fast_decode else None
-    dataset = ImageDataset(pending, backbone.pil_transform(), backbone.data_config.input_size, draft,
+    draft = backbone.draft_size(config.fast_decode)
+    dataset = ImageDataset(pending, backbone.worker_transform(config.fast_decode), backbone.data_config.input_size, draft,
                            config.max_pixels, decode=config.decode)
     loader = make_loader(dataset, batch_size, num_workers, pin_memory=device.startswith("cuda"))
     with timer("startup"):
@@ -323,9 +323,23 @@ def provenance(backbone: Backbone, config: ExtractConfig, precision: str) -> dic
         "dim": backbone.dim,
         "dtype": config.dtype,
         "precision": precision,
-        "decode": "torchvision-device" if config.decode == "device" else ("pil-draft" if config.fast_decode else "pil"),
+        "decode": decode_label(backbone, config),
         "embedx_version": __version__,
     }
+
+
+def decode_label(backbone: Backbone, config: ExtractConfig) -> str:
+    """How pixels were made, for the shard metadata: torchvision-device (nvJPEG on the GPU),
+    pil-draft2x+uint8-resize (PIL decode at a reduced DCT scale of at least twice the resize
+    size, resize + crop on uint8 tensors), pil-draft2x (the same with timm's PIL resize),
+    or pil (timm's exact transform)."""
+    from ._loader import UInt8ResizeCrop
+
+    if config.decode == "device":
+        return "torchvision-device"
+    if not config.fast_decode:
+        return "pil"
+    return "pil-draft2x+uint8-resize" if isinstance(backbone.worker_transform(True), UInt8ResizeCrop) else "pil-draft2x"
 
 
 def _fingerprint(metadata: dict, records: list[ImageRecord], shard_size: int) -> str:
@@ -687,8 +701,9 @@ def embed_files(files: list[str], backbone: Backbone, *, device: str = "auto", p
     records = [ImageRecord(i, str(f), str(Path(f).resolve()), None) for i, f in enumerate(files)]
     model = _prepare_model(backbone, device, channels_last=True)
     runner = _Embedder(model, backbone, device, precision, normalize, channels_last=True)
-    draft = backbone.data_config.resize_size if fast_decode else None
-    dataset = ImageDataset(records, backbone.pil_transform(), backbone.data_config.input_size, draft, max_pixels)
+    draft = backbone.draft_size(fast_decode)
+    dataset = ImageDataset(records, backbone.worker_transform(fast_decode), backbone.data_config.input_size, draft,
+                           max_pixels)
     loader = make_loader(dataset, batch_size or default_batch_size(device), num_workers, pin_memory=device.startswith("cuda"))
     embs, ok, errors = [], [], []
     with torch.inference_mode():

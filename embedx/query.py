@@ -169,7 +169,7 @@ def search_images(idx: SearchIndex, inputs: list[str], k: int = 10, exclude_self
     backbone = load_backbone_for(idx.provenance, weights)
     prov = idx.provenance
     emb = embed_files(files, backbone, device=device, precision=_query_precision(prov, device),
-                      normalize=bool(prov.get("normalized")), fast_decode=prov.get("decode", "pil-draft") == "pil-draft")
+                      normalize=bool(prov.get("normalized")), fast_decode=prov.get("decode", "pil-draft").startswith("pil-draft"))
     ok_files = [f for f, ok in zip(files, emb.ok) if ok]
     failures = [(f, f"{e[0]}: {e[1]}") for f, ok, e in zip(files, emb.ok, emb.errors) if not ok]
     if not ok_files:

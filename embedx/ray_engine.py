@@ -121,11 +121,11 @@ def run_ray(plan, out: Path, config, address: str | None, timer) -> tuple[int, i
         actor_opts = {"num_cpus": 1, "concurrency": actors}
         threads = max(1, cpus // (2 * actors))
     weights = weights_argument(backbone.weights_source)
-    draft = backbone.data_config.resize_size if config.fast_decode else None
+    draft = backbone.draft_size(config.fast_decode)
     items = [{ROW_ID: r.row_id, FILE: r.file} for r in plan.pending]
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // batch_size, 4 * cpus)))
     ds = ds.map_batches(decode_batch, batch_size=batch_size, batch_format="numpy", num_cpus=1,
-                        fn_kwargs={"transform": backbone.pil_transform(), "input_size": list(backbone.data_config.input_size),
+                        fn_kwargs={"transform": backbone.worker_transform(config.fast_decode), "input_size": list(backbone.data_config.input_size),
                                    "draft_size": draft, "max_pixels": config.max_pixels})
     ds = ds.map_batches(_EmbedActor, batch_size=batch_size, batch_format="numpy",
                         fn_constructor_args=(backbone.model_name, weights, device, plan.precision, config.normalize,

@@ -285,3 +285,33 @@ def test_device_decode_matches_pil_and_survives_bad_files(photo_dir, tmp_path, b
     ta = {r["path"]: (r["width"], r["height"]) for t in shards.iter_shards(tmp_path / "dev") for r in t.to_pylist()}
     tb = {r["path"]: (r["width"], r["height"]) for t in shards.iter_shards(tmp_path / "pil") for r in t.to_pylist()}
     assert ta == tb
+
+
+def test_uint8_resize_matches_timms_pil_transform_on_real_photos(backbone):
+    """The decoders' default resize + crop (uint8 tensors) gives timm's PIL pixels to within a
+    grey level or two, on real photos of several sizes and aspect ratios."""
+    from embedx._loader import UInt8ResizeCrop
+    from embedx.demo_data import PHOTOS, load_photo
+
+    fast, ref = backbone.worker_transform(True), backbone.worker_transform(False)
+    assert isinstance(fast, UInt8ResizeCrop) and not isinstance(ref, UInt8ResizeCrop)
+    for name in PHOTOS:
+        im = load_photo(name)
+        for size in (im.size, (500, 375), (375, 500), (300, 300)):
+            img = im.resize(size)
+            a = fast(img).astype(int)
+            b = np.asarray(ref(img)).astype(int)
+            assert a.shape == b.shape == (224, 224, 3)
+            assert np.abs(a - b).max() <= 2 and np.abs(a - b).mean() < 0.05, (name, size)
+
+
+def test_fast_decode_embeddings_close_to_exact(photo_dir, tmp_path, backbone):
+    """Default decode (PIL draft + uint8 resize) vs timm's exact transform: same rows, cosine
+    >= 0.999, and the shards say which one made them."""
+    a = extract(photo_dir, tmp_path / "fast", _cfg(normalize=True), backbone=backbone)
+    b = extract(photo_dir, tmp_path / "exact", _cfg(fast_decode=False, normalize=True), backbone=backbone)
+    fa, fb = embedx.read_features(tmp_path / "fast"), embedx.read_features(tmp_path / "exact")
+    assert a.num_embedded == b.num_embedded and fa.paths == fb.paths
+    assert fa.metadata["decode"] == "pil-draft2x+uint8-resize" and fb.metadata["decode"] == "pil"
+    cos = (fa.embeddings * fb.embeddings).sum(1)
+    assert cos.min() >= 0.999, cos
