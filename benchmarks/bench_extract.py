@@ -10,10 +10,13 @@ seed), the same model and thread count, reports images/s of
 
 and the ratios embedx/ceiling (pipeline efficiency) and embedx/timm-style. With --memory it
 also runs `embedx extract` in subprocesses on 10k and 100k small generated images with a
-tiny model and reports each run's peak RSS (it must stay flat as the corpus grows).
+tiny model and reports each run's peak RSS (it must stay flat as the corpus grows). With
+--decode-only it times one decoder (one process, one thread) on the same JPEGs and on large
+ones (2000x1500): timm's exact PIL transform vs embedx's default decode path.
 
     python benchmarks/bench_extract.py --images 512
     python benchmarks/bench_extract.py --memory
+    python benchmarks/bench_extract.py --decode-only
     python benchmarks/bench_extract.py --quick        # a smoke run (the test suite uses it)
 """
 
@@ -142,6 +145,37 @@ def peak_rss_of_extract(folder: Path, model: str, workers: int) -> tuple[float, 
     return usage.ru_maxrss / 1024, seconds
 
 
+def large_folder(n: int, cache: Path, size=(2000, 1500)) -> Path:
+    """Real photos upscaled to camera-like sizes (for the JPEG draft path)."""
+    from embedx.demo_data import PHOTOS, load_photo
+
+    d = cache / f"large-{n}"
+    if (d / ".done").exists():
+        return d
+    d.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        load_photo(PHOTOS[i % len(PHOTOS)]).resize(size).save(d / f"{i:05d}.jpg", quality=90)
+    (d / ".done").write_text("ok")
+    return d
+
+
+def bench_decode(backbone, files: list[str], fast: bool) -> float:
+    """ms per image of one decoder (this process, one thread): decode + resize + crop."""
+    import torch
+
+    from embedx._loader import ImageDataset
+    from embedx.images import ImageRecord
+
+    torch.set_num_threads(1)  # as in the decoder workers
+    recs = [ImageRecord(i, f, f, None) for i, f in enumerate(files)]
+    ds = ImageDataset(recs, backbone.worker_transform(fast), backbone.data_config.input_size, backbone.draft_size(fast))
+    ds[0]
+    t0 = time.perf_counter()
+    for i in range(len(ds)):
+        assert ds[i][4] is None, ds[i][4]
+    return (time.perf_counter() - t0) / len(ds) * 1000
+
+
 def tiny_folder(n: int, cache: Path) -> Path:
     from PIL import Image
 
@@ -166,6 +200,7 @@ def main() -> None:
     ap.add_argument("--timm-batch-size", type=int, default=32, help="batch size of the timm-style loop")
     ap.add_argument("--memory", action="store_true", help="peak RSS for 10k vs 100k images instead")
     ap.add_argument("--memory-sizes", default="10000,100000")
+    ap.add_argument("--decode-only", action="store_true", help="one decoder's ms/image: exact vs default path")
     ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "embedx-bench")
     ap.add_argument("--quick", action="store_true", help="tiny sizes: checks the benchmark runs")
     ap.add_argument("--out", type=Path, default=None)
@@ -191,6 +226,19 @@ def main() -> None:
                   "runs": rows, "rss_ratio_largest_vs_smallest": rows[-1]["peak_rss_mib"] / rows[0]["peak_rss_mib"]}
         print(f"peak RSS ratio {sizes[-1]} vs {sizes[0]} images: {result['rss_ratio_largest_vs_smallest']:.2f}")
         _write(result, args.out or RESULTS / ("extract_memory_quick.json" if args.quick else "extract_memory.json"))
+        return
+
+    if args.decode_only:
+        backbone = load_backbone(args.model, "random" if args.quick and args.model.startswith("test_") else None)
+        rows = {}
+        for name, files in (("photos_500x375", files_of(photo_folder(16 if args.quick else args.images, cache))),
+                            ("large_2000x1500", files_of(large_folder(8 if args.quick else 64, cache)))):
+            exact, fast = bench_decode(backbone, files, False), bench_decode(backbone, files, True)
+            rows[name] = {"images": len(files), "exact_ms": exact, "embedx_ms": fast, "speedup": exact / fast}
+            print(f"{name:>16}: timm exact {exact:6.2f} ms/img, embedx {fast:6.2f} ms/img ({exact / fast:.2f}x)")
+        result = {"benchmark": "extract-decode", "model": args.model, "env": env, "one_decoder": rows,
+                  "embedx_decode": {"draft_size": backbone.draft_size(True), "transform": repr(backbone.worker_transform(True))}}
+        _write(result, args.out or RESULTS / ("extract_decode_quick.json" if args.quick else "extract_decode.json"))
         return
 
     n = 16 if args.quick else args.images

@@ -43,6 +43,13 @@ def test_bench_heads_quick(tmp_path):
     assert r["objective_difference_embedx_minus_sklearn"] < 1e-4
 
 
+def test_bench_extract_decode_quick(tmp_path):
+    r = run("bench_extract.py", tmp_path, "--decode-only", "--cache", str(tmp_path / "cache"))
+    rows = r["one_decoder"]
+    assert set(rows) == {"photos_500x375", "large_2000x1500"}
+    assert all(x["exact_ms"] > 0 and x["embedx_ms"] > 0 for x in rows.values())
+
+
 def test_bench_stream_quick(tmp_path):
     r = run("bench_stream.py", tmp_path, "--work", str(tmp_path / "work"))
     assert r["streamed"]["streamed"] and not r["in_memory"]["streamed"]
