@@ -8,7 +8,7 @@ features with --features DIR. Reports, in one run:
 * embedx's default linear head (L-BFGS) vs scikit-learn LogisticRegression (lbfgs) on the
   *same objective* (sklearn's default C=1, i.e. embedx l2 = 1/n): fit seconds, their ratio,
   the objective each reached and validation accuracy of each;
-* the L-BFGS sweep of 8 L2 strengths (embedx's default grid) vs one head;
+* the L-BFGS sweep over embedx's default grid of L2 strengths (10) vs one head;
 * the mini-batch AdamW solver (one head, and a 12-head lr x wd sweep in one pass), as before.
 
     python benchmarks/bench_heads.py --n 100000 --dim 1280

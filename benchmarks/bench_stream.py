@@ -98,7 +98,7 @@ def main() -> None:
               "anon_streamed_over_in_memory": runs["yes"]["peak_anon_mib"] / runs["no"]["peak_anon_mib"],
               "same_head": runs["yes"]["best"] == runs["no"]["best"]
               and abs(runs["yes"]["val_accuracy"] - runs["no"]["val_accuracy"]) < 1e-9}
-    print(f"train-head on {args.n} x {args.dim} float32 features ({feature_mib:.0f} MiB), L-BFGS sweep of 8")
+    print(f"train-head on {args.n} x {args.dim} float32 features ({feature_mib:.0f} MiB), L-BFGS sweep of the default 10 L2 strengths")
     for name, r in (("in memory", runs["no"]), ("streamed", runs["yes"])):
         print(f"  {name:10s}: peak anonymous memory {r['peak_anon_mib']:7.0f} MiB (ru_maxrss {r['peak_rss_mib']:.0f})"
               f"  {r['seconds']:6.1f} s  val acc {r['val_accuracy']:.4f}")

@@ -141,7 +141,7 @@ def train_head_cmd(
     solver: str = typer.Option("auto", help="auto (lbfgs for linear, adamw for mlp) | lbfgs | adamw."),
     val: Optional[Path] = typer.Option(None, help="A second shard directory to validate on (e.g. the test split)."),
     val_fraction: float = typer.Option(0.2, help="Seeded stratified validation fraction when --val is not given."),
-    l2: str = typer.Option("1e-6,1e-5,1e-4,3e-4,1e-3,3e-3,1e-2,1e-1",
+    l2: str = typer.Option("1e-6,1e-5,1e-4,1e-3,3e-3,1e-2,3e-2,1e-1,3e-1,1",
                            help="lbfgs: L2 strengths of the sweep (on standardised features, mean loss)."),
     max_iter: int = typer.Option(200, help="lbfgs: maximum L-BFGS steps."),
     lrs: str = typer.Option("1e-3,3e-3,1e-2", help="adamw: learning rates of the sweep."),

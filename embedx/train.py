@@ -32,7 +32,9 @@ log = logging.getLogger(__name__)
 class HeadConfig:
     head: str = "linear"  # linear | mlp
     solver: str = "auto"  # auto (lbfgs for linear, adamw for mlp) | lbfgs | adamw
-    l2s: tuple[float, ...] = (1e-6, 1e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 1e-1)  # lbfgs sweep
+    # lbfgs sweep; strong L2 wins on small training sets (Fashion-MNIST, 3,000 rows x 1280: 0.1 was
+    # the best of a grid that ended there), weak L2 on large ones
+    l2s: tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
     max_iter: int = 200  # lbfgs steps
     lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2)  # adamw sweep: every lr with every weight decay
     weight_decays: tuple[float, ...] = (0.0, 1e-4, 1e-3, 1e-2)
