@@ -176,6 +176,7 @@ class GridResult:
     val_accuracy: list[float]  # best val accuracy per head
     best_epoch: list[int]  # adamw: epoch of each head's best; lbfgs: each head's L-BFGS steps
     epochs_run: int
+    stops: list[str] | None = None  # lbfgs: why each head stopped (gtol | ftol | line search | max_iter)
 
 
 def _accuracies(logits_fn, x: np.ndarray, y: np.ndarray, mean, std, device: str) -> list[float]:
@@ -327,7 +328,7 @@ def train_lbfgs(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_v
     state = {"mean": mean, "std": std, "fc.weight": torch.from_numpy(res.weight[best]),
              "fc.bias": torch.from_numpy(res.bias[best])}
     head = _finish(specs[best], dim, num_classes, state, mean, std)
-    return GridResult(specs, best, head, acc, res.n_iter, max(res.n_iter))
+    return GridResult(specs, best, head, acc, res.n_iter, max(res.n_iter), res.stop)
 
 
 def predict_proba(head, x: np.ndarray, batch_size: int = 8192, device: str = "cpu") -> np.ndarray:

@@ -196,8 +196,9 @@ def _fit(data: TrainingSet, config: HeadConfig, solver: str, device: str):
         "head": best.kind,
         "solver": solver,
         "best": {**best.hyperparameters(), steps: grid.best_epoch[grid.best_index]},
-        "sweep": [{"name": s.name, **s.hyperparameters(), "val_accuracy": a, steps: e}
-                  for s, a, e in zip(grid.specs, grid.val_accuracy, grid.best_epoch)],
+        "sweep": [{"name": s.name, **s.hyperparameters(), "val_accuracy": a, steps: e,
+                   **({"stop": grid.stops[i]} if grid.stops else {})}
+                  for i, (s, a, e) in enumerate(zip(grid.specs, grid.val_accuracy, grid.best_epoch))],
         **extra,
     }
     return metrics, grid.best_head, best

@@ -124,6 +124,7 @@ def test_streamed_features_train_like_features_in_memory(tmp_path, head, solver)
     assert disk["num_train"] == mem["num_train"] and disk["num_val"] == mem["num_val"]
     assert disk["knn_k20_accuracy"] == pytest.approx(mem["knn_k20_accuracy"])
     if solver == "lbfgs":
+        assert all(row["stop"] in ("gtol", "ftol", "line search", "max_iter") for row in mem["sweep"])
         assert disk["val_accuracy"] == pytest.approx(mem["val_accuracy"], abs=1e-9)
         assert disk["best"] == mem["best"]
     else:
