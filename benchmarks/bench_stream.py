@@ -44,11 +44,12 @@ def write_shards(directory: Path, x: np.ndarray, y: np.ndarray, shard_size: int)
 
 
 def run_child(features: Path, out: Path, stream: str, max_iter: int) -> dict:
-    """One train-head in a fresh process. Peak memory two ways: ru_maxrss (which also counts
-    pages of memory-mapped files while they are resident -- clean page cache the kernel can drop
-    at any time) and the peak of RssAnon sampled every 20 ms (memory the process itself holds)."""
+    """One train-head in a fresh process. Peak memory two ways: VmHWM, the kernel's peak RSS of
+    the process (it also counts pages of memory-mapped files while resident -- clean page cache
+    the kernel can drop at any time), and the peak of RssAnon sampled every 20 ms (memory the
+    process itself holds). (Not ru_maxrss: Linux carries it over from the parent across exec.)"""
     code = (
-        "import json, resource, sys, threading, time\n"
+        "import json, sys, threading, time\n"
         "from embedx.train import HeadConfig, train_head\n"
         "peak = [0]\n"
         "def sample():\n"
@@ -62,7 +63,7 @@ def run_child(features: Path, out: Path, stream: str, max_iter: int) -> dict:
         f"m = train_head({str(features)!r}, {str(out)!r}, HeadConfig(stream={stream!r}, knn=False, max_iter={max_iter}))\n"
         "print(json.dumps({'seconds': time.perf_counter() - t, 'val_accuracy': m['val_accuracy'],\n"
         "  'streamed': m['streamed'], 'best': m['best'],\n"
-        "  'peak_rss_mib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,\n"
+        "  'peak_rss_mib': [int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM:')][0] / 1024,\n"
         "  'peak_anon_mib': peak[0] / 1024}))\n"
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -100,7 +101,7 @@ def main() -> None:
               and abs(runs["yes"]["val_accuracy"] - runs["no"]["val_accuracy"]) < 1e-9}
     print(f"train-head on {args.n} x {args.dim} float32 features ({feature_mib:.0f} MiB), L-BFGS sweep of the default 10 L2 strengths")
     for name, r in (("in memory", runs["no"]), ("streamed", runs["yes"])):
-        print(f"  {name:10s}: peak anonymous memory {r['peak_anon_mib']:7.0f} MiB (ru_maxrss {r['peak_rss_mib']:.0f})"
+        print(f"  {name:10s}: peak anonymous memory {r['peak_anon_mib']:7.0f} MiB (VmHWM {r['peak_rss_mib']:.0f})"
               f"  {r['seconds']:6.1f} s  val acc {r['val_accuracy']:.4f}")
     print(f"  same head: {result['same_head']}")
     out = args.out or HERE / "results" / ("stream_quick.json" if args.quick else "stream.json")
