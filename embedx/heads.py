@@ -123,10 +123,14 @@ def as_tensor(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(a)
 
 
-def row_chunks(x: np.ndarray, rows: int, device: str = "cpu"):
-    """Yield (start, float32 tensor on `device`) chunks of x; memory-mapped rows are read per chunk."""
+def row_chunks(x, rows: int, device: str = "cpu"):
+    """Yield (start, float32 tensor on `device`) chunks of x: views of a tensor already there,
+    or copies of an array's rows (memory-mapped rows are read per chunk)."""
     for s in range(0, len(x), rows):
-        yield s, as_tensor(x[s:s + rows]).to(device, non_blocking=True)
+        if isinstance(x, torch.Tensor):
+            yield s, x[s:s + rows]
+        else:
+            yield s, as_tensor(x[s:s + rows]).to(device, non_blocking=True)
 
 
 def resident_on(device: str, x: np.ndarray) -> bool:
@@ -296,22 +300,13 @@ def train_lbfgs(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_v
 
     dim = x_train.shape[1]
     mean, std = column_stats(x_train)
-    weights = None if class_weights is None else torch.from_numpy(class_weights.astype(np.float32))
-    if resident_on(device, x_train):
-        xt = as_tensor(x_train).to(device)  # once, then views
-        yt = torch.from_numpy(y_train.astype(np.int64)).to(device)
-        wt = None if weights is None else weights.to(device)[yt]
+    xs = as_tensor(x_train).to(device) if resident_on(device, x_train) else x_train  # on the device once, or streamed
+    ys = torch.from_numpy(y_train.astype(np.int64)).to(device)  # labels are small: always on the device
+    ws = None if class_weights is None else torch.from_numpy(class_weights.astype(np.float32)).to(device)[ys]
 
-        def source():
-            for s in range(0, len(xt), chunk_rows):
-                yield xt[s:s + chunk_rows], yt[s:s + chunk_rows], None if wt is None else wt[s:s + chunk_rows]
-    else:
-        wd = None if weights is None else weights.to(device)
-
-        def source():
-            for s, xc in row_chunks(x_train, chunk_rows, device):
-                yc = torch.from_numpy(y_train[s:s + len(xc)].astype(np.int64)).to(device)
-                yield xc, yc, None if wd is None else wd[yc]
+    def source():
+        for s, xc in row_chunks(xs, chunk_rows, device):
+            yield xc, ys[s:s + len(xc)], None if ws is None else ws[s:s + len(xc)]
     rng = np.random.default_rng(seed)
     pick = np.sort(rng.choice(len(x_train), size=min(sample_rows, len(x_train)), replace=False))
     sample = as_tensor(x_train[pick])
