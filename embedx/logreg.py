@@ -107,8 +107,11 @@ class _Lbfgs:
         self.f = float("inf")
         self.g: torch.Tensor | None = None
         self.n_iter = 0
-        self.converged = False
-        self.stop = ""  # why it stopped: gtol | ftol | line search | max_iter
+        self.stop = ""  # why it stopped: gtol | ftol | line search | max_iter ("" while running)
+
+    @property
+    def converged(self) -> bool:
+        return self.stop in ("gtol", "ftol")
 
     def direction(self) -> torch.Tensor:
         q = -self.g
@@ -195,9 +198,9 @@ def _solve(source: ChunkSource, pb: _Problem, thetas: list[torch.Tensor], *, max
     gmax = [0.0] * K
     for k, (f, g, gm) in enumerate(evaluate(list(range(K)), thetas)):
         heads[k].f, heads[k].g, gmax[k] = f, g, gm
-        heads[k].converged = gm <= tol
-        heads[k].stop = "gtol" if gm <= tol else "max_iter"
-    active = [k for k in range(K) if not heads[k].converged and max_iter > 0]
+        if gm <= tol:
+            heads[k].stop = "gtol"
+    active = [k for k in range(K) if not heads[k].stop and max_iter > 0]
     while active:
         dirs, steps, slopes = {}, {}, {}
         for k in active:
@@ -239,13 +242,15 @@ def _solve(source: ChunkSource, pb: _Problem, thetas: list[torch.Tensor], *, max
             decrease = (h.f - f) / max(abs(h.f), abs(f), 1.0)
             h.f, h.g = f, g
             if gmax[k] <= tol:
-                h.converged, h.stop = True, "gtol"
+                h.stop = "gtol"
             elif decrease <= ftol:  # the objective no longer moves (float32 sums: ~1e-8 is noise)
-                h.converged, h.stop = True, "ftol"
+                h.stop = "ftol"
         if progress:
-            log.info("lbfgs: %d passes, %d heads still active", passes, sum(not heads[k].converged for k in active))
-        active = [k for k in active if not heads[k].converged and heads[k].stop != "line search"
-                  and heads[k].n_iter < max_iter]
+            log.info("lbfgs: %d passes, %d heads still active", passes, sum(not heads[k].stop for k in active))
+        active = [k for k in active if not heads[k].stop and heads[k].n_iter < max_iter]
+    for h in heads:
+        if not h.stop:
+            h.stop = "max_iter"
     return heads, passes
 
 
