@@ -263,6 +263,17 @@ def count_rows(directory: str | os.PathLike) -> int:
     return sum(pq.read_metadata(f).num_rows for f in shard_files(directory))
 
 
+def embedding_dim(directory: str | os.PathLike) -> int:
+    """D of a shard directory: from its provenance, else from the first shard's schema."""
+    import pyarrow.parquet as pq
+
+    files = shard_files(directory)
+    if not files:
+        raise FeaturesError(f"{directory} holds no feature shards. Run `embedx extract ... --out {directory}` first.")
+    sch = pq.read_schema(files[0])
+    return int(_metadata_of(sch).get("dim") or sch.field("embedding").type.list_size)
+
+
 def read_metadata(directory: str | os.PathLike) -> dict:
     """The `embedx` provenance of a shard directory (from its first shard)."""
     import pyarrow.parquet as pq
@@ -322,7 +333,7 @@ def read_features(directory: str | os.PathLike, *, dtype=np.float32) -> FeatureT
     metas = [pq.read_metadata(f) for f in files]
     total = sum(m.num_rows for m in metas)
     meta = _metadata_of(pq.read_schema(files[0]))
-    dim = int(meta.get("dim") or pq.read_schema(files[0]).field("embedding").type.list_size)
+    dim = embedding_dim(directory)
     out = np.empty((total, dim), dtype=dtype)
     row_ids = np.empty(total, dtype=np.int64)
     paths: list[str] = []

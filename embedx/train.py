@@ -23,7 +23,7 @@ import numpy as np
 
 from . import shards
 from .errors import InputError
-from .trainset import TrainingSet, class_indices, load_training_set
+from .trainset import TrainingSet, class_indices, load_training_set, take_rows
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +73,7 @@ def load_labelled(directory, classes: list[str] | None = None) -> tuple[Labelled
     """All labelled rows of a shard directory in memory; classes are sorted label names unless given."""
     f = shards.read_features(directory)
     rows, y, classes = class_indices(directory, f.labels, classes)
-    x = f.embeddings if len(rows) == len(f.embeddings) else f.embeddings[rows]
-    return LabelledFeatures(x, y, [f.paths[i] for i in rows], f.metadata), classes
+    return LabelledFeatures(take_rows(f.embeddings, rows), y, [f.paths[i] for i in rows], f.metadata), classes
 
 
 def balanced_weights(y: np.ndarray, num_classes: int) -> np.ndarray:

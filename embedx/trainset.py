@@ -56,7 +56,7 @@ def should_stream(directories: list, mode: str) -> bool:
         raise InputError("--stream must be auto, yes or no.")
     if mode != "auto":
         return mode == "yes"
-    need = sum(shards.count_rows(d) * int(shards.read_metadata(d).get("dim") or 0) * 4 * 2 for d in directories)
+    need = sum(shards.count_rows(d) * shards.embedding_dim(d) * 4 * 2 for d in directories)
     avail = available_memory()
     return bool(avail) and need > 0.8 * avail
 
@@ -109,6 +109,11 @@ def stratified_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndar
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
 
 
+def take_rows(x: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """x[rows], without a copy when `rows` is every row in order (no unlabelled rows left out)."""
+    return x if len(rows) == len(x) else x[rows]
+
+
 def _write_rows(directory, rows: np.ndarray, path: Path, dim: int) -> np.memmap:
     """Copy the rows at sorted positions `rows` of a shard directory into a float32 memmap,
     one shard at a time."""
@@ -159,14 +164,12 @@ def load_training_set(features, *, val=None, val_fraction: float = 0.2, seed: in
         val_source = f"stratified {val_fraction:g} of {features}"
     if len(tr) == 0 or (len(va) if va is not None else len(val_rows)) == 0:
         raise FeaturesError("The train or validation split is empty: give more images per class or --val FEATURES.")
-    dim = int(metadata.get("dim") or 0)
     if streamed:
         if cache_dir is None:
             raise InputError("streaming features needs a cache directory")
         cache_dir.mkdir(parents=True, exist_ok=True)
         log.info("streaming features through memory-mapped files in %s", cache_dir)
-        if not dim:
-            dim = shards.embeddings_of(next(shards.iter_shards(features, columns=["embedding"]))).shape[1]
+        dim = shards.embedding_dim(features)
         x_train = _write_rows(features, rows[tr], cache_dir / "train.npy", dim)
         if val is not None:
             x_val = _write_rows(val, val_rows, cache_dir / "val.npy", dim)
@@ -175,8 +178,6 @@ def load_training_set(features, *, val=None, val_fraction: float = 0.2, seed: in
         return TrainingSet(x_train, y[tr], x_val, y_val, classes, metadata, True, val_source)
     x_all = shards.read_features(features).embeddings
     if val is not None:
-        x_train = x_all if len(rows) == len(x_all) else x_all[rows]
-        x_val_all = shards.read_features(val).embeddings
-        x_val = x_val_all if len(val_rows) == len(x_val_all) else x_val_all[val_rows]
-        return TrainingSet(x_train, y, x_val, y_val, classes, metadata, False, val_source)
+        x_val = take_rows(shards.read_features(val).embeddings, val_rows)
+        return TrainingSet(take_rows(x_all, rows), y, x_val, y_val, classes, metadata, False, val_source)
     return TrainingSet(x_all[rows[tr]], y[tr], x_all[rows[va]], y[va], classes, metadata, False, val_source)
