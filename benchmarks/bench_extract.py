@@ -23,7 +23,6 @@ ones (2000x1500): timm's exact PIL transform vs embedx's default decode path.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import subprocess
@@ -32,12 +31,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from _results import write_result
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 
-HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
 
 
 def photo_folder(n: int, cache: Path) -> Path:
@@ -225,7 +224,7 @@ def main() -> None:
         result = {"benchmark": "extract-memory", "model": "test_efficientnet (random weights)", "env": env,
                   "runs": rows, "rss_ratio_largest_vs_smallest": rows[-1]["peak_rss_mib"] / rows[0]["peak_rss_mib"]}
         print(f"peak RSS ratio {sizes[-1]} vs {sizes[0]} images: {result['rss_ratio_largest_vs_smallest']:.2f}")
-        _write(result, args.out or RESULTS / ("extract_memory_quick.json" if args.quick else "extract_memory.json"))
+        write_result(result, "extract_memory", args.quick, args.out)
         return
 
     if args.decode_only:
@@ -238,7 +237,7 @@ def main() -> None:
             print(f"{name:>16}: timm exact {exact:6.2f} ms/img, embedx {fast:6.2f} ms/img ({exact / fast:.2f}x)")
         result = {"benchmark": "extract-decode", "model": args.model, "env": env, "one_decoder": rows,
                   "embedx_decode": {"draft_size": backbone.draft_size(True), "transform": repr(backbone.worker_transform(True))}}
-        _write(result, args.out or RESULTS / ("extract_decode_quick.json" if args.quick else "extract_decode.json"))
+        write_result(result, "extract_decode", args.quick, args.out)
         return
 
     n = 16 if args.quick else args.images
@@ -269,13 +268,7 @@ def main() -> None:
     print(f"  embedx / ceiling    = {result['pipeline_efficiency']:.2f}")
     print(f"  embedx / timm-style = {result['embedx_vs_timm_style']:.2f}")
     print(f"  embedx / naive      = {result['embedx_vs_naive']:.2f}")
-    _write(result, args.out or RESULTS / ("extract_quick.json" if args.quick else "extract.json"))
-
-
-def _write(result: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2))
-    print(f"-> {path}")
+    write_result(result, "extract", args.quick, args.out)
 
 
 if __name__ == "__main__":

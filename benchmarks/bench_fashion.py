@@ -19,9 +19,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from _results import write_result
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-HERE = Path(__file__).resolve().parent
 
 
 def main() -> None:
@@ -105,10 +106,7 @@ def main() -> None:
     f = r["finetune"]
     print(f"  fine-tune ({f['num_train']} train / {f['num_val']} val): head only {f['head_only_val_accuracy']:.4f} -> "
           f"top 2 blocks {f['val_accuracy']:.4f} (gain {f['gain']:+.4f}), {f['seconds']:.0f} s")
-    out = args.out or HERE / "results" / ("fashion_quick.json" if args.quick else "fashion.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"-> {out}")
+    write_result(result, "fashion", args.quick, args.out)
 
 
 if __name__ == "__main__":

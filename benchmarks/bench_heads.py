@@ -18,14 +18,14 @@ features with --features DIR. Reports, in one run:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
 
+from _results import write_result
+
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
 
 
 def structured_features(n: int, dim: int, classes: int = 10, latent: int = 64, noise: float = 1.8, seed: int = 0):
@@ -150,10 +150,7 @@ def main() -> None:
     print(f"  AdamW one head ({args.epochs} ep)  : {t_adam:7.2f} s  val acc {r1.val_accuracy[0]:.4f}")
     print(f"  AdamW sweep of {len(grid)} heads   : {t_adam_grid:7.2f} s  best val acc {max(rg.val_accuracy):.4f}"
           f"  ({t_adam_grid / t_adam:.2f}x one head)")
-    out = args.out or HERE / "results" / ("heads_quick.json" if args.quick else "heads.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"-> {out}")
+    write_result(result, "heads", args.quick, args.out)
 
 
 if __name__ == "__main__":

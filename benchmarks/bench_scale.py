@@ -10,11 +10,12 @@ this measures how much, honestly. The output of every engine is checked to be th
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
 from pathlib import Path
+
+from _results import write_result
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -69,10 +70,7 @@ def main() -> None:
     for k in ("local", "ray", "two_processes"):
         print(f"  {k:>14}: {rows[k]['seconds']:7.1f} s  {rows[k]['images_per_second']:7.1f} img/s")
     print(f"  ray.init: {rows['ray_init_seconds']:.1f} s (not included); ray/local = {result['ray_over_local_throughput']:.2f}")
-    out = args.out or HERE / "results" / ("scale_quick.json" if args.quick else "scale.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"-> {out}")
+    write_result(result, "scale", args.quick, args.out)
 
 
 if __name__ == "__main__":

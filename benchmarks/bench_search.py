@@ -14,7 +14,6 @@ search baselines (in-memory IndexFlat and embedx's streamed exact search).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import shutil
@@ -22,9 +21,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from _results import write_result
+
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
 
 
 def clustered(n: int, dim: int, n_clusters: int, seed: int = 0, spread: float = 0.35) -> np.ndarray:
@@ -37,7 +37,8 @@ def clustered(n: int, dim: int, n_clusters: int, seed: int = 0, spread: float = 
     return x
 
 
-def write_shards(directory: Path, x: np.ndarray, shard_size: int = 100_000) -> None:
+def write_shards(directory: Path, x: np.ndarray, shard_size: int = 100_000, labels: list[str] | None = None) -> None:
+    """A shard directory in embedx's format for synthetic vectors (no model involved)."""
     from embedx import shards
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -47,7 +48,8 @@ def write_shards(directory: Path, x: np.ndarray, shard_size: int = 100_000) -> N
     manifest = {"shards": [], "root": None, "complete": True, "num_images": n}
     for s, lo in enumerate(range(0, n, shard_size)):
         hi = min(n, lo + shard_size)
-        rows = shards.ShardRows(np.arange(lo, hi), [f"v/{i}" for i in range(lo, hi)], [None] * (hi - lo),
+        rows = shards.ShardRows(np.arange(lo, hi), [f"v/{i}" for i in range(lo, hi)],
+                                [None] * (hi - lo) if labels is None else labels[lo:hi],
                                 x[lo:hi], np.zeros(hi - lo), np.zeros(hi - lo))
         shards.write_shard(directory, s, rows, dim, "float32", meta)
         manifest["shards"].append({"index": s, "file": shards.shard_name(s), "rows": hi - lo, "errors": []})
@@ -111,10 +113,7 @@ def main() -> None:
     result = {"benchmark": "search", "metric": "cosine", "points_per_cluster": args.points_per_cluster,
               "spread": args.spread, "queries": args.queries, "threads": faiss.omp_get_max_threads(),
               "cpu_count": os.cpu_count(), "faiss": faiss.__version__, "runs": runs}
-    out = args.out or HERE / "results" / ("search_quick.json" if args.quick else "search.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"-> {out}")
+    write_result(result, "search", args.quick, args.out)
 
 
 if __name__ == "__main__":

@@ -18,29 +18,12 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import numpy as np
+from _results import write_result
+
 
 HERE = Path(__file__).resolve().parent
-
-
-def write_shards(directory: Path, x: np.ndarray, y: np.ndarray, shard_size: int) -> None:
-    from embedx import shards
-
-    directory.mkdir(parents=True, exist_ok=True)
-    n, dim = x.shape
-    meta = {"model": "synthetic", "weights_sha256": "0" * 64, "data_config": {}, "pooling": "avg", "dim": dim,
-            "dtype": "float32", "normalized": False}
-    manifest = {"shards": [], "root": str(directory), "complete": True, "num_images": n}
-    for s, lo in enumerate(range(0, n, shard_size)):
-        hi = min(n, lo + shard_size)
-        rows = shards.ShardRows(np.arange(lo, hi), [f"img/{i:07d}.jpg" for i in range(lo, hi)],
-                                [f"class_{c}" for c in y[lo:hi]], x[lo:hi], np.full(hi - lo, 64), np.full(hi - lo, 48))
-        shards.write_shard(directory, s, rows, dim, "float32", meta)
-        manifest["shards"].append({"index": s, "file": shards.shard_name(s), "rows": hi - lo})
-    shards.write_manifest(directory, manifest)
 
 
 def run_child(features: Path, out: Path, stream: str, max_iter: int) -> dict:
@@ -82,13 +65,14 @@ def main() -> None:
     args = ap.parse_args()
     sys.path.insert(0, str(HERE))
     from bench_heads import structured_features
+    from bench_search import write_shards
 
     if args.quick:
         args.n, args.dim, args.max_iter = 3000, 32, 50
     feats = args.work / f"feats-{args.n}x{args.dim}"
     if not (feats / "manifest.json").exists():
         x, y = structured_features(args.n, args.dim)
-        write_shards(feats, x, y, shard_size=10_000)
+        write_shards(feats, x, shard_size=10_000, labels=[f"class_{c}" for c in y])
         del x
     runs = {}
     for stream in ("no", "yes"):
@@ -104,10 +88,7 @@ def main() -> None:
         print(f"  {name:10s}: peak anonymous memory {r['peak_anon_mib']:7.0f} MiB (VmHWM {r['peak_rss_mib']:.0f})"
               f"  {r['seconds']:6.1f} s  val acc {r['val_accuracy']:.4f}")
     print(f"  same head: {result['same_head']}")
-    out = args.out or HERE / "results" / ("stream_quick.json" if args.quick else "stream.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"-> {out}")
+    write_result(result, "stream", args.quick, args.out)
 
 
 if __name__ == "__main__":
