@@ -16,21 +16,23 @@ def knn_neighbours(x_train: np.ndarray, y_train: np.ndarray, x_query: np.ndarray
     import torch
     from torch.nn.functional import normalize
 
-    from .heads import as_tensor
+    from .heads import row_chunks
 
     k = min(k, len(x_train))
     nq = len(x_query)
     best_sim = torch.full((nq, k), -float("inf"), device=device)
     best_lab = torch.zeros((nq, k), dtype=torch.int64, device=device)
-    queries = [normalize(as_tensor(x_query[s:s + query_rows]).to(device), dim=1)
-               for s in range(0, nq, query_rows)] if nq * x_query.shape[1] * 4 <= 2**30 else None
-    for t in range(0, len(x_train), train_rows):
-        xt = normalize(as_tensor(x_train[t:t + train_rows]).to(device), dim=1)
-        yt = torch.from_numpy(y_train[t:t + train_rows].astype(np.int64)).to(device)
+
+    def normalised_queries():
+        return ((s, normalize(q, dim=1)) for s, q in row_chunks(x_query, query_rows, device))
+
+    # up to 1 GiB of queries stay normalised on the device; beyond that they are re-read per chunk
+    kept = list(normalised_queries()) if nq * x_query.shape[1] * 4 <= 2**30 else None
+    for t, xc in row_chunks(x_train, train_rows, device):
+        xt = normalize(xc, dim=1)
+        yt = torch.from_numpy(y_train[t:t + len(xc)].astype(np.int64)).to(device)
         kk = min(k, len(xt))
-        for j, s in enumerate(range(0, nq, query_rows)):
-            q = queries[j] if queries is not None else normalize(
-                as_tensor(x_query[s:s + query_rows]).to(device), dim=1)
+        for s, q in kept if kept is not None else normalised_queries():
             sim, idx = (q @ xt.T).topk(kk, dim=1)
             sims = torch.cat([best_sim[s:s + len(q)], sim], 1)
             labs = torch.cat([best_lab[s:s + len(q)], yt[idx]], 1)
