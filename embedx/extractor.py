@@ -76,7 +76,9 @@ class ExtractResult:
     bytes_written: int
     precision: str
     device: str
-    # where the time went: loader_wait (starved by decoding), device_decode, model, write
+    # where the time went. Main thread: input_wait (no prepared batch ready), model, write;
+    # prefetch thread (overlaps them): loader_wait (starved by the decoders), prepare (copy to
+    # the device, and device_decode within it with --decode device)
     stage_seconds: dict | None = None
 
     @property
@@ -251,6 +253,7 @@ def _run_local(plan: _Plan, out: Path, config: ExtractConfig, timer: "_StageTime
     import torch
 
     from ._loader import ImageDataset, make_loader
+    from ._prefetch import Prefetcher
 
     backbone, device, pending = plan.backbone, plan.device, plan.pending
     batch_size = config.batch_size or default_batch_size(device)
@@ -284,16 +287,24 @@ def _run_local(plan: _Plan, out: Path, config: ExtractConfig, timer: "_StageTime
         bar.update(len(batch.positions))
         bar.set_postfix(errors=plan.errors_before + counts["errors"], refresh=False)
 
+    def prepare(batch):
+        # runs on the prefetch thread (and on a GPU its own stream), one batch ahead of the model
+        if batch.encoded:
+            with timer("device_decode"):
+                return _device_decode(batch, device, pre)
+        return batch.pixels.to(device, non_blocking=True)
+
+    prefetcher = Prefetcher(batches, prepare, device, timer=timer)
     try:
         with torch.inference_mode():
             in_flight = None
+            ready = iter(prefetcher)
             while True:
-                with timer("loader_wait"):
-                    batch = next(batches, None)
-                if batch is None:
+                with timer("input_wait"):
+                    item = next(ready, None)
+                if item is None:
                     break
-                with timer("device_decode"):
-                    pixels = _device_decode(batch, device, pre) if batch.encoded else batch.pixels
+                batch, pixels = item
                 with timer("model"):
                     handle = runner.launch(pixels)
                 if in_flight is not None:
@@ -302,6 +313,7 @@ def _run_local(plan: _Plan, out: Path, config: ExtractConfig, timer: "_StageTime
             if in_flight is not None:
                 finish(*in_flight)
     finally:
+        prefetcher.close()
         bar.close()
         with timer("write"):
             writer.drain()
