@@ -46,6 +46,42 @@ def make_jpegs(n: int, root: Path, distinct: int = 400) -> Path:
     return d
 
 
+def bench_device_decode(files: list[Path], backbone, device: str, batch_size: int) -> dict:
+    """img/s of the `--decode device` stage alone, on JPEG bytes already in memory: nvJPEG decode
+    only, then decode + embedx's resize + crop (what the prefetch thread does per batch)."""
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    from embedx._tensor_decode import decode_batch, finish_batch
+    from embedx.extractor import _tensor_preprocess
+
+    pre = _tensor_preprocess(backbone)
+    data = [torch.frombuffer(bytearray(f.read_bytes()), dtype=torch.uint8) for f in files]
+    batches = [data[i:i + batch_size] for i in range(0, len(data), batch_size)]
+
+    def decode_only(b):
+        decode_jpeg(b, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True)
+
+    def decode_resize(b):
+        images, _, _ = decode_batch(b, device, pre)
+        finish_batch(images)
+
+    def sync():
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    out = {}
+    for name, fn in (("decode_only", decode_only), ("decode_resize", decode_resize)):
+        fn(batches[0])  # warm-up (nvJPEG handles, kernels)
+        sync()
+        t = time.perf_counter()
+        for b in batches:
+            fn(b)
+        sync()
+        out[name] = len(data) / (time.perf_counter() - t)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=20_000)
@@ -53,7 +89,11 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/gpu_extract.json"))
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run for the test suite: 48 images, test_efficientnet, on the CPU")
     args = ap.parse_args()
+    if args.quick:
+        args.images, args.models, args.batch_size, args.device = 48, "test_efficientnet", 16, "cpu"
     import torch
 
     from bench_extract import bench_ceiling
@@ -70,19 +110,27 @@ def main() -> None:
            "num_workers": default_num_workers(args.device), "images": args.images, "batch_size": args.batch_size}
     print(json.dumps(env), flush=True)
     runs = []
+    first = args.models.split(",")[0]
+    files = sorted(folder.rglob("*.jpg"))[:2048]
     try:
         for name in args.models.split(","):
             backbone = load_backbone(name, "random")
             row = {"model": name, "dim": backbone.dim}
             row["ceiling"] = bench_ceiling(backbone, max(4096, args.batch_size * 16), args.batch_size, args.device, precision)
-            for decode in ("pil", "device"):
-                out = tmp / f"out-{name}-{decode}"
+            if name == first:
+                row["device_decode_stage"] = bench_device_decode(files, backbone, args.device, args.batch_size)
+                print(f"{name:>24}: --decode device stage alone, img/s: {row['device_decode_stage']}", flush=True)
+            # prefetch 0 (batches prepared inline, serially with the model) is the baseline for the
+            # prefetch thread + CUDA stream; run for the first model only, to stay under 5 minutes
+            for decode, prefetch in [("pil", 2), ("device", 2)] + ([("pil", 0), ("device", 0)] if name == first else []):
+                key = decode if prefetch else f"{decode}_prefetch0"
+                out = tmp / f"out-{name}-{key}"
                 cfg = ExtractConfig(model=name, batch_size=args.batch_size, device=args.device, decode=decode,
-                                    progress=False, compile="no")
+                                    prefetch=prefetch, progress=False, compile="no")
                 t = time.perf_counter()
                 r = extract(folder, out, cfg, backbone=backbone)
-                row[f"e2e_{decode}"] = r.num_embedded / (time.perf_counter() - t)
-                row[f"stages_{decode}"] = {k: round(v, 3) for k, v in (r.stage_seconds or {}).items()}
+                row[f"e2e_{key}"] = r.num_embedded / (time.perf_counter() - t)
+                row[f"stages_{key}"] = {k: round(v, 3) for k, v in (r.stage_seconds or {}).items()}
                 shutil.rmtree(out, ignore_errors=True)
             best = max(row["e2e_pil"], row["e2e_device"])
             row["efficiency_pil"] = row["e2e_pil"] / row["ceiling"]
@@ -94,6 +142,11 @@ def main() -> None:
                   flush=True)
             print(f"{'':>24}  seconds by stage, CPU-decode: {row['stages_pil']}", flush=True)
             print(f"{'':>24}  seconds by stage, GPU-decode: {row['stages_device']}", flush=True)
+            if name == first:
+                print(f"{'':>24}  prefetch 0 (inline): e2e CPU-decode {row['e2e_pil_prefetch0']:8.0f} img/s, "
+                      f"GPU-decode {row['e2e_device_prefetch0']:8.0f} img/s -> prefetch gain "
+                      f"{row['e2e_pil'] / row['e2e_pil_prefetch0']:.2f}x / "
+                      f"{row['e2e_device'] / row['e2e_device_prefetch0']:.2f}x", flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU extraction benchmark, one GPU, under 5 minutes: resnet50 and vit_base_patch16_224 at
 # bf16 (random weights: no hub there) on ~20k generated JPEGs of ~500x375; model-only ceiling
-# vs end-to-end images/s, with CPU-worker decode and with on-GPU (nvJPEG) decode.
+# vs end-to-end images/s, with CPU-worker decode and with on-GPU (nvJPEG) decode; for the first
+# model also the GPU-decode stage alone and both paths with --prefetch 0 (the serial baseline).
 #   bash benchmarks/gpu_extract.sh            # N_IMAGES=20000 by default
 # Needs torch (CUDA), timm, torchvision, pyarrow, typer, pillow, scikit-image; not faiss.
 set -euo pipefail

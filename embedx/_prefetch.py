@@ -36,7 +36,8 @@ class Prefetcher:
         batches: the loader's iterator (consumed only by the background thread).
         prepare: batch -> pixel tensor on `device` (may also fill in the batch's error records).
         device: the device `prepare` works on; "cuda..." gets a side stream.
-        depth: batches prepared ahead (each holds a batch of pixels in device memory).
+        depth: batches prepared ahead (each holds a batch of pixels in device memory); 0
+            prepares each batch inline, on the consumer's thread and stream, when it is asked for.
         timer: optional `timer(name)` context manager; the thread times "loader_wait" and
             "prepare", the consumer times nothing here.
     """
@@ -48,12 +49,17 @@ class Prefetcher:
         self._timer = timer or (lambda _name: contextlib.nullcontext())
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._work, name="embedx-prefetch", daemon=True)
-        self._thread.start()
+        self._thread = None
+        if depth > 0:
+            self._thread = threading.Thread(target=self._work, name="embedx-prefetch", daemon=True)
+            self._thread.start()
 
     def __iter__(self):
         import torch
 
+        if self._thread is None:
+            yield from self._inline()
+            return
         cuda = self._device.startswith("cuda")
         while True:
             item = self._queue.get()
@@ -77,7 +83,8 @@ class Prefetcher:
                 self._queue.get_nowait()
             except queue.Empty:
                 break
-        self._thread.join(timeout)
+        if self._thread is not None:
+            self._thread.join(timeout)
 
     def __enter__(self) -> "Prefetcher":
         return self
@@ -93,6 +100,17 @@ class Prefetcher:
             except queue.Full:
                 continue
         return False
+
+    def _inline(self):
+        batches = iter(self._batches)
+        while True:
+            with self._timer("loader_wait"):
+                batch = next(batches, _DONE)
+            if batch is _DONE:
+                return
+            with self._timer("prepare"):
+                pixels = self._prepare(batch)
+            yield batch, pixels
 
     def _work(self) -> None:
         import torch

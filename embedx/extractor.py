@@ -46,6 +46,7 @@ class ExtractConfig:
     fast_decode: bool = True  # JPEG DCT-domain downscaling (PIL draft) before the resize
     decode: str = "pil"  # pil (CPU workers) | device (JPEGs decoded + resized on the model's device)
     channels_last: bool = True
+    prefetch: int = 2  # batches prepared ahead on a background thread (own CUDA stream); 0: inline
     compile: str = "auto"  # auto | yes | no: torch.compile the backbone (auto: when the run is long enough)
     progress: bool = True
 
@@ -143,6 +144,8 @@ def _check_config(config: ExtractConfig) -> None:
         raise InputError("--num-workers must be 0 or more.")
     if config.decode not in ("pil", "device"):
         raise InputError(f"--decode must be pil or device, not {config.decode!r}.")
+    if config.prefetch < 0:
+        raise InputError(f"--prefetch must be 0 (prepare batches inline) or more, not {config.prefetch}.")
 
 
 @dataclass
@@ -294,7 +297,7 @@ def _run_local(plan: _Plan, out: Path, config: ExtractConfig, timer: "_StageTime
                 return _device_decode(batch, device, pre)
         return batch.pixels.to(device, non_blocking=True)
 
-    prefetcher = Prefetcher(batches, prepare, device, timer=timer)
+    prefetcher = Prefetcher(batches, prepare, device, depth=config.prefetch, timer=timer)
     try:
         with torch.inference_mode():
             in_flight = None

@@ -35,6 +35,17 @@ def test_bench_extract_memory_quick(tmp_path):
     assert [x["images"] for x in r["runs"]] == [200, 1000] and all(x["peak_rss_mib"] > 0 for x in r["runs"])
 
 
+def test_bench_gpu_script_runs_on_the_cpu(tmp_path):
+    """The GPU benchmark is run on lent machines with minutes to spare: check here that it runs
+    through (on the CPU, tiny model) and reports every figure, before it is carried there."""
+    r = run("bench_gpu.py", tmp_path)
+    (row,) = r["runs"]
+    keys = ("ceiling", "e2e_pil", "e2e_device", "e2e_pil_prefetch0", "e2e_device_prefetch0")
+    assert all(row[k] > 0 for k in keys), row
+    assert set(row["device_decode_stage"]) == {"decode_only", "decode_resize"}
+    assert row["stages_device"]["device_decode"] > 0 and "device_decode" not in row["stages_pil"]
+
+
 def test_bench_heads_quick(tmp_path):
     r = run("bench_heads.py", tmp_path)
     assert r["embedx_lbfgs_sweep"]["heads"] >= 8 and r["embedx_adamw_sweep"]["heads"] >= 8

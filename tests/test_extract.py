@@ -123,13 +123,16 @@ def test_torture_folder_records_errors_and_goes_on(tmp_path, backbone):
     assert (rows["rotated.jpg"]["width"], rows["rotated.jpg"]["height"]) == (50, 60)  # upright size
 
 
-def test_deterministic_across_worker_counts(tiny_dir, tmp_path, backbone):
+def test_deterministic_across_worker_counts_and_prefetch(tiny_dir, tmp_path, backbone):
     a = extract(tiny_dir, tmp_path / "a", _cfg(num_workers=0), backbone=backbone)
     b = extract(tiny_dir, tmp_path / "b", _cfg(num_workers=2), backbone=backbone)
-    assert a.num_embedded == b.num_embedded == 24
-    fa, fb = embedx.read_features(tmp_path / "a"), embedx.read_features(tmp_path / "b")
-    assert fa.paths == fb.paths and fa.row_ids.tolist() == fb.row_ids.tolist()
+    c = extract(tiny_dir, tmp_path / "c", _cfg(num_workers=2, prefetch=0), backbone=backbone)  # no prefetch thread
+    assert a.num_embedded == b.num_embedded == c.num_embedded == 24
+    fa, fb, fc = (embedx.read_features(tmp_path / x) for x in "abc")
+    assert fa.paths == fb.paths == fc.paths and fa.row_ids.tolist() == fb.row_ids.tolist() == fc.row_ids.tolist()
     np.testing.assert_array_equal(fa.embeddings, fb.embeddings)
+    np.testing.assert_array_equal(fa.embeddings, fc.embeddings)
+    assert {"input_wait", "loader_wait", "prepare", "model", "write"} <= set(b.stage_seconds)
 
 
 def test_rerun_same_config_is_noop_and_other_config_refused(tiny_dir, tmp_path, backbone):
@@ -278,7 +281,11 @@ def test_device_decode_matches_pil_and_survives_bad_files(photo_dir, tmp_path, b
     a = extract(d, tmp_path / "dev", _cfg(decode="device", normalize=True), backbone=backbone)
     b = extract(d, tmp_path / "pil", _cfg(fast_decode=False, normalize=True), backbone=backbone)
     assert a.num_embedded == b.num_embedded == 7 and a.num_errors == b.num_errors == 2
+    assert a.stage_seconds["device_decode"] > 0
     fa, fb = embedx.read_features(tmp_path / "dev"), embedx.read_features(tmp_path / "pil")
+    # decoding on the prefetch thread or inline, on the consumer's thread: the same rows
+    extract(d, tmp_path / "dev0", _cfg(decode="device", normalize=True, prefetch=0), backbone=backbone)
+    np.testing.assert_array_equal(embedx.read_features(tmp_path / "dev0").embeddings, fa.embeddings)
     assert fa.paths == fb.paths and fa.metadata["decode"] == "torchvision-device"
     cos = (fa.embeddings * fb.embeddings).sum(1)
     assert cos.min() > 0.999, cos

@@ -13,6 +13,30 @@ def test_yields_every_batch_in_order_with_prepare_applied():
         assert list(pf) == [(i, i * 10) for i in range(50)]
 
 
+def test_depth_zero_prepares_inline_without_a_thread():
+    calls = []
+
+    def prepare(b):
+        calls.append(b)
+        return -b
+
+    pf = Prefetcher(iter(range(4)), prepare, "cpu", depth=0)
+    it = iter(pf)
+    assert next(it) == (0, 0) and calls == [0]  # nothing prepared ahead
+    assert list(it) == [(1, -1), (2, -2), (3, -3)]
+    assert pf._thread is None
+    pf.close()
+
+
+def test_negative_prefetch_is_refused_with_a_clear_error(tmp_path):
+    from embedx.errors import InputError
+    from embedx.extractor import ExtractConfig, extract
+
+    (tmp_path / "imgs").mkdir()
+    with pytest.raises(InputError, match="--prefetch must be 0"):
+        extract(tmp_path / "imgs", tmp_path / "out", ExtractConfig(prefetch=-1, progress=False))
+
+
 def test_prepares_the_next_batch_while_the_consumer_holds_this_one():
     # the consumer keeps batch 0 until prepare(batch 1) has run: only possible if preparing
     # happens on another thread while the consumer is busy (serially, this would time out)
