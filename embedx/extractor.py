@@ -144,6 +144,12 @@ def _check_config(config: ExtractConfig) -> None:
         raise InputError("--num-workers must be 0 or more.")
     if config.decode not in ("pil", "device"):
         raise InputError(f"--decode must be pil or device, not {config.decode!r}.")
+    if config.decode == "device":
+        try:
+            from torchvision.io import decode_jpeg  # noqa: F401 - deprecated since torchvision 0.29
+        except ImportError as e:
+            raise InputError(f"--decode device needs torchvision.io.decode_jpeg, which this torchvision lacks ({e}); "
+                             "use --decode pil (CPU decoder processes), or a torchvision that still has it.") from e
     if config.prefetch < 0:
         raise InputError(f"--prefetch must be 0 (prepare batches inline) or more, not {config.prefetch}.")
 

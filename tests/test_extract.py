@@ -322,3 +322,15 @@ def test_fast_decode_embeddings_close_to_exact(photo_dir, tmp_path, backbone):
     assert fa.metadata["decode"] == "pil-draft2x+uint8-resize" and fb.metadata["decode"] == "pil"
     cos = (fa.embeddings * fb.embeddings).sum(1)
     assert cos.min() >= 0.999, cos
+
+
+def test_device_decode_without_torchvision_decoder_is_refused_clearly(tiny_dir, tmp_path, monkeypatch, backbone):
+    """torchvision deprecated its image decoders in 0.29; once gone, --decode device says what to do."""
+    import types
+
+    from embedx.errors import InputError
+
+    monkeypatch.setitem(sys.modules, "torchvision.io", types.ModuleType("torchvision.io"))
+    with pytest.raises(InputError, match="use --decode pil"):
+        extract(tiny_dir, tmp_path / "out", _cfg(decode="device"), backbone=backbone)
+    assert not list((tmp_path / "out").glob("*.parquet"))
