@@ -117,18 +117,11 @@ class Prefetcher:
 
         try:
             with torch.inference_mode(), self._stream_context() as stream:
-                batches = iter(self._batches)
-                while not self._stop.is_set():
-                    with self._timer("loader_wait"):
-                        batch = next(batches, _DONE)
-                    if batch is _DONE:
-                        break
-                    with self._timer("prepare"):
-                        pixels = self._prepare(batch)
-                        event = None
-                        if stream is not None:
-                            event = torch.cuda.Event()
-                            event.record(stream)
+                for batch, pixels in self._inline():
+                    event = None
+                    if stream is not None:  # marks the end of this batch's work on the side stream
+                        event = torch.cuda.Event()
+                        event.record(stream)
                     if not self._put((batch, pixels, event)):
                         return
             self._put(_DONE)
