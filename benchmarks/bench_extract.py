@@ -167,7 +167,7 @@ def bench_decode(backbone, files: list[str], fast: bool) -> float:
 
     torch.set_num_threads(1)  # as in the decoder workers
     recs = [ImageRecord(i, f, f, None) for i, f in enumerate(files)]
-    ds = ImageDataset(recs, backbone.worker_transform(fast), backbone.data_config.input_size, backbone.draft_size(fast))
+    ds = ImageDataset(recs, backbone.decode_spec(fast))
     ds[0]
     t0 = time.perf_counter()
     for i in range(len(ds)):

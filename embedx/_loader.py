@@ -35,35 +35,54 @@ class Batch:
         return self
 
 
+@dataclass(frozen=True)
+class DecodeSpec:
+    """How a decoder turns a file into the model's uint8 pixels. Picklable: it travels to the
+    decoder processes and to Ray tasks. Made by `Backbone.decode_spec`."""
+
+    transform: "object"  # decoded PIL image -> (H, W, 3) uint8: UInt8ResizeCrop or timm's PIL transform
+    input_size: tuple[int, int, int]  # (3, H, W) the transform must produce
+    draft_size: int | None  # JPEG DCT-domain downscaling target (PIL draft); None: full scale
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
+    decode: str = "pil"  # pil | device (workers only read JPEG bytes; the device decodes them)
+
+    @property
+    def label(self) -> str:
+        """How pixels were made, for the shard metadata: torchvision-device (nvJPEG on a GPU),
+        pil-draft2x+uint8-resize (PIL decode at a reduced DCT scale of at least twice the resize
+        size, resize + crop on uint8 tensors), pil-draft2x (the same with timm's PIL resize), or
+        pil (timm's exact transform)."""
+        if self.decode == "device":
+            return "torchvision-device"
+        if self.draft_size is None:
+            return "pil"
+        return "pil-draft2x+uint8-resize" if isinstance(self.transform, UInt8ResizeCrop) else "pil-draft2x"
+
+
 class ImageDataset:
     """Map-style dataset over image records (torch's DataLoader only needs len/getitem)."""
 
-    def __init__(self, records: list[ImageRecord], transform, input_size: tuple[int, int, int],
-                 draft_size: int | None, max_pixels: int | None = DEFAULT_MAX_PIXELS, decode: str = "pil"):
+    def __init__(self, records: list[ImageRecord], spec: DecodeSpec):
         self.records = records
-        self.transform = transform
-        self.input_size = input_size
-        self.draft_size = draft_size
-        self.max_pixels = max_pixels
-        self.decode = decode
+        self.spec = spec
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, i: int):
-        rec = self.records[i]
-        if self.decode == "device":
+        rec, spec = self.records[i], self.spec
+        if spec.decode == "device":
             try:
-                raw = read_jpeg_bytes(rec.file, self.max_pixels)
+                raw = read_jpeg_bytes(rec.file, spec.max_pixels)
             except ImageDecodeError as e:
                 return i, None, 0, 0, (e.kind, str(e))
             if raw is not None:
                 return i, raw, 0, 0, "encoded"
         try:
-            decoded = decode_image(rec.file, draft_size=self.draft_size, max_pixels=self.max_pixels)
-            img = self.transform(decoded.image)
+            decoded = decode_image(rec.file, draft_size=spec.draft_size, max_pixels=spec.max_pixels)
+            img = spec.transform(decoded.image)
             arr = np.asarray(img, dtype=np.uint8)
-            if arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[:2] != tuple(self.input_size[1:]):
+            if arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[:2] != tuple(spec.input_size[1:]):
                 raise ImageDecodeError("decode_error", f"transform produced shape {arr.shape}")
             return i, arr, decoded.width, decoded.height, None
         except ImageDecodeError as e:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from . import weights as weights_mod
 from .errors import EmbedxError, WeightsError
+from .images import DEFAULT_MAX_PIXELS
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,14 @@ class Backbone:
         if isinstance(size, list) and len(size) == 1:
             size = size[0]
         return UInt8ResizeCrop(size, mode, resize.max_size, tuple(crop.size))
+
+    def decode_spec(self, fast: bool = True, max_pixels: int | None = DEFAULT_MAX_PIXELS, decode: str = "pil"):
+        """What decoders need to make this model's pixels: `worker_transform(fast)` with the
+        matching `draft_size(fast)` (the two go together), the input size, and the limits."""
+        from ._loader import DecodeSpec
+
+        return DecodeSpec(self.worker_transform(fast), tuple(self.data_config.input_size), self.draft_size(fast),
+                          max_pixels, decode)
 
     def timm_data_config(self) -> dict:
         d = self.data_config

@@ -268,9 +268,7 @@ def _run_local(plan: _Plan, out: Path, config: ExtractConfig, timer: "_StageTime
     batch_size = config.batch_size or default_batch_size(device)
     num_workers = default_num_workers(device) if config.num_workers is None else config.num_workers
     writer = _ShardWriter(out, plan.manifest, config, backbone.dim, plan.metadata, shared=shared_manifest)
-    draft = backbone.draft_size(config.fast_decode)
-    dataset = ImageDataset(pending, backbone.worker_transform(config.fast_decode), backbone.data_config.input_size, draft,
-                           config.max_pixels, decode=config.decode)
+    dataset = ImageDataset(pending, backbone.decode_spec(config.fast_decode, config.max_pixels, config.decode))
     loader = make_loader(dataset, batch_size, num_workers, pin_memory=device.startswith("cuda"))
     with timer("startup"):
         # start the decoder processes before CUDA is initialised here: forking a process
@@ -344,23 +342,9 @@ def provenance(backbone: Backbone, config: ExtractConfig, precision: str) -> dic
         "dim": backbone.dim,
         "dtype": config.dtype,
         "precision": precision,
-        "decode": decode_label(backbone, config),
+        "decode": backbone.decode_spec(config.fast_decode, config.max_pixels, config.decode).label,
         "embedx_version": __version__,
     }
-
-
-def decode_label(backbone: Backbone, config: ExtractConfig) -> str:
-    """How pixels were made, for the shard metadata: torchvision-device (nvJPEG on the GPU),
-    pil-draft2x+uint8-resize (PIL decode at a reduced DCT scale of at least twice the resize
-    size, resize + crop on uint8 tensors), pil-draft2x (the same with timm's PIL resize),
-    or pil (timm's exact transform)."""
-    from ._loader import UInt8ResizeCrop
-
-    if config.decode == "device":
-        return "torchvision-device"
-    if not config.fast_decode:
-        return "pil"
-    return "pil-draft2x+uint8-resize" if isinstance(backbone.worker_transform(True), UInt8ResizeCrop) else "pil-draft2x"
 
 
 def _fingerprint(metadata: dict, records: list[ImageRecord], shard_size: int) -> str:
@@ -722,9 +706,7 @@ def embed_files(files: list[str], backbone: Backbone, *, device: str = "auto", p
     records = [ImageRecord(i, str(f), str(Path(f).resolve()), None) for i, f in enumerate(files)]
     model = _prepare_model(backbone, device, channels_last=True)
     runner = _Embedder(model, backbone, device, precision, normalize, channels_last=True)
-    draft = backbone.draft_size(fast_decode)
-    dataset = ImageDataset(records, backbone.worker_transform(fast_decode), backbone.data_config.input_size, draft,
-                           max_pixels)
+    dataset = ImageDataset(records, backbone.decode_spec(fast_decode, max_pixels))
     loader = make_loader(dataset, batch_size or default_batch_size(device), num_workers, pin_memory=device.startswith("cuda"))
     embs, ok, errors = [], [], []
     with torch.inference_mode():

@@ -37,15 +37,16 @@ def import_ray():
     return ray
 
 
-def decode_batch(batch: dict, transform, input_size, draft_size, max_pixels) -> dict:
-    """Ray Data task: file paths -> uint8 NHWC pixels (zeros where decoding failed)."""
+def decode_batch(batch: dict, spec) -> dict:
+    """Ray Data task: file paths -> uint8 NHWC pixels (zeros where decoding failed);
+    `spec` is the backbone's `DecodeSpec`."""
     from ._loader import ImageDataset
     from .images import ImageRecord
 
     files = list(batch[FILE])
     recs = [ImageRecord(int(r), f, f, None) for r, f in zip(batch[ROW_ID], files)]
-    ds = ImageDataset(recs, transform, tuple(input_size), draft_size, max_pixels)
-    h, w = input_size[1], input_size[2]
+    ds = ImageDataset(recs, spec)
+    h, w = spec.input_size[1], spec.input_size[2]
     pixels = np.zeros((len(files), h, w, 3), dtype=np.uint8)
     widths = np.zeros(len(files), np.int32)
     heights = np.zeros(len(files), np.int32)
@@ -121,12 +122,10 @@ def run_ray(plan, out: Path, config, address: str | None, timer) -> tuple[int, i
         actor_opts = {"num_cpus": 1, "concurrency": actors}
         threads = max(1, cpus // (2 * actors))
     weights = weights_argument(backbone.weights_source)
-    draft = backbone.draft_size(config.fast_decode)
     items = [{ROW_ID: r.row_id, FILE: r.file} for r in plan.pending]
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // batch_size, 4 * cpus)))
     ds = ds.map_batches(decode_batch, batch_size=batch_size, batch_format="numpy", num_cpus=1,
-                        fn_kwargs={"transform": backbone.worker_transform(config.fast_decode), "input_size": list(backbone.data_config.input_size),
-                                   "draft_size": draft, "max_pixels": config.max_pixels})
+                        fn_kwargs={"spec": backbone.decode_spec(config.fast_decode, config.max_pixels)})
     ds = ds.map_batches(_EmbedActor, batch_size=batch_size, batch_format="numpy",
                         fn_constructor_args=(backbone.model_name, weights, device, plan.precision, config.normalize,
                                              config.channels_last, backbone.weights_sha256, threads,
