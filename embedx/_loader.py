@@ -45,18 +45,32 @@ class DecodeSpec:
     draft_size: int | None  # JPEG DCT-domain downscaling target (PIL draft); None: full scale
     max_pixels: int | None = DEFAULT_MAX_PIXELS
     decode: str = "pil"  # pil | device (workers only read JPEG bytes; the device decodes them)
+    device_share: float = 1.0  # decode="device": the share of JPEGs left to the device, the rest PIL
+
+    def on_device(self, row_id: int) -> bool:
+        """Whether the device decodes this row's JPEG (decode="device"). With a share below 1 the
+        rows are spread evenly (golden-ratio sequence over row ids, so a resumed run splits them
+        the same way), and the CPU workers decode the others while the device does its share."""
+        if self.decode != "device":
+            return False
+        return self.device_share >= 1.0 or (row_id * 0.6180339887498949) % 1.0 < self.device_share
 
     @property
     def label(self) -> str:
         """How pixels were made, for the shard metadata: torchvision-device (nvJPEG on a GPU),
         pil-draft2x+uint8-resize (PIL decode at a reduced DCT scale of at least twice the resize
         size, resize + crop on uint8 tensors), pil-draft2x (the same with timm's PIL resize), or
-        pil (timm's exact transform)."""
-        if self.decode == "device":
+        pil (timm's exact transform); with a device share below 1, e.g.
+        torchvision-device@0.50+pil-draft2x+uint8-resize."""
+        if self.decode == "device" and self.device_share >= 1.0:
             return "torchvision-device"
         if self.draft_size is None:
-            return "pil"
-        return "pil-draft2x+uint8-resize" if isinstance(self.transform, UInt8ResizeCrop) else "pil-draft2x"
+            cpu = "pil"
+        else:
+            cpu = "pil-draft2x+uint8-resize" if isinstance(self.transform, UInt8ResizeCrop) else "pil-draft2x"
+        if self.decode == "device":  # a share of the JPEGs on the device, the rest on the CPU
+            return f"torchvision-device@{self.device_share:.2f}+{cpu}"
+        return cpu
 
 
 class ImageDataset:
@@ -71,7 +85,7 @@ class ImageDataset:
 
     def __getitem__(self, i: int):
         rec, spec = self.records[i], self.spec
-        if spec.decode == "device":
+        if spec.on_device(rec.row_id):
             try:
                 raw = read_jpeg_bytes(rec.file, spec.max_pixels)
             except ImageDecodeError as e:

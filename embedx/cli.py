@@ -68,6 +68,7 @@ def extract(
     max_pixels: int = typer.Option(178_956_970, help="Refuse images with more pixels than this (decompression bombs)."),
     fast_decode: bool = typer.Option(True, "--fast-decode/--exact-decode", help="Decode JPEGs at reduced scale when the model needs fewer pixels."),
     decode: str = typer.Option("pil", help="pil (CPU worker processes) | device (JPEG decode + resize on the GPU with nvJPEG)."),
+    device_share: float = typer.Option(1.0, help="With --decode device: the share of JPEGs decoded on the device; the CPU workers decode the rest at the same time."),
     prefetch: int = typer.Option(2, help="Batches prepared ahead (copied to / decoded on the device) on a background thread; 0: inline."),
     compile: str = typer.Option("auto", help="auto (for runs of 20k+ images on CPU) | yes | no: torch.compile the backbone."),
     engine: str = typer.Option("local", help="local | ray (Ray Data on a cluster: pip install 'embedx[ray]')."),
@@ -88,7 +89,7 @@ def extract(
     config = ExtractConfig(
         model=model, weights=weights, batch_size=batch_size, num_workers=num_workers, device=device,
         precision=precision, labels=labels, shard_size=shard_size, normalize=normalize, dtype=dtype,
-        overwrite=overwrite, max_pixels=max_pixels, fast_decode=fast_decode, decode=decode, prefetch=prefetch,
+        overwrite=overwrite, max_pixels=max_pixels, fast_decode=fast_decode, decode=decode, device_share=device_share, prefetch=prefetch,
         compile=compile, progress=progress,
     )
     r = run_extract(inputs, out, config, engine=engine, address=address,

@@ -45,6 +45,7 @@ class ExtractConfig:
     max_pixels: int | None = DEFAULT_MAX_PIXELS
     fast_decode: bool = True  # JPEG DCT-domain downscaling (PIL draft) before the resize
     decode: str = "pil"  # pil (CPU workers) | device (JPEGs decoded + resized on the model's device)
+    device_share: float = 1.0  # --decode device: share of JPEGs the device decodes; the CPU workers do the rest
     channels_last: bool = True
     prefetch: int = 2  # batches prepared ahead on a background thread (own CUDA stream); 0: inline
     compile: str = "auto"  # auto | yes | no: torch.compile the backbone (auto: when the run is long enough)
@@ -124,11 +125,14 @@ def extract(inputs: list[str | os.PathLike] | str | os.PathLike, out: str | os.P
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
     _check_config(config)
+    if engine not in ("local", "ray"):
+        raise InputError(f"--engine must be local or ray, not {engine!r}.")
+    if engine == "ray" and config.decode != "pil":
+        raise InputError("--decode device works with the local engine (and --devices); with --engine ray, Ray tasks "
+                         "decode on CPU workers: leave out --decode device.")
     listing = list_images(list(inputs), labels=config.labels)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    if engine not in ("local", "ray"):
-        raise InputError(f"--engine must be local or ray, not {engine!r}.")
     with shards.DirectoryLock(out):
         return _extract_locked(listing, out, config, backbone, engine, address, devices)
 
@@ -144,6 +148,11 @@ def _check_config(config: ExtractConfig) -> None:
         raise InputError("--num-workers must be 0 or more.")
     if config.decode not in ("pil", "device"):
         raise InputError(f"--decode must be pil or device, not {config.decode!r}.")
+    if not 0.0 < config.device_share <= 1.0:
+        raise InputError(f"--device-share must be in (0, 1], not {config.device_share}.")
+    if config.device_share < 1.0 and config.decode != "device":
+        raise InputError("--device-share splits JPEG decoding between the device and the CPU workers: "
+                         "it needs --decode device.")
     if config.decode == "device":
         try:
             from torchvision.io import decode_jpeg  # noqa: F401 - deprecated since torchvision 0.29
@@ -268,7 +277,7 @@ def _run_local(plan: _Plan, out: Path, config: ExtractConfig, timer: "_StageTime
     batch_size = config.batch_size or default_batch_size(device)
     num_workers = default_num_workers(device) if config.num_workers is None else config.num_workers
     writer = _ShardWriter(out, plan.manifest, config, backbone.dim, plan.metadata, shared=shared_manifest)
-    dataset = ImageDataset(pending, backbone.decode_spec(config.fast_decode, config.max_pixels, config.decode))
+    dataset = ImageDataset(pending, _decode_spec(backbone, config))
     loader = make_loader(dataset, batch_size, num_workers, pin_memory=device.startswith("cuda"))
     with timer("startup"):
         # start the decoder processes before CUDA is initialised here: forking a process
@@ -342,9 +351,13 @@ def provenance(backbone: Backbone, config: ExtractConfig, precision: str) -> dic
         "dim": backbone.dim,
         "dtype": config.dtype,
         "precision": precision,
-        "decode": backbone.decode_spec(config.fast_decode, config.max_pixels, config.decode).label,
+        "decode": _decode_spec(backbone, config).label,
         "embedx_version": __version__,
     }
+
+
+def _decode_spec(backbone: Backbone, config: ExtractConfig):
+    return backbone.decode_spec(config.fast_decode, config.max_pixels, config.decode, config.device_share)
 
 
 def _fingerprint(metadata: dict, records: list[ImageRecord], shard_size: int) -> str:

@@ -40,7 +40,8 @@ def test_bench_gpu_script_runs_on_the_cpu(tmp_path):
     through (on the CPU, tiny model) and reports every figure, before it is carried there."""
     r = run("bench_gpu.py", tmp_path)
     (row,) = r["runs"]
-    keys = ("ceiling", "e2e_pil", "e2e_device", "e2e_pil_prefetch0", "e2e_device_prefetch0")
+    keys = ("ceiling", "e2e_pil", "e2e_device", "e2e_pil_prefetch0", "e2e_device_prefetch0",
+            "e2e_device_share0.4", "e2e_device_share0.7")
     assert all(row[k] > 0 for k in keys), row
     assert set(row["device_decode_stage"]) == {"decode_only", "decode_resize"}
     assert row["stages_device"]["device_decode"] > 0 and "device_decode" not in row["stages_pil"]

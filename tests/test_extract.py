@@ -334,3 +334,41 @@ def test_device_decode_without_torchvision_decoder_is_refused_clearly(tiny_dir, 
     with pytest.raises(InputError, match="use --decode pil"):
         extract(tiny_dir, tmp_path / "out", _cfg(decode="device"), backbone=backbone)
     assert not list((tmp_path / "out").glob("*.parquet"))
+
+
+def test_device_share_splits_jpegs_between_device_and_cpu_decoders(photo_dir, tmp_path, backbone):
+    """--decode device --device-share 0.5: the device decodes about half of the JPEGs (a fixed set,
+    by row id) while the CPU workers decode the rest; each row equals the run that decoded it the
+    same way, and the metadata says both decoders ran."""
+    from embedx._loader import DecodeSpec
+
+    spec = DecodeSpec(None, (3, 224, 224), None, decode="device", device_share=0.5)
+    share = np.mean([spec.on_device(r) for r in range(1000)])
+    assert 0.45 < share < 0.55
+    assert [spec.on_device(r) for r in range(64)] == [spec.on_device(r) for r in range(64)]  # by row id only
+
+    hyb = embedx.read_features(extract(photo_dir, tmp_path / "hyb", _cfg(decode="device", device_share=0.5),
+                                       backbone=backbone).out_dir)
+    dev = embedx.read_features(extract(photo_dir, tmp_path / "dev", _cfg(decode="device"), backbone=backbone).out_dir)
+    cpu = embedx.read_features(extract(photo_dir, tmp_path / "cpu", _cfg(), backbone=backbone).out_dir)
+    assert hyb.metadata["decode"] == "torchvision-device@0.50+pil-draft2x+uint8-resize"
+    assert hyb.paths == dev.paths == cpu.paths
+    on_dev = np.array([spec.on_device(int(r)) for r in hyb.row_ids])
+    assert 0 < on_dev.sum() < len(on_dev)
+    np.testing.assert_allclose(hyb.embeddings[on_dev], dev.embeddings[on_dev], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(hyb.embeddings[~on_dev], cpu.embeddings[~on_dev], rtol=1e-4, atol=1e-4)
+    # and the two decoders really differ, so the comparison above says which one made each row
+    assert np.abs(dev.embeddings[~on_dev] - cpu.embeddings[~on_dev]).max() > 1e-3
+
+
+@pytest.mark.parametrize("kwargs, engine, message", [
+    ({"device_share": 0.5}, "local", "needs --decode device"),
+    ({"decode": "device", "device_share": 0.0}, "local", r"must be in \(0, 1\]"),
+    ({"decode": "device"}, "ray", "leave out --decode device"),
+])
+def test_decode_options_that_do_not_fit_are_refused_before_any_work(tiny_dir, tmp_path, kwargs, engine, message):
+    from embedx.errors import InputError
+
+    with pytest.raises(InputError, match=message):
+        extract(tiny_dir, tmp_path / "out", _cfg(**kwargs), engine=engine)
+    assert not (tmp_path / "out").exists()
