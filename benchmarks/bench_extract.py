@@ -23,6 +23,7 @@ ones (2000x1500): timm's exact PIL transform vs embedx's default decode path.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import subprocess
@@ -196,6 +197,35 @@ def tiny_folder(n: int, cache: Path) -> Path:
     return d
 
 
+_ONE_RUN = """
+import json, shutil, sys, tempfile, time
+from pathlib import Path
+from embedx.backbone import load_backbone
+from embedx.extractor import ExtractConfig, extract
+folder, model, weights, bs = Path(sys.argv[1]), sys.argv[2], sys.argv[3] or None, int(sys.argv[4])
+backbone = load_backbone(model, weights)
+tmp = Path(tempfile.mkdtemp())
+cfg = ExtractConfig(model=model, batch_size=bs, progress=False, compile="no")
+extract(sorted(folder.rglob("*.jpg"))[:32], tmp / "warm-up", cfg, backbone=backbone)
+t = time.perf_counter()
+r = extract(folder, tmp / "out", cfg, backbone=backbone)
+print(json.dumps({"images_per_second": r.num_embedded / (time.perf_counter() - t)}))
+shutil.rmtree(tmp)
+"""
+
+
+def bench_batch_sizes(folder: Path, model: str, weights: str | None, sizes: list[int], rounds: int) -> dict:
+    """`extract` end to end per batch size, each run in a fresh process (as a user's run is),
+    after a 32-image warm-up; rounds interleave the sizes so drifts of a shared machine hit all."""
+    out = {bs: [] for bs in sizes}
+    for _ in range(rounds):
+        for bs in sizes:
+            proc = subprocess.run([sys.executable, "-c", _ONE_RUN, str(folder), model, weights or "", str(bs)],
+                                  capture_output=True, text=True, check=True)
+            out[bs].append(json.loads(proc.stdout.strip().splitlines()[-1])["images_per_second"])
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=512)
@@ -206,6 +236,9 @@ def main() -> None:
     ap.add_argument("--memory", action="store_true", help="peak RSS for 10k vs 100k images instead")
     ap.add_argument("--memory-sizes", default="10000,100000")
     ap.add_argument("--decode-only", action="store_true", help="one decoder's ms/image: exact vs default path")
+    ap.add_argument("--batch-sizes", default=None,
+                    help="e.g. 16,8,4: end-to-end img/s per batch size instead (fresh process per run)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds for --batch-sizes")
     ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "embedx-bench")
     ap.add_argument("--quick", action="store_true", help="tiny sizes: checks the benchmark runs")
     ap.add_argument("--out", type=Path, default=None)
@@ -231,6 +264,18 @@ def main() -> None:
                   "runs": rows, "rss_ratio_largest_vs_smallest": rows[-1]["peak_rss_mib"] / rows[0]["peak_rss_mib"]}
         print(f"peak RSS ratio {sizes[-1]} vs {sizes[0]} images: {result['rss_ratio_largest_vs_smallest']:.2f}")
         write_result(result, "extract_memory", args.quick, args.out)
+        return
+
+    if args.batch_sizes:
+        sizes = [int(x) for x in args.batch_sizes.split(",")]
+        model = "test_efficientnet" if args.quick else args.model
+        folder = photo_folder(16 if args.quick else args.images, cache)
+        runs = bench_batch_sizes(folder, model, "random" if args.quick else None, sizes, 1 if args.quick else args.rounds)
+        for bs, v in runs.items():
+            print(f"batch {bs:>4}: " + ", ".join(f"{x:.1f}" for x in v) + " img/s")
+        result = {"benchmark": "extract-batch-sizes", "model": model, "env": env, "images": len(files_of(folder)),
+                  "images_per_second": {str(bs): v for bs, v in runs.items()}}
+        write_result(result, "extract_batch_sizes", args.quick, args.out)
         return
 
     if args.decode_only:
