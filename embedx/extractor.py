@@ -367,6 +367,8 @@ def provenance(backbone: Backbone, config: ExtractConfig, precision: str) -> dic
 
 
 def _decode_spec(backbone: Backbone, config: ExtractConfig):
+    """The one DecodeSpec of a run: what its decoders (local workers or Ray tasks) apply, and what
+    its shards' `decode` label names."""
     return backbone.decode_spec(config.fast_decode, config.max_pixels, config.decode, config.device_share)
 
 

@@ -99,7 +99,7 @@ def run_ray(plan, out: Path, config, address: str | None, timer) -> tuple[int, i
     """Embed `plan.pending` on a Ray cluster; the driver writes shards as the local engine does."""
     ray = import_ray()
     from .backbone import random_state_of, weights_argument
-    from .extractor import _progress, _ShardWriter, default_batch_size
+    from .extractor import _decode_spec, _progress, _ShardWriter, default_batch_size
 
     if not ray.is_initialized():
         ray.init(address=address, ignore_reinit_error=True, log_to_driver=False,
@@ -125,7 +125,7 @@ def run_ray(plan, out: Path, config, address: str | None, timer) -> tuple[int, i
     items = [{ROW_ID: r.row_id, FILE: r.file} for r in plan.pending]
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // batch_size, 4 * cpus)))
     ds = ds.map_batches(decode_batch, batch_size=batch_size, batch_format="numpy", num_cpus=1,
-                        fn_kwargs={"spec": backbone.decode_spec(config.fast_decode, config.max_pixels)})
+                        fn_kwargs={"spec": _decode_spec(backbone, config)})
     ds = ds.map_batches(_EmbedActor, batch_size=batch_size, batch_format="numpy",
                         fn_constructor_args=(backbone.model_name, weights, device, plan.precision, config.normalize,
                                              config.channels_last, backbone.weights_sha256, threads,
