@@ -345,7 +345,15 @@ def test_device_share_splits_jpegs_between_device_and_cpu_decoders(photo_dir, tm
     spec = DecodeSpec(None, (3, 224, 224), None, decode="device", device_share=0.5)
     share = np.mean([spec.on_device(r) for r in range(1000)])
     assert 0.45 < share < 0.55
-    assert [spec.on_device(r) for r in range(64)] == [spec.on_device(r) for r in range(64)]  # by row id only
+    # by row id, not by position in the dataset: a resumed run (a suffix of the listing) sends the
+    # same rows to the device as the first run did
+    from embedx._loader import ImageDataset
+    from embedx.images import list_images
+
+    rest = list_images([photo_dir]).records[3:]
+    ds = ImageDataset(rest, backbone.decode_spec(decode="device", device_share=0.5))
+    kinds = [ds[i][4] == "encoded" for i in range(len(rest))]
+    assert kinds == [spec.on_device(r.row_id) for r in rest] != [spec.on_device(i) for i in range(len(rest))]
 
     hyb = embedx.read_features(extract(photo_dir, tmp_path / "hyb", _cfg(decode="device", device_share=0.5),
                                        backbone=backbone).out_dir)
