@@ -56,7 +56,7 @@ def extract(
     out: Path = typer.Option(..., "--out", "-o", help="Output directory for the Parquet shards."),
     model: str = typer.Option("tf_efficientnet_lite0", help="Any timm model name."),
     weights: Optional[str] = typer.Option(None, help="auto (default: bundled, else hub) | bundled | hub | random | PATH to .pth/.safetensors."),
-    batch_size: Optional[int] = typer.Option(None, help="Images per batch [default: 256 on GPU, 32 on CPU]."),
+    batch_size: Optional[int] = typer.Option(None, help="Images per batch [default: 256 on GPU; on CPU 2 per thread, 4 to 32]."),
     num_workers: Optional[int] = typer.Option(None, help="Decoder processes [default: from the cores present]."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
     precision: str = typer.Option("auto", help="auto (bf16 on GPU and bf16-capable CPUs) | fp32 | bf16 | fp16."),
@@ -71,6 +71,7 @@ def extract(
     device_share: float = typer.Option(1.0, help="With --decode device: the share of JPEGs decoded on the device; the CPU workers decode the rest at the same time."),
     prefetch: int = typer.Option(2, help="Batches prepared ahead (copied to / decoded on the device) on a background thread; 0: inline."),
     compile: str = typer.Option("auto", help="auto (for runs of 20k+ images on CPU) | yes | no: torch.compile the backbone."),
+    heap: str = typer.Option("auto", help="auto (keep on CPU) | keep | release: keep = glibc reuses freed memory instead of returning it to the OS (no page faults per batch; the process keeps its peak)."),
     engine: str = typer.Option("local", help="local | ray (Ray Data on a cluster: pip install 'embedx[ray]')."),
     address: Optional[str] = typer.Option(None, help="Ray cluster address for --engine ray (e.g. ray://head:10001, auto)."),
     devices: Optional[str] = typer.Option(None, help="Several devices of this machine, e.g. cuda:0,cuda:1: one process each."),
@@ -90,7 +91,7 @@ def extract(
         model=model, weights=weights, batch_size=batch_size, num_workers=num_workers, device=device,
         precision=precision, labels=labels, shard_size=shard_size, normalize=normalize, dtype=dtype,
         overwrite=overwrite, max_pixels=max_pixels, fast_decode=fast_decode, decode=decode, device_share=device_share, prefetch=prefetch,
-        compile=compile, progress=progress,
+        compile=compile, heap=heap, progress=progress,
     )
     r = run_extract(inputs, out, config, engine=engine, address=address,
                     devices=[d.strip() for d in devices.split(",")] if devices else None)

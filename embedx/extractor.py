@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from . import shards
+from ._malloc import HEAP_CHOICES, keep_freed_memory, resolve_heap
 from .backbone import DEFAULT_MODEL, Backbone, autocast, load_backbone, resolve_device, resolve_precision
 from .errors import EmbedxError, InputError, OutputExistsError
 from .images import DEFAULT_MAX_PIXELS, ImageListing, ImageRecord, list_images
@@ -49,6 +50,7 @@ class ExtractConfig:
     channels_last: bool = True
     prefetch: int = 2  # batches prepared ahead on a background thread (own CUDA stream); 0: inline
     compile: str = "auto"  # auto | yes | no: torch.compile the backbone (auto: when the run is long enough)
+    heap: str = "auto"  # auto | keep | release: glibc keeps freed blocks for reuse (auto: on CPU); see _malloc
     progress: bool = True
 
 
@@ -171,6 +173,8 @@ def _check_config(config: ExtractConfig) -> None:
                              "use --decode pil (CPU decoder processes), or a torchvision that still has it.") from e
     if config.prefetch < 0:
         raise InputError(f"--prefetch must be 0 (prepare batches inline) or more, not {config.prefetch}.")
+    if config.heap not in HEAP_CHOICES:
+        raise InputError(f"--heap must be one of {', '.join(HEAP_CHOICES)}, not {config.heap!r}.")
 
 
 @dataclass
@@ -284,6 +288,8 @@ def _run_local(plan: _Plan, out: Path, config: ExtractConfig, timer: "_StageTime
     from ._prefetch import Prefetcher
 
     backbone, device, pending = plan.backbone, plan.device, plan.pending
+    if resolve_heap(config.heap, device):
+        keep_freed_memory()  # before the decoders fork, so that they inherit it
     batch_size = config.batch_size or default_batch_size(device)
     num_workers = default_num_workers(device) if config.num_workers is None else config.num_workers
     writer = _ShardWriter(out, plan.manifest, config, backbone.dim, plan.metadata, shared=shared_manifest)

@@ -67,15 +67,18 @@ class _EmbedActor:
 
     def __init__(self, model_name: str, weights: str | None, device: str, precision: str, normalize: bool,
                  channels_last: bool, expected_sha256: str | None, threads: int | None,
-                 random_state: dict | None = None):
+                 random_state: dict | None = None, heap: str = "auto"):
         import torch
 
+        from ._malloc import keep_freed_memory, resolve_heap
         from .backbone import load_matching, resolve_device
         from .extractor import _Embedder, _prepare_model
 
         if threads:
             torch.set_num_threads(threads)
         device = resolve_device(device) if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        if resolve_heap(heap, device):
+            keep_freed_memory()  # this actor's process: where the model's activations are allocated
         backbone = load_matching(model_name, weights, expected_sha256, random_state)
         self.dim = backbone.dim
         self.runner = _Embedder(_prepare_model(backbone, device, channels_last), backbone, device, precision,
@@ -129,7 +132,7 @@ def run_ray(plan, out: Path, config, address: str | None, timer) -> tuple[int, i
     ds = ds.map_batches(_EmbedActor, batch_size=batch_size, batch_format="numpy",
                         fn_constructor_args=(backbone.model_name, weights, device, plan.precision, config.normalize,
                                              config.channels_last, backbone.weights_sha256, threads,
-                                             random_state_of(backbone)),
+                                             random_state_of(backbone), config.heap),
                         **actor_opts)
     writer = _ShardWriter(out, plan.manifest, config, backbone.dim, plan.metadata)
     by_id = {r.row_id: r for r in plan.pending}

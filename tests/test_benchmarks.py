@@ -26,8 +26,13 @@ def run(script, tmp_path, *extra):
 def test_bench_extract_quick(tmp_path):
     r = run("bench_extract.py", tmp_path, "--cache", str(tmp_path / "cache"))
     ips = r["images_per_second"]
-    assert set(ips) == {"ceiling", "naive", "timm_style", "embedx"} and all(v > 0 for v in ips.values())
+    # on glibc (here) the engine keeps freed memory on CPU: the ceiling and timm-style loop are
+    # then measured on both sides of that switch
+    assert r["heap"] == "keep"
+    assert set(ips) == {"ceiling_release", "naive", "timm_style", "timm_style_keep", "ceiling", "embedx"}
+    assert all(v > 0 for v in ips.values())
     assert r["pipeline_efficiency"] == pytest.approx(ips["embedx"] / ips["ceiling"])
+    assert r["heap_keep_gain_ceiling"] == pytest.approx(ips["ceiling"] / ips["ceiling_release"])
 
 
 def test_bench_extract_batch_sizes_quick(tmp_path):

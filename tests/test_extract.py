@@ -373,6 +373,7 @@ def test_device_share_splits_jpegs_between_device_and_cpu_decoders(photo_dir, tm
     ({"device_share": 0.5}, "local", "needs --decode device"),
     ({"decode": "device", "device_share": 0.0}, "local", r"must be in \(0, 1\]"),
     ({"decode": "device"}, "ray", "leave out --decode device"),
+    ({"heap": "jemalloc"}, "local", "--heap must be one of auto, keep, release"),
 ])
 def test_decode_options_that_do_not_fit_are_refused_before_any_work(tiny_dir, tmp_path, kwargs, engine, message):
     from embedx.errors import InputError
