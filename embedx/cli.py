@@ -204,6 +204,7 @@ def finetune(
     head: str = typer.Option("linear", help="linear | mlp."),
     num_workers: Optional[int] = typer.Option(None, help="Data loader workers."),
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
+    heap: str = typer.Option("auto", help="auto (keep on CPU) | keep | release: as for `extract`."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Start over instead of resuming."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ):
@@ -217,7 +218,7 @@ def finetune(
     config = FinetuneConfig(model=model, weights=weights, head=head, unfreeze_blocks=unfreeze_blocks,
                             head_epochs=head_epochs, epochs=epochs, lr=lr, backbone_lr_scale=backbone_lr_scale,
                             batch_size=batch_size, val_fraction=val_fraction, patience=patience,
-                            num_workers=num_workers, device=device, progress=progress)
+                            num_workers=num_workers, device=device, heap=heap, progress=progress)
     m = run(images, out, config, val=val, overwrite=overwrite)
     typer.echo(
         f"fine-tuned: val accuracy {m['val_accuracy']:.4f} (head only {m['head_only_val_accuracy']:.4f}, "

@@ -88,3 +88,11 @@ def test_finetuned_backbone_reextracts_and_predicts(tiny_dir, tmp_path):
     by_shards = predict(tmp_path / "ft", [str(tmp_path / "f")])
     assert len(by_images.paths) == 24 and by_images.classes == ["class_0", "class_1", "class_2"]
     np.testing.assert_allclose(by_images.proba, by_shards.proba, atol=1e-4)
+
+
+def test_unknown_heap_choice_is_refused_before_any_work(tiny_dir, tmp_path):
+    from embedx.errors import InputError
+
+    with pytest.raises(InputError, match="--heap must be one of auto, keep, release"):
+        ft.finetune(tiny_dir, tmp_path / "ft", ft.FinetuneConfig(**TINY, heap="tcmalloc"))
+    assert not list((tmp_path / "ft").glob("*"))  # nothing written
