@@ -18,6 +18,7 @@ ones (2000x1500): timm's exact PIL transform vs embedx's default decode path.
 
     python benchmarks/bench_extract.py --images 512
     python benchmarks/bench_extract.py --memory
+    python benchmarks/bench_extract.py --batch-sizes 4 --heaps release,keep --rounds 3
     python benchmarks/bench_extract.py --decode-only
     python benchmarks/bench_extract.py --quick        # a smoke run (the test suite uses it)
 """
@@ -204,10 +205,10 @@ import json, shutil, sys, tempfile, time
 from pathlib import Path
 from embedx.backbone import load_backbone
 from embedx.extractor import ExtractConfig, extract
-folder, model, weights, bs = Path(sys.argv[1]), sys.argv[2], sys.argv[3] or None, int(sys.argv[4])
+folder, model, weights, bs, heap = Path(sys.argv[1]), sys.argv[2], sys.argv[3] or None, int(sys.argv[4]), sys.argv[5]
 backbone = load_backbone(model, weights)
 tmp = Path(tempfile.mkdtemp())
-cfg = ExtractConfig(model=model, batch_size=bs, progress=False, compile="no")
+cfg = ExtractConfig(model=model, batch_size=bs, progress=False, compile="no", heap=heap)
 extract(sorted(folder.rglob("*.jpg"))[:32], tmp / "warm-up", cfg, backbone=backbone)
 t = time.perf_counter()
 r = extract(folder, tmp / "out", cfg, backbone=backbone)
@@ -216,15 +217,18 @@ shutil.rmtree(tmp)
 """
 
 
-def bench_batch_sizes(folder: Path, model: str, weights: str | None, sizes: list[int], rounds: int) -> dict:
-    """`extract` end to end per batch size, each run in a fresh process (as a user's run is),
-    after a 32-image warm-up; rounds interleave the sizes so drifts of a shared machine hit all."""
-    out = {bs: [] for bs in sizes}
+def bench_batch_sizes(folder: Path, model: str, weights: str | None, sizes: list[int], rounds: int,
+                      heaps: list[str] = ("auto",)) -> dict:
+    """`extract` end to end per batch size (and --heap choice), each run in a fresh process (as a
+    user's run is, and the heap switch is one-way), after a 32-image warm-up; rounds interleave
+    the variants so drifts of a shared machine hit all."""
+    variants = [(bs, heap) for bs in sizes for heap in heaps]
+    out = {v: [] for v in variants}
     for _ in range(rounds):
-        for bs in sizes:
-            proc = subprocess.run([sys.executable, "-c", _ONE_RUN, str(folder), model, weights or "", str(bs)],
+        for bs, heap in variants:
+            proc = subprocess.run([sys.executable, "-c", _ONE_RUN, str(folder), model, weights or "", str(bs), heap],
                                   capture_output=True, text=True, check=True)
-            out[bs].append(json.loads(proc.stdout.strip().splitlines()[-1])["images_per_second"])
+            out[bs, heap].append(json.loads(proc.stdout.strip().splitlines()[-1])["images_per_second"])
     return out
 
 
@@ -241,6 +245,7 @@ def main() -> None:
     ap.add_argument("--batch-sizes", default=None,
                     help="e.g. 16,8,4: end-to-end img/s per batch size instead (fresh process per run)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds for --batch-sizes")
+    ap.add_argument("--heaps", default="auto", help="with --batch-sizes: --heap choices to compare, e.g. release,keep")
     ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "embedx-bench")
     ap.add_argument("--quick", action="store_true", help="tiny sizes: checks the benchmark runs")
     ap.add_argument("--out", type=Path, default=None)
@@ -272,11 +277,14 @@ def main() -> None:
         sizes = [int(x) for x in args.batch_sizes.split(",")]
         model = "test_efficientnet" if args.quick else args.model
         folder = photo_folder(16 if args.quick else args.images, cache)
-        runs = bench_batch_sizes(folder, model, "random" if args.quick else None, sizes, 1 if args.quick else args.rounds)
-        for bs, v in runs.items():
-            print(f"batch {bs:>4}: " + ", ".join(f"{x:.1f}" for x in v) + " img/s")
+        heaps = args.heaps.split(",")
+        runs = bench_batch_sizes(folder, model, "random" if args.quick else None, sizes, 1 if args.quick else args.rounds,
+                                 heaps)
+        key = {(bs, heap): str(bs) if heaps == ["auto"] else f"{bs}/{heap}" for bs, heap in runs}
+        for v, ips in runs.items():
+            print(f"batch {key[v]:>12}: " + ", ".join(f"{x:.1f}" for x in ips) + " img/s")
         result = {"benchmark": "extract-batch-sizes", "model": model, "env": env, "images": len(files_of(folder)),
-                  "images_per_second": {str(bs): v for bs, v in runs.items()}}
+                  "images_per_second": {key[v]: ips for v, ips in runs.items()}}
         write_result(result, "extract_batch_sizes", args.quick, args.out)
         return
 

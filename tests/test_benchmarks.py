@@ -41,6 +41,13 @@ def test_bench_extract_batch_sizes_quick(tmp_path):
     assert set(ips) == {"8", "4"} and all(len(v) == 1 and v[0] > 0 for v in ips.values())
 
 
+def test_bench_extract_heaps_quick(tmp_path):
+    r = run("bench_extract.py", tmp_path, "--batch-sizes", "4", "--heaps", "release,keep",
+            "--cache", str(tmp_path / "cache"))
+    ips = r["images_per_second"]
+    assert set(ips) == {"4/release", "4/keep"} and all(len(v) == 1 and v[0] > 0 for v in ips.values())
+
+
 def test_bench_extract_memory_quick(tmp_path):
     r = run("bench_extract.py", tmp_path, "--memory", "--cache", str(tmp_path / "cache"))
     assert [x["images"] for x in r["runs"]] == [200, 1000] and all(x["peak_rss_mib"] > 0 for x in r["runs"])
