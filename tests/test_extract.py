@@ -127,12 +127,29 @@ def test_deterministic_across_worker_counts_and_prefetch(tiny_dir, tmp_path, bac
     a = extract(tiny_dir, tmp_path / "a", _cfg(num_workers=0), backbone=backbone)
     b = extract(tiny_dir, tmp_path / "b", _cfg(num_workers=2), backbone=backbone)
     c = extract(tiny_dir, tmp_path / "c", _cfg(num_workers=2, prefetch=0), backbone=backbone)  # no prefetch thread
-    assert a.num_embedded == b.num_embedded == c.num_embedded == 24
-    fa, fb, fc = (embedx.read_features(tmp_path / x) for x in "abc")
-    assert fa.paths == fb.paths == fc.paths and fa.row_ids.tolist() == fb.row_ids.tolist() == fc.row_ids.tolist()
-    np.testing.assert_array_equal(fa.embeddings, fb.embeddings)
-    np.testing.assert_array_equal(fa.embeddings, fc.embeddings)
+    d = extract(tiny_dir, tmp_path / "d", _cfg(num_workers=0, prefetch=2), backbone=backbone)  # decoding on the thread
+    assert a.num_embedded == b.num_embedded == c.num_embedded == d.num_embedded == 24
+    fa, fb, fc, fd = (embedx.read_features(tmp_path / x) for x in "abcd")
+    assert fa.paths == fb.paths == fc.paths == fd.paths
+    assert fa.row_ids.tolist() == fb.row_ids.tolist() == fc.row_ids.tolist() == fd.row_ids.tolist()
+    for f in (fb, fc, fd):
+        np.testing.assert_array_equal(fa.embeddings, f.embeddings)
     assert {"input_wait", "loader_wait", "prepare", "model", "write"} <= set(b.stage_seconds)
+
+
+@pytest.mark.parametrize("cpus, device, workers, prefetch", [
+    (2, "cpu", 0, 0),  # the model's threads take both cores: decode between batches, inline
+    (1, "cpu", 0, 0),
+    (8, "cpu", 2, 2),  # decoder processes, and the thread hands their batches over
+    (2, "cuda", 1, 2),  # on a GPU the CPU decoders are the bottleneck
+    (16, "cuda", 15, 2),
+])
+def test_default_decoders_and_prefetch_follow_the_hardware(monkeypatch, cpus, device, workers, prefetch):
+    from embedx.extractor import default_num_workers, default_prefetch
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(cpus)), raising=False)
+    assert default_num_workers(device) == workers
+    assert default_prefetch(device, workers) == prefetch
 
 
 def test_rerun_same_config_is_noop_and_other_config_refused(tiny_dir, tmp_path, backbone):
