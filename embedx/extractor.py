@@ -82,7 +82,8 @@ class ExtractResult:
     device: str
     # where the time went. Main thread: input_wait (no prepared batch ready), model, write;
     # prefetch thread (overlaps them): loader_wait (starved by the decoders), prepare (copy to
-    # the device, and device_decode within it with --decode device)
+    # the device, and device_decode within it with --decode device). With --prefetch 0 all run
+    # on the main thread, and with --num-workers 0 loader_wait is the decoding itself
     stage_seconds: dict | None = None
 
     @property
