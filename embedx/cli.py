@@ -202,7 +202,7 @@ def finetune(
     batch_size: int = typer.Option(32, help="Batch size."),
     patience: int = typer.Option(3, help="Early stopping patience (epochs)."),
     head: str = typer.Option("linear", help="linear | mlp."),
-    num_workers: Optional[int] = typer.Option(None, help="Data loader workers."),
+    num_workers: Optional[int] = typer.Option(None, help="Data loader processes [default: up to 4; 0 on 2-core machines]."),
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
     heap: str = typer.Option("auto", help="auto (keep on CPU) | keep | release: as for `extract`."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Start over instead of resuming."),

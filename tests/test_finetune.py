@@ -96,3 +96,9 @@ def test_unknown_heap_choice_is_refused_before_any_work(tiny_dir, tmp_path):
     with pytest.raises(InputError, match="--heap must be one of auto, keep, release"):
         ft.finetune(tiny_dir, tmp_path / "ft", ft.FinetuneConfig(**TINY, heap="tcmalloc"))
     assert not list((tmp_path / "ft").glob("*"))  # nothing written
+
+
+@pytest.mark.parametrize("cpus, workers", [(1, 0), (2, 0), (3, 2), (8, 4)])
+def test_default_loader_workers_follow_the_cores(monkeypatch, cpus, workers):
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(cpus)), raising=False)
+    assert ft.default_num_workers() == workers
