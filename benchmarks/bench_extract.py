@@ -9,8 +9,8 @@ seed), the same model and thread count, reports images/s of
 3. timm-style- a torch DataLoader with workers, batched, fp32 (timm inference.py defaults), with
                glibc's default heap (and again after the engine's heap switch: timm_style_keep);
 4. embedx    - `embedx.extract` end to end, shards written: timed twice in a row, the first run
-               (embedx_first_run: one-off start-up costs) and the second (embedx, used for
-               the ratios, as the ceiling is timed after its warm-up);
+               (embedx_first_run) and the second (embedx, used for the ratios, as the
+               ceiling is timed after its warm-up);
 
 and the ratios embedx/ceiling (pipeline efficiency) and embedx/timm-style. With --memory it
 also runs `embedx extract` in subprocesses on 10k and 100k small generated images with a
@@ -311,7 +311,7 @@ def main() -> None:
     from embedx.extractor import default_batch_size
 
     args.batch_size = args.batch_size or default_batch_size(device)
-    from embedx._malloc import keep_freed_memory, resolve_heap
+    from embedx._malloc import apply_heap
 
     res = {}
     # the loops people write run with glibc's allocator as it comes; the engine (on CPU) makes
@@ -323,13 +323,14 @@ def main() -> None:
     # timm's inference.py defaults: batch 256 (--batch-size), fp32, 2 workers; capped to what fits here
     timm_batch = min(len(files), args.timm_batch_size)
     res["timm_style"] = bench_timm_style(backbone, files, timm_batch, args.timm_workers)
-    heap = "keep" if resolve_heap("auto", device) and keep_freed_memory() else "release"
+    heap = "keep" if apply_heap("auto", device) else "release"
     if heap == "keep":
         res["timm_style_keep"] = bench_timm_style(backbone, files, timm_batch, args.timm_workers)
     res["ceiling"] = bench_ceiling(backbone, len(files), args.batch_size, device, precision)
     backbone = load_backbone(args.model, "random" if args.quick and args.model.startswith("test_") else None)
-    # the first run in a process pays one-off costs (decoder process start, the model's first
-    # batches); the ceiling is timed after its warm-up, so embedx's ratio uses the second run
+    # the ceiling is timed after a warm-up, and so is embedx: its ratio uses the second run. (The
+    # first, right after the baseline loops, ran slower here - 27-38 vs 34-41 img/s - while in a
+    # fresh process first and later runs match; not explained)
     res["embedx_first_run"], _ = bench_embedx(backbone, folder, args.batch_size)
     res["embedx"], info = bench_embedx(backbone, folder, args.batch_size)
     result = {

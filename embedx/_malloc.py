@@ -65,10 +65,23 @@ def keep_freed_memory() -> bool:
     return True
 
 
+def check_heap(choice: str) -> None:
+    """Refuse a --heap value that is not one of HEAP_CHOICES (before any work is done)."""
+    if choice not in HEAP_CHOICES:
+        from .errors import InputError
+
+        raise InputError(f"--heap must be one of {', '.join(HEAP_CHOICES)}, not {choice!r}.")
+
+
 def resolve_heap(choice: str, device: str) -> bool:
     """Whether a run keeps freed memory: `keep`, `release` (glibc's default), or `auto`: keep on
     CPU devices, where the model's own activations are the large blocks (measured there).
-    `choice` is one of HEAP_CHOICES (checked with the rest of the config)."""
+    `choice` is one of HEAP_CHOICES (see check_heap)."""
     if choice == "auto":
         return device == "cpu" and is_glibc()
     return choice == "keep"
+
+
+def apply_heap(choice: str, device: str) -> bool:
+    """Keep freed memory from now on if the run's --heap choice says so. True if it is in effect."""
+    return resolve_heap(choice, device) and keep_freed_memory()

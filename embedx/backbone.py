@@ -228,6 +228,11 @@ def resolve_device(device: str = "auto") -> str:
     return device
 
 
+def usable_cpus() -> int:
+    """The cores this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def resolve_precision(precision: str, device: str) -> str:
     """'auto' -> bf16 on CUDA and on CPUs with native bf16 support, else fp32."""
     import torch

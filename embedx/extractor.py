@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from . import shards
-from ._malloc import HEAP_CHOICES, keep_freed_memory, resolve_heap
-from .backbone import DEFAULT_MODEL, Backbone, autocast, load_backbone, resolve_device, resolve_precision
+from ._malloc import apply_heap, check_heap
+from .backbone import DEFAULT_MODEL, Backbone, autocast, load_backbone, resolve_device, resolve_precision, usable_cpus
 from .errors import EmbedxError, InputError, OutputExistsError
 from .images import DEFAULT_MAX_PIXELS, ImageListing, ImageRecord, list_images
 
@@ -109,7 +109,7 @@ def default_batch_size(device: str) -> int:
 
 
 def default_num_workers(device: str) -> int:
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cpus = usable_cpus()
     if device.startswith("cuda"):
         return max(1, min(cpus - 1, 16))  # on a GPU the decoder is the bottleneck
     # on a CPU the model is the bottleneck and its intra-op threads use every core. On 2 cores a
@@ -186,8 +186,7 @@ def _check_config(config: ExtractConfig) -> None:
                              "use --decode pil (CPU decoder processes), or a torchvision that still has it.") from e
     if config.prefetch is not None and config.prefetch < 0:
         raise InputError(f"--prefetch must be 0 (prepare batches inline) or more, not {config.prefetch}.")
-    if config.heap not in HEAP_CHOICES:
-        raise InputError(f"--heap must be one of {', '.join(HEAP_CHOICES)}, not {config.heap!r}.")
+    check_heap(config.heap)
 
 
 @dataclass
@@ -301,8 +300,7 @@ def _run_local(plan: _Plan, out: Path, config: ExtractConfig, timer: "_StageTime
     from ._prefetch import Prefetcher
 
     backbone, device, pending = plan.backbone, plan.device, plan.pending
-    if resolve_heap(config.heap, device):
-        keep_freed_memory()  # before the decoders fork, so that they inherit it
+    apply_heap(config.heap, device)  # before the decoders fork, so that they inherit it
     batch_size = config.batch_size or default_batch_size(device)
     num_workers = default_num_workers(device) if config.num_workers is None else config.num_workers
     writer = _ShardWriter(out, plan.manifest, config, backbone.dim, plan.metadata, shared=shared_manifest)

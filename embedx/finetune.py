@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ._malloc import HEAP_CHOICES, keep_freed_memory, resolve_heap
-from .backbone import DEFAULT_MODEL, Backbone, autocast, load_backbone, resolve_device, resolve_precision
+from ._malloc import apply_heap, check_heap
+from .backbone import DEFAULT_MODEL, Backbone, autocast, load_backbone, resolve_device, resolve_precision, usable_cpus
 from .errors import FeaturesError, InputError
 from .images import ImageDecodeError, ImageRecord, decode_image, list_images
 
@@ -98,7 +98,7 @@ def default_num_workers() -> int:
     machines, where a loader process preempts one of the model's two threads and the other waits
     for it: measured there (Lite0, 512 photos, `embedx finetune --head-epochs 1 --epochs 1`, three
     interleaved rounds): 50.8 / 52.3 / 63.4 s with 0 workers vs 71.0 / 73.9 / 80.9 s with 1."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cpus = usable_cpus()
     return 0 if cpus <= 2 else min(4, cpus - 1)
 
 
@@ -152,17 +152,15 @@ def finetune(images, out, config: FinetuneConfig = FinetuneConfig(), *, val=None
 
     from .heads import make_head
 
+    check_heap(config.heap)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     device = resolve_device(config.device)
-    if config.heap not in HEAP_CHOICES:
-        raise InputError(f"--heap must be one of {', '.join(HEAP_CHOICES)}, not {config.heap!r}.")
-    if resolve_heap(config.heap, device):
-        # backward passes free and re-allocate large blocks every step: measured on 2 cores,
-        # Lite0 batch 32 with 2 blocks unfrozen, ~300k page faults a step and 2.4-2.7 s/step
-        # with glibc's default vs 0 and 1.6-1.7 s/step kept
-        keep_freed_memory()
+    # backward passes free and re-allocate large blocks every step: measured on 2 cores, Lite0
+    # batch 32 with 2 blocks unfrozen, ~300k page faults a step and 2.4-2.7 s/step with glibc's
+    # default vs 0 and 1.6-1.7 s/step kept
+    apply_heap(config.heap, device)
     precision = resolve_precision("auto", device) if device.startswith("cuda") else "fp32"
     train_records, val_records, classes = _split(images, val, config)
     fingerprint = _fingerprint(config, train_records, val_records)

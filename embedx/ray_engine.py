@@ -70,15 +70,14 @@ class _EmbedActor:
                  random_state: dict | None = None, heap: str = "auto"):
         import torch
 
-        from ._malloc import keep_freed_memory, resolve_heap
+        from ._malloc import apply_heap
         from .backbone import load_matching, resolve_device
         from .extractor import _Embedder, _prepare_model
 
         if threads:
             torch.set_num_threads(threads)
         device = resolve_device(device) if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        if resolve_heap(heap, device):
-            keep_freed_memory()  # this actor's process: where the model's activations are allocated
+        apply_heap(heap, device)  # this actor's process: where the model's activations are allocated
         backbone = load_matching(model_name, weights, expected_sha256, random_state)
         self.dim = backbone.dim
         self.runner = _Embedder(_prepare_model(backbone, device, channels_last), backbone, device, precision,
