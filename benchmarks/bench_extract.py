@@ -16,11 +16,13 @@ and the ratios embedx/ceiling (pipeline efficiency) and embedx/timm-style. With 
 also runs `embedx extract` in subprocesses on 10k and 100k small generated images with a
 tiny model and reports each run's peak RSS (it must stay flat as the corpus grows). With
 --decode-only it times one decoder (one process, one thread) on the same JPEGs and on large
-ones (2000x1500): timm's exact PIL transform vs embedx's default decode path.
+ones (2000x1500): timm's exact PIL transform vs embedx's default decode path, and that path
+with PIL decoding the JPEGs instead of simplejpeg.
 
     python benchmarks/bench_extract.py --images 512
     python benchmarks/bench_extract.py --memory
     python benchmarks/bench_extract.py --batch-sizes 4 --heaps release,keep --rounds 3
+    python benchmarks/bench_extract.py --batch-sizes 4 --jpeg-decoders pil,simplejpeg --rounds 5
     python benchmarks/bench_extract.py --decode-only
     python benchmarks/bench_extract.py --quick        # a smoke run (the test suite uses it)
 """
@@ -170,21 +172,29 @@ def large_folder(n: int, cache: Path, size=(2000, 1500)) -> Path:
     return d
 
 
-def bench_decode(backbone, files: list[str], fast: bool) -> float:
-    """ms per image of one decoder (this process, one thread): decode + resize + crop."""
+def bench_decode(backbone, files: list[str], fast: bool, simplejpeg: bool = True) -> float:
+    """ms per image of one decoder (this process, one thread): decode + resize + crop; with
+    `simplejpeg` False, JPEGs go through PIL as they do where simplejpeg is not installed."""
     import torch
 
+    import embedx.images as images
     from embedx._loader import ImageDataset
     from embedx.images import ImageRecord
 
     torch.set_num_threads(1)  # as in the decoder workers
     recs = [ImageRecord(i, f, f, None) for i, f in enumerate(files)]
     ds = ImageDataset(recs, backbone.decode_spec(fast))
-    ds[0]
-    t0 = time.perf_counter()
-    for i in range(len(ds)):
-        assert ds[i][4] is None, ds[i][4]
-    return (time.perf_counter() - t0) / len(ds) * 1000
+    saved = images._simplejpeg
+    if not simplejpeg:
+        images._simplejpeg = False  # "import failed": PIL decodes
+    try:
+        ds[0]
+        t0 = time.perf_counter()
+        for i in range(len(ds)):
+            assert ds[i][4] is None, ds[i][4]
+        return (time.perf_counter() - t0) / len(ds) * 1000
+    finally:
+        images._simplejpeg = saved
 
 
 def tiny_folder(n: int, cache: Path) -> Path:
@@ -208,6 +218,9 @@ from pathlib import Path
 from embedx.backbone import load_backbone
 from embedx.extractor import ExtractConfig, extract
 folder, model, weights, bs, heap = Path(sys.argv[1]), sys.argv[2], sys.argv[3] or None, int(sys.argv[4]), sys.argv[5]
+if sys.argv[6] == "pil":  # JPEGs decoded by PIL, as where simplejpeg is not installed
+    import embedx.images
+    embedx.images._simplejpeg = False
 backbone = load_backbone(model, weights)
 tmp = Path(tempfile.mkdtemp())
 cfg = ExtractConfig(model=model, batch_size=bs, progress=False, compile="no", heap=heap)
@@ -220,17 +233,17 @@ shutil.rmtree(tmp)
 
 
 def bench_batch_sizes(folder: Path, model: str, weights: str | None, sizes: list[int], rounds: int,
-                      heaps: list[str] = ("auto",)) -> dict:
-    """`extract` end to end per batch size (and --heap choice), each run in a fresh process (as a
-    user's run is, and the heap switch is one-way), after a 32-image warm-up; rounds interleave
-    the variants so drifts of a shared machine hit all."""
-    variants = [(bs, heap) for bs in sizes for heap in heaps]
+                      heaps: list[str] = ("auto",), jpegs: list[str] = ("simplejpeg",)) -> dict:
+    """`extract` end to end per batch size (and --heap choice, and JPEG decoder), each run in a
+    fresh process (as a user's run is, and the heap switch is one-way), after a 32-image warm-up;
+    rounds interleave the variants so drifts of a shared machine hit all."""
+    variants = [(bs, heap, jpeg) for bs in sizes for heap in heaps for jpeg in jpegs]
     out = {v: [] for v in variants}
     for _ in range(rounds):
-        for bs, heap in variants:
-            proc = subprocess.run([sys.executable, "-c", _ONE_RUN, str(folder), model, weights or "", str(bs), heap],
+        for bs, heap, jpeg in variants:
+            proc = subprocess.run([sys.executable, "-c", _ONE_RUN, str(folder), model, weights or "", str(bs), heap, jpeg],
                                   capture_output=True, text=True, check=True)
-            out[bs, heap].append(json.loads(proc.stdout.strip().splitlines()[-1])["images_per_second"])
+            out[bs, heap, jpeg].append(json.loads(proc.stdout.strip().splitlines()[-1])["images_per_second"])
     return out
 
 
@@ -248,6 +261,8 @@ def main() -> None:
                     help="e.g. 16,8,4: end-to-end img/s per batch size instead (fresh process per run)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds for --batch-sizes")
     ap.add_argument("--heaps", default="auto", help="with --batch-sizes: --heap choices to compare, e.g. release,keep")
+    ap.add_argument("--jpeg-decoders", default="simplejpeg",
+                    help="with --batch-sizes: JPEG decoders to compare, e.g. pil,simplejpeg")
     ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "embedx-bench")
     ap.add_argument("--quick", action="store_true", help="tiny sizes: checks the benchmark runs")
     ap.add_argument("--out", type=Path, default=None)
@@ -256,10 +271,12 @@ def main() -> None:
 
     from embedx.backbone import load_backbone, resolve_device, resolve_precision
     from embedx.extractor import default_num_workers
+    from embedx.images import jpeg_decoder
 
     threads = torch.get_num_threads()
     device = resolve_device("auto")
     env = {"device": device, "torch_threads": threads, "cpu_count": os.cpu_count(), "torch": torch.__version__,
+           "jpeg_decoder": jpeg_decoder(),
            "platform": platform.platform(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
     cache = args.cache
     if args.memory:
@@ -279,10 +296,11 @@ def main() -> None:
         sizes = [int(x) for x in args.batch_sizes.split(",")]
         model = "test_efficientnet" if args.quick else args.model
         folder = photo_folder(16 if args.quick else args.images, cache)
-        heaps = args.heaps.split(",")
+        heaps, jpegs = args.heaps.split(","), args.jpeg_decoders.split(",")
         runs = bench_batch_sizes(folder, model, "random" if args.quick else None, sizes, 1 if args.quick else args.rounds,
-                                 heaps)
-        key = {(bs, heap): str(bs) if heaps == ["auto"] else f"{bs}/{heap}" for bs, heap in runs}
+                                 heaps, jpegs)
+        key = {v: "/".join([str(v[0])] + ([v[1]] if heaps != ["auto"] else []) + ([v[2]] if len(jpegs) > 1 else []))
+               for v in runs}
         for v, ips in runs.items():
             print(f"batch {key[v]:>12}: " + ", ".join(f"{x:.1f}" for x in ips) + " img/s")
         result = {"benchmark": "extract-batch-sizes", "model": model, "env": env, "images": len(files_of(folder)),
@@ -296,8 +314,11 @@ def main() -> None:
         for name, files in (("photos_500x375", files_of(photo_folder(16 if args.quick else args.images, cache))),
                             ("large_2000x1500", files_of(large_folder(8 if args.quick else 64, cache)))):
             exact, fast = bench_decode(backbone, files, False), bench_decode(backbone, files, True)
-            rows[name] = {"images": len(files), "exact_ms": exact, "embedx_ms": fast, "speedup": exact / fast}
-            print(f"{name:>16}: timm exact {exact:6.2f} ms/img, embedx {fast:6.2f} ms/img ({exact / fast:.2f}x)")
+            pil = bench_decode(backbone, files, True, simplejpeg=False)
+            rows[name] = {"images": len(files), "exact_ms": exact, "embedx_ms": fast, "speedup": exact / fast,
+                          "embedx_pil_ms": pil, "simplejpeg_gain": pil / fast}
+            print(f"{name:>16}: timm exact {exact:6.2f} ms/img, embedx {fast:6.2f} ms/img ({exact / fast:.2f}x); "
+                  f"embedx with PIL's JPEG decoder {pil:6.2f} ms/img (simplejpeg {pil / fast:.2f}x)")
         result = {"benchmark": "extract-decode", "model": args.model, "env": env, "one_decoder": rows,
                   "embedx_decode": {"draft_size": backbone.draft_size(True), "transform": repr(backbone.worker_transform(True))}}
         write_result(result, "extract_decode", args.quick, args.out)

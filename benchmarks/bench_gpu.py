@@ -103,6 +103,7 @@ def main() -> None:
     from bench_extract import bench_ceiling
     from embedx.backbone import load_backbone, resolve_precision
     from embedx.extractor import ExtractConfig, default_num_workers, extract
+    from embedx.images import jpeg_decoder
 
     tmp = Path(tempfile.mkdtemp(prefix="embedx-gpu-"))
     t0 = time.perf_counter()
@@ -111,7 +112,8 @@ def main() -> None:
     precision = resolve_precision("auto", args.device)
     env = {"device": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else platform.processor(),
            "torch": torch.__version__, "cpu_count": os.cpu_count(), "precision": precision,
-           "num_workers": default_num_workers(args.device), "images": args.images, "batch_size": args.batch_size}
+           "num_workers": default_num_workers(args.device), "images": args.images, "batch_size": args.batch_size,
+           "jpeg_decoder": jpeg_decoder()}
     print(json.dumps(env), flush=True)
     runs = []
     first = args.models.split(",")[0]

@@ -5,6 +5,8 @@
 # model also the GPU-decode stage alone and both paths with --prefetch 0 (the serial baseline).
 #   bash benchmarks/gpu_extract.sh            # N_IMAGES=20000 by default
 # Needs torch (CUDA), timm, torchvision, pyarrow, typer, pillow, scikit-image; not faiss.
+# simplejpeg too, for the CPU workers' fast JPEG path (without it PIL decodes, slower, and
+# the result's env.jpeg_decoder says "PIL"): carry its wheel where there is no internet.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"

@@ -248,10 +248,14 @@ def decode_image(file: str, draft_size: int | None = None, max_pixels: int | Non
 _simplejpeg = None  # the module, False once its import failed
 
 
-def _turbo_decode(file: str, size: tuple[int, int], draft_size: int | None):
-    """A JPEG's RGB pixels from simplejpeg at the DCT scale PIL's `draft` would pick (the largest
-    of 1/8, 1/4, 1/2, 1 that keeps both sides >= draft_size), or None for whatever it declines
-    (libjpeg warnings are errors in strict mode; PIL then decodes, or classifies the failure)."""
+def jpeg_decoder() -> str:
+    """Which library decodes plain JPEGs on the array path: "simplejpeg X.Y.Z" or "PIL"."""
+    sj = _load_simplejpeg()
+    return f"simplejpeg {sj.__version__}" if sj else "PIL"
+
+
+def _load_simplejpeg():
+    """The simplejpeg module, or False (once said why) when it is not installed."""
     global _simplejpeg
     if _simplejpeg is None:
         try:
@@ -262,7 +266,15 @@ def _turbo_decode(file: str, size: tuple[int, int], draft_size: int | None):
             _simplejpeg = False
             log.warning("simplejpeg is not installed: JPEGs are decoded by PIL (same pixels, ~40%% slower). "
                         "`pip install simplejpeg` for the faster path.")
-    if not _simplejpeg:
+    return _simplejpeg
+
+
+def _turbo_decode(file: str, size: tuple[int, int], draft_size: int | None):
+    """A JPEG's RGB pixels from simplejpeg at the DCT scale PIL's `draft` would pick (the largest
+    of 1/8, 1/4, 1/2, 1 that keeps both sides >= draft_size), or None for whatever it declines
+    (libjpeg warnings are errors in strict mode; PIL then decodes, or classifies the failure)."""
+    sj = _load_simplejpeg()
+    if not sj:
         return None
     w, h = size
     scale = 1
@@ -273,8 +285,8 @@ def _turbo_decode(file: str, size: tuple[int, int], draft_size: int | None):
     try:
         with open(file, "rb") as f:
             data = f.read()
-        arr = _simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=want[0], min_width=want[1], strict=True)
-    except (ValueError, OSError):
+        arr = sj.decode_jpeg(data, colorspace="RGB", min_height=want[0], min_width=want[1], strict=True)
+    except Exception:  # noqa: BLE001 - PIL decodes, or classifies, whatever simplejpeg declines
         return None
     return arr if arr.shape[:2] == want else None
 

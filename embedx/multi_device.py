@@ -67,16 +67,15 @@ def run_devices(plan, out: Path, config, devices: list[str]) -> tuple[int, int]:
 def _device_main(records, out: str, config, metadata: dict, expected_sha256: str | None, cpu_share: int = 1,
                  random_state: dict | None = None) -> None:
     """Child process: embed its shards on its device with the local engine."""
-    import os
-
     import torch
 
     from . import shards
+    from .backbone import load_matching, usable_cpus
 
     if config.device == "cpu" and cpu_share > 1:
-        # CPU "devices" share the machine's cores: without this each would start one thread per core
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // cpu_share))
-    from .backbone import load_matching
+        # CPU "devices" share the cores this process may use (its affinity mask, as in the
+        # engine's defaults): without this each would start one thread per core
+        torch.set_num_threads(max(1, usable_cpus() // cpu_share))
     from .extractor import _Plan, _run_local, _StageTimer
 
     backbone = load_matching(config.model, config.weights, expected_sha256, random_state)

@@ -42,11 +42,13 @@ def test_bench_extract_batch_sizes_quick(tmp_path):
     assert set(ips) == {"8", "4"} and all(len(v) == 1 and v[0] > 0 for v in ips.values())
 
 
-def test_bench_extract_heaps_quick(tmp_path):
+def test_bench_extract_heaps_and_jpeg_decoders_quick(tmp_path):
     r = run("bench_extract.py", tmp_path, "--batch-sizes", "4", "--heaps", "release,keep",
-            "--cache", str(tmp_path / "cache"))
+            "--jpeg-decoders", "pil,simplejpeg", "--cache", str(tmp_path / "cache"))
     ips = r["images_per_second"]
-    assert set(ips) == {"4/release", "4/keep"} and all(len(v) == 1 and v[0] > 0 for v in ips.values())
+    assert set(ips) == {"4/release/pil", "4/release/simplejpeg", "4/keep/pil", "4/keep/simplejpeg"}
+    assert all(len(v) == 1 and v[0] > 0 for v in ips.values())
+    assert r["env"]["jpeg_decoder"].startswith("simplejpeg ")
 
 
 def test_bench_extract_memory_quick(tmp_path):
@@ -59,6 +61,7 @@ def test_bench_gpu_script_runs_on_the_cpu(tmp_path):
     through (on the CPU, tiny model) and reports every figure, before it is carried there."""
     r = run("bench_gpu.py", tmp_path)
     (row,) = r["runs"]
+    assert r["env"]["jpeg_decoder"].startswith("simplejpeg ")
     keys = ("ceiling", "e2e_pil", "e2e_device", "e2e_pil_prefetch0", "e2e_device_prefetch0",
             "e2e_device_share0.4", "e2e_device_share0.7")
     assert all(row[k] > 0 for k in keys), row
@@ -78,6 +81,7 @@ def test_bench_extract_decode_quick(tmp_path):
     r = run("bench_extract.py", tmp_path, "--decode-only", "--cache", str(tmp_path / "cache"))
     rows = r["one_decoder"]
     assert set(rows) == {"photos_500x375", "large_2000x1500"}
+    assert all(row["embedx_pil_ms"] > 0 and row["simplejpeg_gain"] > 0 for row in rows.values())
     assert all(x["exact_ms"] > 0 and x["embedx_ms"] > 0 for x in rows.values())
 
 
