@@ -80,7 +80,9 @@ class ExtractResult:
     bytes_written: int
     precision: str
     device: str
-    # where the time went. Main thread: input_wait (no prepared batch ready), model, write;
+    # where the time went. plan: importing torch/timm, loading the model (unless passed in),
+    # the fingerprint and manifest; startup: decoders and model moved to the device. Main
+    # thread: input_wait (no prepared batch ready), model, write;
     # prefetch thread (overlaps them): loader_wait (starved by the decoders), prepare (copy to
     # the device, and device_decode within it with --decode device). With --prefetch 0 all run
     # on the main thread, and with --num-workers 0 loader_wait is the decoding itself
@@ -88,8 +90,16 @@ class ExtractResult:
 
     @property
     def images_per_second(self) -> float:
+        """Images done by this call per second of the whole call, start-up included."""
         done = self.num_embedded + self.num_errors - self.num_skipped
         return done / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def setup_seconds(self) -> float:
+        """The one-off part of `seconds`: the plan and startup stages (imports, model loading,
+        decoders starting). Small runs are mostly this; the rest is the throughput of the engine."""
+        stages = self.stage_seconds or {}
+        return stages.get("plan", 0.0) + stages.get("startup", 0.0)
 
 
 def default_batch_size(device: str) -> int:
@@ -209,7 +219,8 @@ def _extract_locked(listing: ImageListing, out: Path, config: ExtractConfig, bac
                     engine: str = "local", address: str | None = None, devices: list[str] | None = None) -> ExtractResult:
     t0 = time.perf_counter()
     timer = _StageTimer()
-    plan = _plan(listing, out, config, backbone)
+    with timer("plan"):
+        plan = _plan(listing, out, config, backbone)
     embedded = errors = 0
     if plan.pending:
         if plan.skipped:

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 from typer.testing import CliRunner
@@ -32,6 +33,8 @@ def test_cli_extract_then_info(tiny_dir, tmp_path):
                                  "--shard-size", "10", "--no-progress"])
     assert result.exit_code == 0, result.output
     assert "24 embedded, 0 errors" in result.output
+    # the engine's rate is reported apart from the one-off start-up (imports, model loading)
+    assert re.search(r"img/s after \d+\.\d s of start-up", result.output), result.output
     assert len(embedx.read_features(out)) == 24
     result = runner.invoke(app, ["info", str(out), "--json"])
     assert result.exit_code == 0, result.output

@@ -134,7 +134,8 @@ def test_deterministic_across_worker_counts_and_prefetch(tiny_dir, tmp_path, bac
     assert fa.row_ids.tolist() == fb.row_ids.tolist() == fc.row_ids.tolist() == fd.row_ids.tolist()
     for f in (fb, fc, fd):
         np.testing.assert_array_equal(fa.embeddings, f.embeddings)
-    assert {"input_wait", "loader_wait", "prepare", "model", "write"} <= set(b.stage_seconds)
+    assert {"plan", "startup", "input_wait", "loader_wait", "prepare", "model", "write"} <= set(b.stage_seconds)
+    assert 0 < b.setup_seconds < b.seconds
 
 
 @pytest.mark.parametrize("cpus, device, workers, prefetch", [
