@@ -264,7 +264,7 @@ def _load_simplejpeg():
             _simplejpeg = simplejpeg
         except ImportError:
             _simplejpeg = False
-            log.warning("simplejpeg is not installed: JPEGs are decoded by PIL (same pixels, ~40%% slower). "
+            log.warning("simplejpeg is not installed: JPEGs are decoded by PIL (same pixels, slower). "
                         "`pip install simplejpeg` for the faster path.")
     return _simplejpeg
 
