@@ -66,8 +66,10 @@ def extract(
     dtype: str = typer.Option("float32", help="Stored embedding type: float32 | float16."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run with another configuration in --out."),
     max_pixels: int = typer.Option(178_956_970, help="Refuse images with more pixels than this (decompression bombs)."),
-    fast_decode: bool = typer.Option(True, "--fast-decode/--exact-decode", help="Decode JPEGs at reduced scale when the model needs fewer pixels."),
-    decode: str = typer.Option("pil", help="pil (CPU worker processes) | device (JPEG decode + resize on the GPU with nvJPEG)."),
+    fast_decode: bool = typer.Option(True, "--fast-decode/--exact-decode", help="Fast path: JPEGs decoded by simplejpeg (PIL's pixels) at a reduced DCT scale when the model "
+                                     "needs fewer pixels, resize + crop on uint8 tensors (cosine >= 0.999 of timm's exact "
+                                     "PIL transform). --exact-decode: timm's PIL transform as is."),
+    decode: str = typer.Option("pil", help="pil (on the CPU: decoder processes, simplejpeg or PIL) | device (JPEG decode + resize on the GPU with nvJPEG)."),
     device_share: float = typer.Option(1.0, help="With --decode device: the share of JPEGs decoded on the device; the CPU workers decode the rest at the same time."),
     prefetch: Optional[int] = typer.Option(None, help="Batches prepared ahead (copied to / decoded on the device) on a background thread; 0: inline [default: 2; 0 on a CPU that decodes in-process]."),
     compile: str = typer.Option("auto", help="auto (for runs of 20k+ images on CPU) | yes | no: torch.compile the backbone."),
