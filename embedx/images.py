@@ -216,12 +216,13 @@ def decode_image(file: str, draft_size: int | None = None, max_pixels: int | Non
                 orientation = _exif_orientation(im)
                 if orientation in (5, 6, 7, 8):
                     width, height = height, width
-                if as_array and im.format == "JPEG" and orientation in (None, 1) and im.mode in ("RGB", "L"):
-                    arr = _turbo_decode(file, im.size, draft_size)
+                upright_jpeg = im.format == "JPEG" and orientation in (None, 1)
+                if draft_size and upright_jpeg:
+                    im.draft("RGB", (draft_size, draft_size))  # sets the DCT scale; im.size is now the decoded size
+                if as_array and upright_jpeg and im.mode in ("RGB", "L"):
+                    arr = _turbo_decode(file, im.size)
                     if arr is not None:
                         return DecodedImage(arr, width, height)
-                if draft_size and im.format == "JPEG" and orientation in (None, 1):
-                    im.draft("RGB", (draft_size, draft_size))
                 if getattr(im, "n_frames", 1) > 1:
                     im.seek(0)
                 im.load()
@@ -269,26 +270,22 @@ def _load_simplejpeg():
     return _simplejpeg
 
 
-def _turbo_decode(file: str, size: tuple[int, int], draft_size: int | None):
-    """A JPEG's RGB pixels from simplejpeg at the DCT scale PIL's `draft` would pick (the largest
-    of 1/8, 1/4, 1/2, 1 that keeps both sides >= draft_size), or None for whatever it declines
-    (libjpeg warnings are errors in strict mode; PIL then decodes, or classifies the failure)."""
+def _turbo_decode(file: str, size: tuple[int, int]):
+    """A JPEG's RGB pixels from simplejpeg at `size` (PIL's decoded size: the DCT scale its `draft`
+    picked, or the full size), or None for whatever it declines (libjpeg warnings are errors in
+    strict mode; PIL then decodes, or classifies the failure)."""
     sj = _load_simplejpeg()
     if not sj:
         return None
     w, h = size
-    scale = 1
-    if draft_size:
-        fit = min(w // draft_size, h // draft_size)
-        scale = next((a for a in (8, 4, 2, 1) if fit >= a), 1)
-    want = (-(-h // scale), -(-w // scale))  # PIL's size at that scale: rounded up
     try:
         with open(file, "rb") as f:
             data = f.read()
-        arr = sj.decode_jpeg(data, colorspace="RGB", min_height=want[0], min_width=want[1], strict=True)
+        # the smallest DCT scale whose output is at least (h, w) is exactly PIL's scale
+        arr = sj.decode_jpeg(data, colorspace="RGB", min_height=h, min_width=w, strict=True)
     except Exception:  # noqa: BLE001 - PIL decodes, or classifies, whatever simplejpeg declines
         return None
-    return arr if arr.shape[:2] == want else None
+    return arr if arr.shape[:2] == (h, w) else None
 
 
 def _check_file(file: str) -> None:
