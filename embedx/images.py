@@ -202,8 +202,12 @@ def decode_image(file: str, draft_size: int | None = None, max_pixels: int | Non
     """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
-    # PIL raises its own DecompressionBombError at twice this value; ours is checked below.
-    Image.MAX_IMAGE_PIXELS = max_pixels
+    # PIL's own check (process-wide: it guards every PIL user here) raises DecompressionBombError
+    # at twice Image.MAX_IMAGE_PIXELS. Ours (_check_pixels) refuses at max_pixels itself, so PIL's
+    # limit is only ever raised to let a larger max_pixels through, never lowered: a low limit
+    # for embedx would otherwise leak into every later PIL call in the process.
+    if Image.MAX_IMAGE_PIXELS is not None and (max_pixels is None or max_pixels > Image.MAX_IMAGE_PIXELS):
+        Image.MAX_IMAGE_PIXELS = max_pixels
 
     _check_file(file)
     try:

@@ -139,6 +139,18 @@ def test_truncated_missing_and_bomb(tmp_path):
     assert decode_image(str(tmp_path / "big.png"), max_pixels=100_000).width == 300
 
 
+def test_a_low_max_pixels_does_not_leak_into_pil(tmp_path):
+    """PIL's bomb limit is process-wide: embedx's own lower limit must not become everyone's."""
+    Image.new("RGB", (600, 400)).save(tmp_path / "p.png")
+    before = Image.MAX_IMAGE_PIXELS
+    with pytest.raises(ImageDecodeError):
+        decode_image(str(tmp_path / "p.png"), max_pixels=50_000)
+    assert Image.MAX_IMAGE_PIXELS == before
+    with Image.open(tmp_path / "p.png") as im:  # another PIL user in the process
+        im.load()
+    assert im.size == (600, 400)
+
+
 def test_draft_decodes_large_jpeg_at_reduced_scale(tmp_path):
     Image.new("RGB", (2000, 1500), (10, 200, 30)).save(tmp_path / "large.jpg")
     d = decode_image(str(tmp_path / "large.jpg"), draft_size=256)
