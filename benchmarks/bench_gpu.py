@@ -1,5 +1,6 @@
 """GPU extraction: model-only ceiling vs `embedx extract` end to end, CPU-worker decode vs
-on-GPU JPEG decode, for large backbones at bf16. Run it through `gpu_extract.sh`.
+on-GPU JPEG decode (TorchCodec's and torchvision's, whichever are installed), for large
+backbones at bf16. Run it through `gpu_extract.sh`.
 
 Random weights are allowed here (the GPU machine has no hub access): throughput does not
 depend on the weights' values.
@@ -50,24 +51,32 @@ def make_jpegs(n: int, root: Path, distinct: int = 400) -> Path:
     return d
 
 
-def bench_device_decode(files: list[Path], backbone, device: str, batch_size: int) -> dict:
-    """img/s of the `--decode device` stage alone, on JPEG bytes already in memory: nvJPEG decode
-    only, then decode + embedx's resize + crop (what the prefetch thread does per batch)."""
-    import torch
-    from torchvision.io import ImageReadMode, decode_jpeg
+def usable_device_decoders() -> list[str]:
+    """The libraries whose batched decode_jpeg loads here (torchcodec, torchvision)."""
+    from embedx._tensor_decode import DEVICE_DECODERS, _load_problem
 
-    from embedx._tensor_decode import decode_batch, finish_batch
+    return [d for d in DEVICE_DECODERS if _load_problem(d) is None]
+
+
+def bench_device_decode(files: list[Path], backbone, device: str, batch_size: int, decoder: str) -> dict:
+    """img/s of the `--decode device` stage alone with `decoder`'s decode_jpeg, on JPEG bytes
+    already in memory: decode only, then decode + embedx's resize + crop (what the prefetch
+    thread does per batch)."""
+    import torch
+
+    from embedx._tensor_decode import _decoder, decode_batch, finish_batch
     from embedx.extractor import _tensor_preprocess
 
     pre = _tensor_preprocess(backbone)
     data = [torch.frombuffer(bytearray(f.read_bytes()), dtype=torch.uint8) for f in files]
     batches = [data[i:i + batch_size] for i in range(0, len(data), batch_size)]
+    decode = _decoder(decoder)
 
     def decode_only(b):
-        decode_jpeg(b, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True)
+        decode(b, device)
 
     def decode_resize(b):
-        images, _, _ = decode_batch(b, device, pre)
+        images, _, _ = decode_batch(b, device, pre, decoder)
         finish_batch(images)
 
     def sync():
@@ -113,7 +122,7 @@ def main() -> None:
     env = {"device": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else platform.processor(),
            "torch": torch.__version__, "cpu_count": os.cpu_count(), "precision": precision,
            "num_workers": default_num_workers(args.device), "images": args.images, "batch_size": args.batch_size,
-           "jpeg_decoder": jpeg_decoder()}
+           "jpeg_decoder": jpeg_decoder(), "device_decoders": usable_device_decoders()}
     print(json.dumps(env), flush=True)
     runs = []
     first = args.models.split(",")[0]
@@ -129,19 +138,27 @@ def main() -> None:
             row = {"model": name, "dim": backbone.dim}
             row["ceiling"] = bench_ceiling(backbone, max(4096, args.batch_size * 16), args.batch_size, args.device, precision)
             if name == first:
-                row["device_decode_stage"] = bench_device_decode(files, backbone, args.device, args.batch_size)
-                print(f"{name:>24}: --decode device stage alone, img/s: {row['device_decode_stage']}", flush=True)
+                row["device_decode_stage"] = {d: bench_device_decode(files, backbone, args.device, args.batch_size, d)
+                                              for d in env["device_decoders"]}
+                for d, v in row["device_decode_stage"].items():
+                    print(f"{name:>24}: --decode device stage alone ({d}), img/s: {v}", flush=True)
             # prefetch 0 (batches prepared inline, serially with the model) is the baseline for the
             # prefetch thread + CUDA stream; run for the first model only, to stay under 5 minutes
             # and the device decoding a share of the JPEGs while the CPU workers decode the rest
-            variants = [("pil", 2, 1.0), ("device", 2, 1.0)]
+            # --decode device uses the default decoder (TorchCodec when it loads); with both
+            # installed, the first model also runs torchvision's, side by side
+            variants = [("pil", 2, 1.0, "auto"), ("device", 2, 1.0, "auto")]
             if name == first:
-                variants += [("pil", 0, 1.0), ("device", 0, 1.0)] + [("device", 2, x) for x in SHARES]
-            for decode, prefetch, share in variants:
-                key = decode + ("" if prefetch else "_prefetch0") + ("" if share == 1.0 else f"_share{share}")
+                variants += [("pil", 0, 1.0, "auto"), ("device", 0, 1.0, "auto")]
+                variants += [("device", 2, x, "auto") for x in SHARES]
+                variants += [("device", 2, 1.0, d) for d in env["device_decoders"][1:]]
+            for decode, prefetch, share, device_decoder in variants:
+                key = (decode + ("" if prefetch else "_prefetch0") + ("" if share == 1.0 else f"_share{share}")
+                       + ("" if device_decoder == "auto" else f"_{device_decoder}"))
                 out = tmp / f"out-{name}-{key}"
                 cfg = ExtractConfig(model=name, batch_size=args.batch_size, device=args.device, decode=decode,
-                                    device_share=share, prefetch=prefetch, progress=False, compile="no")
+                                    device_share=share, device_decoder=device_decoder, prefetch=prefetch,
+                                    progress=False, compile="no")
                 t = time.perf_counter()
                 r = extract(folder, out, cfg, backbone=backbone)
                 row[f"e2e_{key}"] = r.num_embedded / (time.perf_counter() - t)
@@ -165,6 +182,10 @@ def main() -> None:
                 for x in SHARES:
                     r_ = row[f"e2e_device_share{x}"]
                     print(f"{'':>24}  device share {x}: e2e {r_:8.0f} img/s ({r_ / row['ceiling']:.2f})", flush=True)
+                for d in env["device_decoders"][1:]:
+                    r_ = row[f"e2e_device_{d}"]
+                    print(f"{'':>24}  GPU-decode with {d}'s decoder: e2e {r_:8.0f} img/s ({r_ / row['ceiling']:.2f}) "
+                          f"vs {env['device_decoders'][0]}'s {row['e2e_device']:8.0f}", flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,7 @@
 # Needs torch (CUDA), timm, torchvision, pyarrow, typer, pillow, scikit-image; not faiss.
 # simplejpeg too, for the CPU workers' fast JPEG path (without it PIL decodes, slower, and
 # the result's env.jpeg_decoder says "PIL"): carry its wheel where there is no internet.
+# TorchCodec too, to measure its GPU decoder beside torchvision's (env.device_decoders).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"

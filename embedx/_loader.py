@@ -47,6 +47,7 @@ class DecodeSpec:
     max_pixels: int | None = DEFAULT_MAX_PIXELS
     decode: str = "pil"  # pil | device (workers only read JPEG bytes; the device decodes them)
     device_share: float = 1.0  # decode="device": the share of JPEGs left to the device, the rest PIL
+    device_decoder: str = "torchvision"  # decode="device": whose decode_jpeg (torchcodec | torchvision)
 
     def on_device(self, row_id: int) -> bool:
         """Whether the device decodes this row's JPEG (decode="device"). With a share below 1 the
@@ -58,19 +59,19 @@ class DecodeSpec:
 
     @property
     def label(self) -> str:
-        """How pixels were made, for the shard metadata: torchvision-device (nvJPEG on a GPU),
-        pil-draft2x+uint8-resize (PIL decode at a reduced DCT scale of at least twice the resize
-        size, resize + crop on uint8 tensors), pil-draft2x (the same with timm's PIL resize), or
-        pil (timm's exact transform); with a device share below 1, e.g.
-        torchvision-device@0.50+pil-draft2x+uint8-resize."""
+        """How pixels were made, for the shard metadata: torchcodec-device or torchvision-device
+        (that library's decode_jpeg on the device: nvJPEG on a GPU), pil-draft2x+uint8-resize
+        (PIL decode at a reduced DCT scale of at least twice the resize size, resize + crop on
+        uint8 tensors), pil-draft2x (the same with timm's PIL resize), or pil (timm's exact
+        transform); with a device share below 1, e.g. torchcodec-device@0.50+pil-draft2x+uint8-resize."""
         if self.decode == "device" and self.device_share >= 1.0:
-            return "torchvision-device"
+            return f"{self.device_decoder}-device"
         if self.draft_size is None:
             cpu = "pil"
         else:
             cpu = "pil-draft2x+uint8-resize" if isinstance(self.transform, UInt8ResizeCrop) else "pil-draft2x"
         if self.decode == "device":  # a share of the JPEGs on the device, the rest on the CPU
-            return f"torchvision-device@{self.device_share:.2f}+{cpu}"
+            return f"{self.device_decoder}-device@{self.device_share:.2f}+{cpu}"
         return cpu
 
 

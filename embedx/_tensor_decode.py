@@ -2,17 +2,79 @@
 
 On a GPU machine the CPU decoder, not the model, limits throughput. With
 `decode="device"`, workers only read file bytes (and check the header: size limit, format);
-the main process decodes the JPEGs of a batch in one `torchvision.io.decode_jpeg` call on
-the device, then resizes (antialiased, the model's interpolation) and centre-crops them
-there. Files that are not JPEGs still go through PIL in the workers.
+the main process decodes the JPEGs of a batch in one batched `decode_jpeg` call on the
+device — TorchCodec's when it is installed, else torchvision's (deprecated since torchvision
+0.29); both apply EXIF orientation — then resizes (antialiased, the model's interpolation)
+and centre-crops them there. Files that are not JPEGs still go through PIL in the workers.
 
-Results differ slightly from PIL's (another JPEG decoder and resampler): the metadata says
-which decoder made the embeddings, and the tests bound the difference.
+Results differ slightly from PIL's (another resampler; on a GPU another JPEG decoder too): the
+metadata says which decoder made the embeddings, and the tests bound the difference.
 """
 
 from __future__ import annotations
 
+import functools
+import warnings
 from dataclasses import dataclass
+
+from .errors import InputError
+
+DEVICE_DECODERS = ("torchcodec", "torchvision")
+
+
+def resolve_device_decoder(choice: str = "auto") -> str:
+    """The library whose batched `decode_jpeg` decodes on the device: `torchcodec`, `torchvision`,
+    or `auto` (TorchCodec when it loads, else torchvision's deprecated decoder, with a warning
+    that says why). Raises InputError when the one asked for (or, for auto, neither) is usable."""
+    if choice not in ("auto", *DEVICE_DECODERS):
+        raise InputError(f"--device-decoder must be auto, torchcodec or torchvision, not {choice!r}.")
+    problems = {}
+    for name in DEVICE_DECODERS if choice == "auto" else (choice,):
+        problems[name] = _load_problem(name)
+        if problems[name] is None:
+            if choice == "auto" and name == "torchvision":
+                _warn_torchvision_fallback(problems["torchcodec"])
+            return name
+    found = "; ".join(f"{k}: {v}" for k, v in problems.items())
+    raise InputError(f"--decode device needs a batched JPEG decoder and none is usable ({found}). "
+                     "Install TorchCodec (`pip install torchcodec`, the successor of torchvision's decoders), "
+                     "or use --decode pil (CPU decoder processes).")
+
+
+@functools.lru_cache(maxsize=None)
+def _load_problem(name: str) -> str | None:
+    """None if `name`'s decode_jpeg imports, else why not (cached: importing is slow)."""
+    try:
+        if name == "torchcodec":
+            from torchcodec.decoders import decode_jpeg  # noqa: F401
+        else:
+            from torchvision.io import decode_jpeg  # noqa: F401 - deprecated since torchvision 0.29
+    except ModuleNotFoundError as e:
+        return f"not installed ({e})"
+    except Exception as e:  # noqa: BLE001 - e.g. a native library built for another torch
+        return f"failed to load ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_torchvision_fallback(torchcodec_problem: str) -> None:
+    # once a process (cached), not once a run
+    warnings.warn(f"--decode device: TorchCodec {torchcodec_problem}; decoding with torchvision's decode_jpeg, "
+                  "deprecated since torchvision 0.29 (`pip install torchcodec` to use its successor).",
+                  stacklevel=3)
+
+
+def _decoder(name: str):
+    """A function: (list of CPU uint8 byte tensors, device) -> list of upright (3, H, W) uint8 RGB
+    tensors. Both turn EXIF-rotated JPEGs upright (TorchCodec always does; tested against PIL)."""
+    if name == "torchcodec":
+        from torchcodec.decoders import decode_jpeg
+
+        return lambda data, device: decode_jpeg(data, mode="RGB", device=device)
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    # (its DeprecationWarning, attributed to torchvision, stays hidden by Python's default filters)
+    return lambda data, device: decode_jpeg(data, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True)
 
 
 @dataclass(frozen=True)
@@ -64,24 +126,24 @@ def finish_batch(images: list):
     return torch.stack(images).round_().clamp_(0, 255)
 
 
-def decode_batch(encoded: list, device: str, pre: TensorPreprocess):
-    """Decode and preprocess JPEG byte tensors on `device`.
+def decode_batch(encoded: list, device: str, pre: TensorPreprocess, decoder: str = "torchvision"):
+    """Decode and preprocess JPEG byte tensors on `device` with `decoder`'s batched decode_jpeg
+    (a name from DEVICE_DECODERS), upright by their EXIF orientation.
 
     Returns:
-        (images, sizes, failures): a list with a (3, H, W) uint8 tensor or None per input,
+        (images, sizes, failures): a list with a (3, H, W) float tensor or None per input,
         the upright (width, height) per input (0, 0 on failure), and {input index: message}.
     """
-    from torchvision.io import ImageReadMode, decode_jpeg
-
+    decode = _decoder(decoder)
     try:
-        decoded = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True)
-    except RuntimeError:
+        decoded = decode(encoded, device)
+    except (RuntimeError, ValueError):
         # one bad file fails the whole batched call: find it by decoding one at a time
         decoded = []
         for data in encoded:
             try:
-                decoded.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True))
-            except RuntimeError as e:
+                decoded.append(decode([data], device)[0])
+            except (RuntimeError, ValueError) as e:
                 decoded.append(e)
     images, sizes, failures = [None] * len(decoded), [(0, 0)] * len(decoded), {}
     by_shape: dict[tuple[int, int], list[int]] = {}

@@ -109,13 +109,13 @@ class Backbone:
         return UInt8ResizeCrop(size, mode, resize.max_size, tuple(crop.size))
 
     def decode_spec(self, fast: bool = True, max_pixels: int | None = DEFAULT_MAX_PIXELS, decode: str = "pil",
-                    device_share: float = 1.0):
+                    device_share: float = 1.0, device_decoder: str = "torchvision"):
         """What decoders need to make this model's pixels: `worker_transform(fast)` with the
         matching `draft_size(fast)` (the two go together), the input size, and the limits."""
         from ._loader import DecodeSpec
 
         return DecodeSpec(self.worker_transform(fast), tuple(self.data_config.input_size), self.draft_size(fast),
-                          max_pixels, decode, device_share)
+                          max_pixels, decode, device_share, device_decoder)
 
     def timm_data_config(self) -> dict:
         d = self.data_config

@@ -71,6 +71,7 @@ def extract(
                                      "PIL transform). --exact-decode: timm's PIL transform as is."),
     decode: str = typer.Option("pil", help="pil (on the CPU: decoder processes, simplejpeg or PIL) | device (JPEG decode + resize on the GPU with nvJPEG)."),
     device_share: float = typer.Option(1.0, help="With --decode device: the share of JPEGs decoded on the device; the CPU workers decode the rest at the same time."),
+    device_decoder: str = typer.Option("auto", help="With --decode device: whose decode_jpeg: auto (TorchCodec when installed, else torchvision's, deprecated) | torchcodec | torchvision."),
     prefetch: Optional[int] = typer.Option(None, help="Batches prepared ahead (copied to / decoded on the device) on a background thread; 0: inline [default: 2; 0 on a CPU that decodes in-process]."),
     compile: str = typer.Option("auto", help="auto (for runs of 20k+ images on CPU) | yes | no: torch.compile the backbone."),
     heap: str = typer.Option("auto", help="auto (keep on CPU) | keep | release: keep = glibc reuses freed memory instead of returning it to the OS (no page faults per batch; the process keeps its peak)."),
@@ -92,7 +93,8 @@ def extract(
     config = ExtractConfig(
         model=model, weights=weights, batch_size=batch_size, num_workers=num_workers, device=device,
         precision=precision, labels=labels, shard_size=shard_size, normalize=normalize, dtype=dtype,
-        overwrite=overwrite, max_pixels=max_pixels, fast_decode=fast_decode, decode=decode, device_share=device_share, prefetch=prefetch,
+        overwrite=overwrite, max_pixels=max_pixels, fast_decode=fast_decode, decode=decode, device_share=device_share,
+        device_decoder=device_decoder, prefetch=prefetch,
         compile=compile, heap=heap, progress=progress,
     )
     r = run_extract(inputs, out, config, engine=engine, address=address,

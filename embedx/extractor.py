@@ -21,6 +21,7 @@ import numpy as np
 
 from . import shards
 from ._malloc import apply_heap, check_heap
+from ._tensor_decode import resolve_device_decoder
 from .backbone import DEFAULT_MODEL, Backbone, autocast, load_backbone, resolve_device, resolve_precision, usable_cpus
 from .errors import EmbedxError, InputError, OutputExistsError
 from .images import DEFAULT_MAX_PIXELS, ImageListing, ImageRecord, list_images
@@ -47,6 +48,7 @@ class ExtractConfig:
     fast_decode: bool = True  # JPEG DCT-domain downscaling (PIL draft) before the resize
     decode: str = "pil"  # pil (CPU workers) | device (JPEGs decoded + resized on the model's device)
     device_share: float = 1.0  # --decode device: share of JPEGs the device decodes; the CPU workers do the rest
+    device_decoder: str = "auto"  # --decode device: whose decode_jpeg: auto (torchcodec if it loads) | torchcodec | torchvision
     channels_last: bool = True
     prefetch: int | None = None  # batches prepared ahead on a background thread (own CUDA stream); 0: inline; None: default_prefetch
     compile: str = "auto"  # auto | yes | no: torch.compile the backbone (auto: when the run is long enough)
@@ -189,11 +191,9 @@ def _check_config(config: ExtractConfig) -> None:
         raise InputError("--device-share splits JPEG decoding between the device and the CPU workers: "
                          "it needs --decode device.")
     if config.decode == "device":
-        try:
-            from torchvision.io import decode_jpeg  # noqa: F401 - deprecated since torchvision 0.29
-        except ImportError as e:
-            raise InputError(f"--decode device needs torchvision.io.decode_jpeg, which this torchvision lacks ({e}); "
-                             "use --decode pil (CPU decoder processes), or a torchvision that still has it.") from e
+        resolve_device_decoder(config.device_decoder)  # raises InputError, saying what to install
+    elif config.device_decoder != "auto":
+        raise InputError("--device-decoder picks the library that decodes JPEGs on the device: it needs --decode device.")
     if config.prefetch is not None and config.prefetch < 0:
         raise InputError(f"--prefetch must be 0 (prepare batches inline) or more, not {config.prefetch}.")
     check_heap(config.heap)
@@ -345,7 +345,7 @@ def _run_local(plan: _Plan, out: Path, config: ExtractConfig, timer: "_StageTime
         # runs on the prefetch thread (and on a GPU its own stream), one batch ahead of the model
         if batch.encoded:
             with timer("device_decode"):
-                return _device_decode(batch, device, pre)
+                return _device_decode(batch, device, pre, dataset.spec.device_decoder)
         return batch.pixels.to(device, non_blocking=True)
 
     depth = default_prefetch(device, num_workers) if config.prefetch is None else config.prefetch
@@ -398,7 +398,9 @@ def provenance(backbone: Backbone, config: ExtractConfig, precision: str) -> dic
 def _decode_spec(backbone: Backbone, config: ExtractConfig):
     """The one DecodeSpec of a run: what its decoders (local workers or Ray tasks) apply, and what
     its shards' `decode` label names."""
-    return backbone.decode_spec(config.fast_decode, config.max_pixels, config.decode, config.device_share)
+    device_decoder = resolve_device_decoder(config.device_decoder) if config.decode == "device" else "torchvision"
+    return backbone.decode_spec(config.fast_decode, config.max_pixels, config.decode, config.device_share,
+                                device_decoder)
 
 
 def _fingerprint(metadata: dict, records: list[ImageRecord], shard_size: int) -> str:
@@ -480,14 +482,15 @@ def _tensor_preprocess(backbone: Backbone):
     return TensorPreprocess(d.resize_size, tuple(d.input_size[1:]), d.interpolation)
 
 
-def _device_decode(batch, device: str, pre):
-    """Decode the batch's JPEG bytes on the device and merge them with the PIL-decoded
-    pixels, in item order; JPEGs that fail to decode become error records."""
+def _device_decode(batch, device: str, pre, decoder: str):
+    """Decode the batch's JPEG bytes on the device with `decoder` (torchcodec | torchvision) and
+    merge them with the CPU-decoded pixels, in item order; JPEGs that fail to decode become
+    error records."""
     import torch
 
     from ._tensor_decode import decode_batch, finish_batch
 
-    images, sizes, failures = decode_batch([torch.from_numpy(e) for e in batch.encoded], device, pre)
+    images, sizes, failures = decode_batch([torch.from_numpy(e) for e in batch.encoded], device, pre, decoder)
     cpu_pixels = batch.pixels.to(device, non_blocking=True).float()
     parts, k_enc, k_px = [], 0, 0
     for item, source in enumerate(batch.sources):

@@ -285,33 +285,6 @@ def test_killed_run_resumes_to_identical_output(tmp_path):
     assert done_before >= 2
 
 
-def test_device_decode_matches_pil_and_survives_bad_files(photo_dir, tmp_path, backbone):
-    """decode='device' (torchvision decode_jpeg + tensor resize; nvJPEG on a GPU, libjpeg here)."""
-    import shutil
-
-    d = tmp_path / "mix"
-    shutil.copytree(photo_dir, d)
-    (d / "chelsea" / "zero.jpg").write_bytes(b"")
-    (d / "chelsea" / "fake.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
-    from PIL import Image
-
-    Image.new("RGB", (64, 64), (1, 2, 3)).save(d / "chelsea" / "png.png")
-    a = extract(d, tmp_path / "dev", _cfg(decode="device", normalize=True), backbone=backbone)
-    b = extract(d, tmp_path / "pil", _cfg(fast_decode=False, normalize=True), backbone=backbone)
-    assert a.num_embedded == b.num_embedded == 7 and a.num_errors == b.num_errors == 2
-    assert a.stage_seconds["device_decode"] > 0
-    fa, fb = embedx.read_features(tmp_path / "dev"), embedx.read_features(tmp_path / "pil")
-    # decoding on the prefetch thread or inline, on the consumer's thread: the same rows
-    extract(d, tmp_path / "dev0", _cfg(decode="device", normalize=True, prefetch=0), backbone=backbone)
-    np.testing.assert_array_equal(embedx.read_features(tmp_path / "dev0").embeddings, fa.embeddings)
-    assert fa.paths == fb.paths and fa.metadata["decode"] == "torchvision-device"
-    cos = (fa.embeddings * fb.embeddings).sum(1)
-    assert cos.min() > 0.999, cos
-    ta = {r["path"]: (r["width"], r["height"]) for t in shards.iter_shards(tmp_path / "dev") for r in t.to_pylist()}
-    tb = {r["path"]: (r["width"], r["height"]) for t in shards.iter_shards(tmp_path / "pil") for r in t.to_pylist()}
-    assert ta == tb
-
-
 def test_uint8_resize_matches_timms_pil_transform_on_real_photos(backbone):
     """The decoders' default resize + crop (uint8 tensors) gives timm's PIL pixels to within a
     grey level or two, on real photos of several sizes and aspect ratios."""
@@ -342,18 +315,6 @@ def test_fast_decode_embeddings_close_to_exact(photo_dir, tmp_path, backbone):
     assert cos.min() >= 0.999, cos
 
 
-def test_device_decode_without_torchvision_decoder_is_refused_clearly(tiny_dir, tmp_path, monkeypatch, backbone):
-    """torchvision deprecated its image decoders in 0.29; once gone, --decode device says what to do."""
-    import types
-
-    from embedx.errors import InputError
-
-    monkeypatch.setitem(sys.modules, "torchvision.io", types.ModuleType("torchvision.io"))
-    with pytest.raises(InputError, match="use --decode pil"):
-        extract(tiny_dir, tmp_path / "out", _cfg(decode="device"), backbone=backbone)
-    assert not list((tmp_path / "out").glob("*.parquet"))
-
-
 def test_device_share_splits_jpegs_between_device_and_cpu_decoders(photo_dir, tmp_path, backbone):
     """--decode device --device-share 0.5: the device decodes about half of the JPEGs (a fixed set,
     by row id) while the CPU workers decode the rest; each row equals the run that decoded it the
@@ -377,7 +338,7 @@ def test_device_share_splits_jpegs_between_device_and_cpu_decoders(photo_dir, tm
                                        backbone=backbone).out_dir)
     dev = embedx.read_features(extract(photo_dir, tmp_path / "dev", _cfg(decode="device"), backbone=backbone).out_dir)
     cpu = embedx.read_features(extract(photo_dir, tmp_path / "cpu", _cfg(), backbone=backbone).out_dir)
-    assert hyb.metadata["decode"] == "torchvision-device@0.50+pil-draft2x+uint8-resize"
+    assert hyb.metadata["decode"] == "torchcodec-device@0.50+pil-draft2x+uint8-resize"
     assert hyb.paths == dev.paths == cpu.paths
     on_dev = np.array([spec.on_device(int(r)) for r in hyb.row_ids])
     assert 0 < on_dev.sum() < len(on_dev)

@@ -27,14 +27,20 @@ def test_cuda_bf16_close_to_cpu_fp32(photo_dir, tmp_path, backbone):
     assert cos.min() > 0.99
 
 
-def test_cuda_device_decode_close_to_pil(photo_dir, tmp_path, backbone):
-    a = extract(photo_dir, tmp_path / "a", ExtractConfig(device="cuda", decode="device", precision="fp32",
-                                                        progress=False, num_workers=2), backbone=backbone)
+@pytest.mark.parametrize("decoder", ["torchcodec", "torchvision"])
+def test_cuda_device_decode_close_to_pil(photo_dir, tmp_path, backbone, decoder):
+    from embedx._tensor_decode import _load_problem
+
+    if _load_problem(decoder):
+        pytest.skip(f"{decoder}: {_load_problem(decoder)}")
+    a = extract(photo_dir, tmp_path / "a", ExtractConfig(device="cuda", decode="device", device_decoder=decoder,
+                                                        precision="fp32", progress=False, num_workers=2),
+                backbone=backbone)
     b = extract(photo_dir, tmp_path / "b", ExtractConfig(device="cuda", fast_decode=False, precision="fp32",
                                                         progress=False, num_workers=2), backbone=backbone)
     assert a.num_embedded == b.num_embedded > 0
     cos = _cos(embedx.read_features(tmp_path / "a").embeddings, embedx.read_features(tmp_path / "b").embeddings)
-    print(f"nvJPEG + tensor resize vs PIL cosine: min {cos.min():.5f} mean {cos.mean():.5f}")
+    print(f"nvJPEG ({decoder}) + tensor resize vs PIL cosine: min {cos.min():.5f} mean {cos.mean():.5f}")
     assert cos.min() > 0.995
 
 
