@@ -33,7 +33,9 @@ def fresh_resolution():
 
 
 def test_torchcodec_is_installed_for_the_tests():
-    # the dev install brings it: without it the TorchCodec path would go untested
+    # the dev install brings it: without it the TorchCodec path would go untested. PyPI's Linux
+    # wheel is built for CUDA 13: beside a torch for another CUDA (or a CPU-only torch), install
+    # the matching one from the PyTorch index (e.g. --index-url https://download.pytorch.org/whl/cpu)
     assert "torchcodec" in USABLE and "torchvision" in USABLE, {d: _load_problem(d) for d in DEVICE_DECODERS}
 
 
