@@ -32,6 +32,7 @@ def describe(directory: str | os.PathLike) -> dict:
         "model": meta.get("model"),
         "weights": meta.get("weights_source"),
         "precision": meta.get("precision"),
+        "decode": meta.get("decode"),  # what made the pixels, e.g. pil-draft2x+uint8-resize, torchcodec-device
         "normalized": meta.get("normalized"),
         "classes": len([k for k in labels if k is not None]),
         "unlabelled": labels.get(None, 0),

@@ -40,6 +40,8 @@ def test_cli_extract_then_info(tiny_dir, tmp_path):
     assert result.exit_code == 0, result.output
     d = json.loads(result.output)
     assert d["rows"] == 24 and d["dim"] == 1280 and d["classes"] == 3 and d["shards"] == 3
+    meta = embedx.read_features(out).metadata  # provenance as stored, e.g. which decoder made the pixels
+    assert d["precision"] == meta["precision"] and d["decode"] == meta["decode"] == "pil-draft2x+uint8-resize"
 
 
 def test_cli_errors_are_messages_not_tracebacks(tmp_path):
