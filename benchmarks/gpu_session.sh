@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# One GPU session's checks, in one call (the machine is lent for minutes): install the carried
+# wheels (benchmarks/gpu_wheels.sh) into a scratch directory, run the extraction benchmark
+# (gpu_extract.sh, under 5 minutes) and the GPU tests. Results and logs go to $OUT (default
+# benchmarks/results). Each step runs even if the one before failed; the exit code is the worst.
+#   bash benchmarks/gpu_session.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-benchmarks/results}"
+mkdir -p "$OUT"
+if compgen -G ".whl/*.whl" > /dev/null; then
+  site="$(mktemp -d)"
+  python3 -m pip install -q --no-index --no-deps --target "$site" .whl/*.whl
+  export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$OUT/gpu_session_device.txt"
+python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" 2>&1 | tee -a "$OUT/gpu_session_device.txt"
+rc=0
+OUT="$OUT" bash benchmarks/gpu_extract.sh 2>&1 | tee "$OUT/gpu_extract.log" || rc=1
+HF_HUB_OFFLINE=1 python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" || rc=1
+exit "$rc"
