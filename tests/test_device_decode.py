@@ -1,6 +1,7 @@
-"""`--decode device`: the batched JPEG decoders (TorchCodec's, torchvision's deprecated one), EXIF
-orientation applied by embedx, and how the decoder is chosen. On this CPU machine both decode with
-libjpeg-turbo, so their pixels can be compared with PIL's exactly; the GPU tests cover nvJPEG."""
+"""`--decode device`: the batched JPEG decoders (TorchCodec's, torchvision's deprecated one), the
+EXIF orientation both apply (checked against PIL, not assumed), and how the decoder is chosen. On
+a CPU both decode with libjpeg-turbo, so their pixels can be compared with PIL's exactly; the GPU
+tests cover nvJPEG."""
 
 import sys
 import types
