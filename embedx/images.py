@@ -224,7 +224,7 @@ def decode_image(file: str, draft_size: int | None = None, max_pixels: int | Non
                 if draft_size and upright_jpeg:
                     im.draft("RGB", (draft_size, draft_size))  # sets the DCT scale; im.size is now the decoded size
                 if as_array and upright_jpeg and im.mode in ("RGB", "L"):
-                    arr = _turbo_decode(file, im.size)
+                    arr = _turbo_decode(im.fp, im.size)  # the file PIL already has open
                     if arr is not None:
                         return DecodedImage(arr, width, height)
                 if getattr(im, "n_frames", 1) > 1:
@@ -274,17 +274,18 @@ def _load_simplejpeg():
     return _simplejpeg
 
 
-def _turbo_decode(file: str, size: tuple[int, int]):
+def _turbo_decode(fp, size: tuple[int, int]):
     """A JPEG's RGB pixels from simplejpeg at `size` (PIL's decoded size: the DCT scale its `draft`
     picked, or the full size), or None for whatever it declines (libjpeg warnings are errors in
-    strict mode; PIL then decodes, or classifies the failure)."""
+    strict mode; PIL then decodes, or classifies the failure). `fp`: the JPEG file, open in
+    binary mode (read from its start; PIL's own loader seeks where it needs afterwards)."""
     sj = _load_simplejpeg()
     if not sj:
         return None
     w, h = size
     try:
-        with open(file, "rb") as f:
-            data = f.read()
+        fp.seek(0)
+        data = fp.read()
         # the smallest DCT scale whose output is at least (h, w) is exactly PIL's scale
         arr = sj.decode_jpeg(data, colorspace="RGB", min_height=h, min_width=w, strict=True)
     except Exception:  # noqa: BLE001 - PIL decodes, or classifies, whatever simplejpeg declines

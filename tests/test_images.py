@@ -201,7 +201,8 @@ def test_array_decode_gives_pils_exact_pixels(tmp_path, draft_size):
             if draft_size:
                 im.draft("RGB", (draft_size, draft_size))
             size = im.size
-        direct = images._turbo_decode(f, size)
+        with open(f, "rb") as fh:
+            direct = images._turbo_decode(fh, size)
         assert direct is not None, f
         np.testing.assert_array_equal(direct, got.image, err_msg=f)
     if draft_size == 150:  # the large ones were decoded at a reduced DCT scale
