@@ -99,12 +99,10 @@ def extract(
     )
     r = run_extract(inputs, out, config, engine=engine, address=address,
                     devices=[d.strip() for d in devices.split(",")] if devices else None)
-    new = r.num_embedded + r.num_errors - r.num_skipped
-    running = r.seconds - r.setup_seconds
     typer.echo(
         f"{r.num_embedded} embedded, {r.num_errors} errors"
         + (f" ({r.num_skipped} done by an earlier run)" if r.num_skipped else "")
-        + f" in {r.seconds:.1f} s: {new / running if running > 0 else 0:.1f} img/s after {r.setup_seconds:.1f} s of "
+        + f" in {r.seconds:.1f} s: {r.engine_images_per_second:.1f} img/s after {r.setup_seconds:.1f} s of "
         f"start-up (imports, model loading) on {r.device}, {r.precision}; "
         f"{_human_bytes(r.bytes_written)} in {r.out_dir}"
     )

@@ -91,10 +91,14 @@ class ExtractResult:
     stage_seconds: dict | None = None
 
     @property
+    def num_done(self) -> int:
+        """Images this call embedded or recorded as errors (rows of earlier runs not counted)."""
+        return self.num_embedded + self.num_errors - self.num_skipped
+
+    @property
     def images_per_second(self) -> float:
         """Images done by this call per second of the whole call, start-up included."""
-        done = self.num_embedded + self.num_errors - self.num_skipped
-        return done / self.seconds if self.seconds > 0 else 0.0
+        return self.num_done / self.seconds if self.seconds > 0 else 0.0
 
     @property
     def setup_seconds(self) -> float:
@@ -102,6 +106,12 @@ class ExtractResult:
         decoders starting). Small runs are mostly this; the rest is the throughput of the engine."""
         stages = self.stage_seconds or {}
         return stages.get("plan", 0.0) + stages.get("startup", 0.0)
+
+    @property
+    def engine_images_per_second(self) -> float:
+        """Images done per second after the start-up (`setup_seconds`): the engine's rate."""
+        running = self.seconds - self.setup_seconds
+        return self.num_done / running if running > 0 else 0.0
 
 
 def default_batch_size(device: str) -> int:

@@ -136,6 +136,7 @@ def test_deterministic_across_worker_counts_and_prefetch(tiny_dir, tmp_path, bac
         np.testing.assert_array_equal(fa.embeddings, f.embeddings)
     assert {"plan", "startup", "input_wait", "loader_wait", "prepare", "model", "write"} <= set(b.stage_seconds)
     assert 0 < b.setup_seconds < b.seconds
+    assert b.num_done == 24 and b.engine_images_per_second > b.images_per_second > 0
 
 
 @pytest.mark.parametrize("cpus, device, workers, prefetch", [
