@@ -84,7 +84,9 @@ def extract(
 
     Rerun the same command after an interruption to resume.
 
-    Example:
+    Examples:
+
+    \b
         embedx extract photos/ --out feats/ --model tf_efficientnet_lite0 --normalize
         embedx extract s3-mounted/ --out /shared/feats --engine ray --address auto
     """
@@ -118,7 +120,9 @@ def info(
 ):
     """Show what a shard directory holds: rows, dimension, model, errors.
 
-    Example:
+    Examples:
+
+    \b
         embedx info feats/
     """
     from .summary import describe
@@ -170,7 +174,9 @@ def train_head_cmd(
     Linear heads default to L-BFGS logistic regression over a sweep of L2 strengths; MLP heads
     (or --solver adamw) to AdamW over a learning-rate x weight-decay sweep, with early stopping.
 
-    Example:
+    Examples:
+
+    \b
         embedx train-head feats/train --val feats/test --out head/ --head linear
     """
     from .train import HeadConfig, train_head
@@ -214,7 +220,9 @@ def finetune(
 ):
     """Fine-tune the top blocks of a backbone together with a head (resumable).
 
-    Example:
+    Examples:
+
+    \b
         embedx finetune data/fashion/train --val data/fashion/test --out ft/ --unfreeze-blocks 2
     """
     from .finetune import FinetuneConfig, finetune as run
@@ -242,7 +250,9 @@ def predict(
 ):
     """Classify new images or existing shards with a trained head.
 
-    Example:
+    Examples:
+
+    \b
         embedx predict head/ new_photos/ --out predictions.csv
     """
     from .predict import predict as run, write_predictions
@@ -272,7 +282,9 @@ def index_cmd(
     Recall@10 against exact search is measured on held-out queries and written to
     INDEX_DIR/index.json with queries/s and memory.
 
-    Example:
+    Examples:
+
+    \b
         embedx index feats/ --out idx/ --target-recall 0.95
         embedx index add idx/ more-feats/
     """
@@ -314,7 +326,9 @@ def search(
 ):
     """Find the nearest indexed images of query images, row ids or vectors.
 
-    Example:
+    Examples:
+
+    \b
         embedx search idx/ query.jpg -k 5 --html results.html
         embedx search idx/ --id 42 --exclude-self --format json
     """
@@ -383,7 +397,9 @@ def dedup(
 ):
     """List groups of near-duplicate images, in bounded memory.
 
-    Example:
+    Examples:
+
+    \b
         embedx dedup idx/ --threshold 0.95 --out dups.parquet --html dups.html
     """
     from .dedup import find_duplicates, write_groups

@@ -22,9 +22,16 @@ def test_every_command_has_help_with_an_example():
     assert {"extract", "info"} <= set(names)
     for name in names:
         cmd = group.commands[name]
-        assert cmd.help and "Example:" in cmd.help, name
-        result = runner.invoke(app, [*name.split(), "--help"])
+        assert cmd.help and "Examples:" in cmd.help, name
+        result = runner.invoke(app, [*name.split(), "--help"], terminal_width=100)
         assert result.exit_code == 0, (name, result.output)
+        # each example stays one line, as written (click would rewrap the paragraph without \b)
+        examples = [line.strip() for line in cmd.help.split("Examples:")[1].splitlines()
+                    if line.strip().startswith("embedx ")]
+        assert examples, name
+        shown = [line.strip() for line in result.output.splitlines()]
+        for example in examples:
+            assert example in shown, (name, example, result.output)
 
 
 def test_cli_extract_then_info(tiny_dir, tmp_path):
