@@ -135,7 +135,13 @@ def create_model(model_name: str, *, num_classes: int = 0, pretrained_from_hub: 
     import timm
 
     if not timm.is_model(model_name) and not model_name.startswith(("hf-hub:", "hf_hub:", "local-dir:")):
-        close = timm.list_models(f"*{model_name.split('.')[0][:12]}*")[:8]
+        import difflib
+
+        # the nearest names by spelling (typos), then names that contain the one given
+        base = model_name.split(".")[0]
+        close = difflib.get_close_matches(base, timm.list_models(), n=8, cutoff=0.6)
+        close += [m for m in timm.list_models(f"*{base}*") if m not in close]
+        close = close[:8]
         raise EmbedxError(
             f"Unknown timm model {model_name!r}." + (f" Similar names: {', '.join(close)}." if close else "")
             + " See `timm.list_models()`."

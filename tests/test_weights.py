@@ -90,6 +90,18 @@ def test_hub_offline_fails_fast_with_options(monkeypatch):
     assert "--weights PATH" in msg and "HF_HUB_OFFLINE" in msg and "random" in msg
 
 
+@pytest.mark.parametrize("name, suggested", [("resnet18x", "resnet18"), ("efficientnet_lite", "efficientnet_lite0"),
+                                             ("tf_efficientnet_lit0", "tf_efficientnet_lite0")])
+def test_unknown_model_names_suggest_real_ones(name, suggested):
+    from embedx.backbone import create_model
+    from embedx.errors import EmbedxError
+
+    with pytest.raises(EmbedxError, match=f"Unknown timm model '{name}'") as e:
+        create_model(name)
+    similar = str(e.value).split("Similar names: ")[1].split(". ")[0].split(", ")
+    assert suggested in similar, str(e.value)
+
+
 def test_random_only_when_asked(random_backbone):
     assert random_backbone.weights_source == "random" and random_backbone.weights_sha256 is None
     with pytest.raises(WeightsError, match="No bundled weights"):
