@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -89,6 +89,8 @@ class ExtractResult:
     # the device, and device_decode within it with --decode device). With --prefetch 0 all run
     # on the main thread, and with --num-workers 0 loader_wait is the decoding itself
     stage_seconds: dict | None = None
+    # files in the input folders left out as not images by their extension: {".txt": 2, ...}
+    ignored_files: dict = field(default_factory=dict)
 
     @property
     def num_done(self) -> int:
@@ -245,7 +247,7 @@ def _extract_locked(listing: ImageListing, out: Path, config: ExtractConfig, bac
             embedded, errors = run_devices(plan, out, config, devices)
         else:
             embedded, errors = _run_local(plan, out, config, timer)
-    return _finalize(out, plan, embedded, errors, t0, timer)
+    return replace(_finalize(out, plan, embedded, errors, t0, timer), ignored_files=dict(listing.ignored))
 
 
 def _plan(listing: ImageListing, out: Path, config: ExtractConfig, backbone: Backbone | None) -> _Plan:

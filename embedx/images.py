@@ -12,17 +12,22 @@ pixels, without PIL's RGBX buffer and the copy out of it.
 from __future__ import annotations
 
 import csv
+import functools
 import logging
 import os
 import warnings
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import InputError
 
 IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".jfif"}
+    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm",
+     ".avif", ".heic", ".heif"}
 )
+#: decoded through the pillow-heif plugin (phone photos); without it they are recorded as errors
+HEIF_EXTENSIONS = frozenset({".heic", ".heif"})
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +59,9 @@ class ImageListing:
 
     records: list[ImageRecord]
     root: str | None
+    # files in the input directories left out because their extension is not an image one,
+    # counted by lower-case extension ("" for none); hidden files and folders are not counted
+    ignored: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -111,11 +119,12 @@ def list_images(inputs: list[str | os.PathLike], labels: str = "folder") -> Imag
             )
     root: str | None = None
     entries: list[tuple[str, str, str | None]] = list(listed)
+    ignored: Counter = Counter()
     if dirs:
         root_path = Path(os.path.commonpath(dirs)) if len(dirs) > 1 else dirs[0]
         root = str(root_path)
         for d in dirs:
-            for f in _walk(d):
+            for f in _walk(d, ignored):
                 rel = f.relative_to(root_path).as_posix()
                 label = f.parent.name if labels == "folder" and f.parent != d else None
                 entries.append((rel, str(f), label))
@@ -128,17 +137,34 @@ def list_images(inputs: list[str | os.PathLike], labels: str = "folder") -> Imag
         raise InputError(
             "No images found in " + ", ".join(map(str, inputs)) + " (looked for "
             + ", ".join(sorted(IMAGE_EXTENSIONS)) + ")."
+            + (f" Left out: {describe_ignored(dict(ignored))}; list such files in a .txt file to "
+               "embed them anyway." if ignored else "")
         )
-    return ImageListing(records=records, root=root)
+    return ImageListing(records=records, root=root, ignored=dict(sorted(ignored.items())))
 
 
-def _walk(directory: Path) -> list[Path]:
+def describe_ignored(ignored: dict[str, int]) -> str:
+    """'3 files (.txt: 2, no extension: 1)', most frequent first."""
+    kinds = sorted(ignored.items(), key=lambda kv: (-kv[1], kv[0]))
+    parts = [f"{ext or 'no extension'}: {n}" for ext, n in kinds[:6]]
+    if len(kinds) > 6:
+        parts.append(f"{len(kinds) - 6} other extensions")
+    total = sum(ignored.values())
+    return f"{total} file{'s' if total != 1 else ''} ({', '.join(parts)})"
+
+
+def _walk(directory: Path, ignored: Counter | None = None) -> list[Path]:
     found = []
     for dirpath, dirnames, filenames in os.walk(directory, followlinks=True):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in filenames:
-            if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+            if name.startswith("."):
+                continue
+            ext = os.path.splitext(name)[1].lower()
+            if ext in IMAGE_EXTENSIONS:
                 found.append(Path(dirpath) / name)
+            elif ignored is not None:
+                ignored[ext] += 1
     return found
 
 
@@ -198,7 +224,8 @@ def decode_image(file: str, draft_size: int | None = None, max_pixels: int | Non
 
     Raises:
         ImageDecodeError: with `kind` one of `missing`, `unreadable`, `empty`, `not_an_image`,
-            `too_large`, `truncated`, `decode_error`.
+            `unsupported_format` (HEIC/HEIF without the pillow-heif plugin), `too_large`,
+            `truncated`, `decode_error`.
     """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -210,6 +237,9 @@ def decode_image(file: str, draft_size: int | None = None, max_pixels: int | Non
         Image.MAX_IMAGE_PIXELS = max_pixels
 
     _check_file(file)
+    if os.path.splitext(file)[1].lower() in HEIF_EXTENSIONS and (problem := _heif_problem()):
+        raise ImageDecodeError("unsupported_format", f"HEIC/HEIF images need the pillow-heif plugin ({problem}): "
+                               "pip install pillow-heif, or 'embedx[heif]'")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # PIL warns on palette transparency, EXIF oddities, …
@@ -251,6 +281,20 @@ def decode_image(file: str, draft_size: int | None = None, max_pixels: int | Non
 
 
 _simplejpeg = None  # the module, False once its import failed
+
+
+@functools.lru_cache(maxsize=None)
+def _heif_problem() -> str | None:
+    """Register pillow-heif's opener with PIL (once a process); None if it worked, else why not."""
+    try:
+        import pillow_heif
+
+        pillow_heif.register_heif_opener()
+    except ImportError as e:
+        return f"not installed: {e}"
+    except Exception as e:  # noqa: BLE001 - e.g. a libheif that fails to load
+        return f"failed to load: {type(e).__name__}: {e}"
+    return None
 
 
 def jpeg_decoder() -> str:

@@ -34,6 +34,22 @@ def test_every_command_has_help_with_an_example():
             assert example in shown, (name, example, result.output)
 
 
+def test_cli_extract_says_which_files_it_left_out(tiny_dir, tmp_path):
+    import shutil
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for f in sorted(tiny_dir.rglob("*.jpg"))[:2]:
+        shutil.copy(f, src / f.name)
+    (src / "notes.txt").write_text("not an image")
+    (src / "labels.json").write_text("{}")
+    result = runner.invoke(app, ["extract", str(src), "--out", str(tmp_path / "f"), "--num-workers", "0",
+                                 "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "2 embedded, 0 errors" in result.output
+    assert "Left out as not images by their extension: 2 files (.json: 1, .txt: 1)" in result.output
+
+
 def test_cli_extract_then_info(tiny_dir, tmp_path):
     out = tmp_path / "f"
     result = runner.invoke(app, ["extract", str(tiny_dir), "--out", str(out), "--num-workers", "0",

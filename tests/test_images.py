@@ -55,6 +55,56 @@ def test_bad_inputs_are_clear_errors(tmp_path):
         list_images([tmp_path / "x.json"])
 
 
+def test_listing_counts_the_files_it_leaves_out(tmp_path):
+    from embedx.images import describe_ignored
+
+    arr = np.zeros((8, 8, 3), np.uint8)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / ".git").mkdir()
+    Image.fromarray(arr).save(tmp_path / "a.JPG")
+    Image.fromarray(arr).save(tmp_path / "sub" / "b.png")
+    for name in ("notes.txt", "sub/meta.json", "sub/more.json", "README", ".hidden", ".git/config.txt"):
+        (tmp_path / name).write_text("x")
+    listing = list_images([tmp_path])
+    assert [r.path for r in listing.records] == ["a.JPG", "sub/b.png"]
+    # hidden files and folders are not counted; the rest by lower-case extension
+    assert listing.ignored == {"": 1, ".json": 2, ".txt": 1}
+    assert describe_ignored(listing.ignored) == "4 files (.json: 2, no extension: 1, .txt: 1)"
+    (tmp_path / "only-text").mkdir()
+    (tmp_path / "only-text" / "x.txt").write_text("x")
+    with pytest.raises(InputError, match=r"No images found.*Left out: 1 file \(\.txt: 1\)"):
+        list_images([tmp_path / "only-text"])
+
+
+@pytest.mark.parametrize("ext, fmt", [(".avif", "AVIF"), (".heic", "HEIF"), (".jpe", "JPEG")])
+def test_avif_heic_and_jpe_photos_are_listed_and_decoded(tmp_path, ext, fmt):
+    from embedx.demo_data import load_photo
+
+    photo = np.asarray(load_photo("chelsea"))  # real photo, 451 x 300
+    if ext == ".heic":
+        import pillow_heif  # a dev dependency: `pip install -e ".[dev]"` (or pillow-heif) brings it
+
+        # written without registering the plugin with PIL: decode_image must do that itself
+        pillow_heif.from_pillow(Image.fromarray(photo)).save(tmp_path / f"cat{ext}", quality=90)
+    else:
+        Image.fromarray(photo).save(tmp_path / f"cat{ext}", format=fmt, quality=90)
+    rec = list_images([tmp_path]).records
+    assert [r.path for r in rec] == [f"cat{ext}"]
+    d = decode_image(rec[0].file, as_array=True)
+    assert (d.width, d.height) == (451, 300) and d.image.shape == (300, 451, 3)
+    assert np.abs(d.image.astype(int) - photo).mean() < 3  # lossy at quality 90, same picture
+
+
+def test_heic_without_its_plugin_is_an_error_that_says_what_to_install(tmp_path, monkeypatch):
+    import embedx.images
+
+    monkeypatch.setattr(embedx.images, "_heif_problem", lambda: "not installed: No module named 'pillow_heif'")
+    (tmp_path / "phone.HEIC").write_bytes(b"\0\0\0\x18ftypheic" + b"\0" * 64)
+    with pytest.raises(ImageDecodeError, match="pip install pillow-heif") as e:
+        decode_image(str(tmp_path / "phone.HEIC"))
+    assert e.value.kind == "unsupported_format"
+
+
 def _save(img: Image.Image, path, **kw):
     img.save(path, **kw)
     return str(path)
