@@ -101,13 +101,18 @@ def extract(
     )
     r = run_extract(inputs, out, config, engine=engine, address=address,
                     devices=[d.strip() for d in devices.split(",")] if devices else None)
-    typer.echo(
-        f"{r.num_embedded} embedded, {r.num_errors} errors"
-        + (f" ({r.num_skipped} done by an earlier run)" if r.num_skipped else "")
-        + f" in {r.seconds:.1f} s: {r.engine_images_per_second:.1f} img/s after {r.setup_seconds:.1f} s of "
-        f"start-up (imports, model loading) on {r.device}, {r.precision}; "
-        f"{_human_bytes(r.bytes_written)} in {r.out_dir}"
-    )
+    if r.num_done == 0 and r.num_skipped:  # a rerun of a finished run
+        typer.echo(f"Nothing to do: all {r.num_skipped} images were done by an earlier run "
+                   f"({r.num_embedded} embedded, {r.num_errors} errors; checked in {r.seconds:.1f} s); "
+                   f"{_human_bytes(r.bytes_written)} in {r.out_dir}")
+    else:
+        typer.echo(
+            f"{r.num_embedded} embedded, {r.num_errors} errors"
+            + (f" ({r.num_skipped} done by an earlier run)" if r.num_skipped else "")
+            + f" in {r.seconds:.1f} s: {r.engine_images_per_second:.1f} img/s after {r.setup_seconds:.1f} s of "
+            f"start-up (imports, model loading) on {r.device}, {r.precision}; "
+            f"{_human_bytes(r.bytes_written)} in {r.out_dir}"
+        )
     if r.num_errors:
         typer.echo(f"Unreadable inputs are listed in {Path(r.out_dir) / 'errors.parquet'}", err=True)
     if r.ignored_files:

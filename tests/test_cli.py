@@ -34,7 +34,7 @@ def test_every_command_has_help_with_an_example():
             assert example in shown, (name, example, result.output)
 
 
-def test_cli_extract_says_which_files_it_left_out(tiny_dir, tmp_path):
+def test_cli_extract_says_what_it_left_out_and_when_nothing_is_left(tiny_dir, tmp_path):
     import shutil
 
     src = tmp_path / "in"
@@ -48,6 +48,12 @@ def test_cli_extract_says_which_files_it_left_out(tiny_dir, tmp_path):
     assert result.exit_code == 0, result.output
     assert "2 embedded, 0 errors" in result.output
     assert "Left out as not images by their extension: 2 files (.json: 1, .txt: 1)" in result.output
+    # the same command again: nothing left to do, and it says so (no "0.0 img/s")
+    again = runner.invoke(app, ["extract", str(src), "--out", str(tmp_path / "f"), "--num-workers", "0",
+                                "--no-progress"])
+    assert again.exit_code == 0, again.output
+    assert "Nothing to do: all 2 images were done by an earlier run (2 embedded, 0 errors;" in again.output
+    assert "img/s" not in again.output
 
 
 def test_cli_extract_then_info(tiny_dir, tmp_path):
