@@ -553,13 +553,18 @@ class _Embedder:
         """Embeddings of a uint8 (or 0-255 float) NCHW batch, as (n, D) float32 numpy."""
         return self.result(self.launch(pixels))
 
-    def launch(self, pixels):
-        """Queue the batch on the device; returns a device tensor (not yet synchronised).
-        Out-of-memory is raised at allocation, here, so the split-and-retry lives here."""
+    def launch(self, pixels) -> "_HostCopy":
+        """Queue the batch on the device, and the copy of its embeddings back to the host behind
+        it; returns the pending copy (`result` waits for it)."""
+        return _HostCopy(self._embeddings(pixels))
+
+    def _embeddings(self, pixels):
+        """The batch's embeddings as a device tensor (not yet synchronised). Out-of-memory is
+        raised at allocation, here, so the split-and-retry lives here."""
         import torch
 
         if pixels.shape[0] == 0:
-            return torch.empty((0, self.dim), dtype=torch.float32)
+            return torch.empty((0, self.dim), dtype=torch.float32, device=self.device)
         try:
             return self._forward(pixels)
         except Exception as e:  # noqa: BLE001 - only out-of-memory errors are retried
@@ -568,11 +573,11 @@ class _Embedder:
             self._free()
             half = pixels.shape[0] // 2
             log.warning("out of memory on a batch of %d; retrying as two halves", pixels.shape[0])
-            return torch.cat([self.launch(pixels[:half]).to(self.device), self.launch(pixels[half:]).to(self.device)])
+            return torch.cat([self._embeddings(pixels[:half]), self._embeddings(pixels[half:])])
 
     @staticmethod
-    def result(handle) -> np.ndarray:
-        return handle.cpu().numpy()
+    def result(handle: "_HostCopy") -> np.ndarray:
+        return handle.wait()
 
     def _forward(self, pixels):
         import torch
@@ -601,6 +606,37 @@ class _Embedder:
 
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+class _HostCopy:
+    """A batch's embeddings on their way to the host.
+
+    On a GPU the copy goes to pinned memory, queued (non-blocking) on the stream right behind the
+    batch's model, with an event after it: waiting for the event waits for this batch only. A
+    plain `.cpu()` would instead wait for everything queued on the stream so far — by then also
+    the next batch, launched before this one is collected — and the GPU would idle while the
+    host writes this batch's rows and launches the one after.
+    """
+
+    def __init__(self, feats):
+        import torch
+
+        self.event = None
+        if feats.is_cuda:
+            self.host = torch.empty(feats.shape, dtype=feats.dtype, pin_memory=True)
+            self.host.copy_(feats, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record(torch.cuda.current_stream(feats.device))
+        else:
+            self.host = feats
+
+    def wait(self) -> np.ndarray:
+        if self.event is None:
+            return self.host.numpy()
+        self.event.synchronize()
+        # a pageable copy: the rows are kept until their shard is written, pinned memory is not
+        # held that long
+        return self.host.numpy().copy()
 
 
 def _is_oom(e: Exception) -> bool:

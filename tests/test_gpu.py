@@ -27,6 +27,23 @@ def test_cuda_bf16_close_to_cpu_fp32(photo_dir, tmp_path, backbone):
     assert cos.min() > 0.99
 
 
+def test_collecting_a_batch_does_not_wait_for_the_next_one():
+    """The engine launches batch i+1 before collecting batch i: collecting must wait for batch i
+    only, so the GPU keeps running i+1 while the host writes i's rows."""
+    import torch
+
+    from embedx.extractor import _HostCopy
+
+    stream = torch.cuda.current_stream()
+    feats = torch.randn(256, 1280, device="cuda")
+    pending = _HostCopy(feats * 2)
+    torch.cuda._sleep(2_000_000_000)  # the "next batch": ~1 s of GPU work queued behind the copy
+    got = pending.wait()
+    assert not stream.query(), "collecting the batch waited for the work queued after it"
+    np.testing.assert_array_equal(got, (feats * 2).cpu().numpy())  # (this one waits for all)
+    assert stream.query()
+
+
 @pytest.mark.parametrize("decoder", ["torchcodec", "torchvision"])
 def test_cuda_device_decode_close_to_pil(photo_dir, tmp_path, backbone, decoder):
     from embedx._tensor_decode import _load_problem
