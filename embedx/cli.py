@@ -286,6 +286,7 @@ def index_cmd(
     gpu: str = typer.Option("auto", help="auto | yes | no: build and search on GPUs with faiss-gpu."),
     on_disk: bool = typer.Option(False, "--on-disk", help="IVF only: merge per-shard partial indexes into inverted lists on disk (larger than RAM)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing index in --out."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ):
     """Build a FAISS index over feature shards (or `index add` more shards to one).
 
@@ -304,14 +305,14 @@ def index_cmd(
     if args[0] == "add":
         if len(args) != 3:
             raise typer.BadParameter("usage: embedx index add INDEX_DIR FEATURES")
-        info = add_to_index(args[1], args[2])
+        info = add_to_index(args[1], args[2], progress=progress)
         typer.echo(f"added {info['sources'][-1]['rows']} vectors; {info['num_vectors']} in {args[1]}")
         return
     if len(args) != 1 or out is None:
         raise typer.BadParameter("usage: embedx index FEATURES --out INDEX_DIR")
     config = IndexConfig(metric=metric, factory=factory, max_memory=parse_bytes(max_memory),
                          target_recall=target_recall, use_gpu=gpu, on_disk=on_disk)
-    info = build_index(args[0], out, config, overwrite=overwrite)
+    info = build_index(args[0], out, config, overwrite=overwrite, progress=progress)
     typer.echo(
         f"{info['factory']} over {info['num_vectors']} x {info['dim']} ({info['metric']}): "
         f"recall@{info['k']} {info['recall_at_k']:.3f} at {info['search_param'] or 'exact'}"

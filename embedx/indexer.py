@@ -42,8 +42,10 @@ def provenance_mismatch(a: dict, b: dict) -> list[str]:
     return [f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in PROVENANCE_KEYS if a.get(k) != b.get(k)]
 
 
-def build_index(features_dir, out_dir, config: fx.IndexConfig = fx.IndexConfig(), *, overwrite: bool = False) -> dict:
-    """Build, tune and save an index over a shard directory.
+def build_index(features_dir, out_dir, config: fx.IndexConfig = fx.IndexConfig(), *, overwrite: bool = False,
+                progress: bool = False) -> dict:
+    """Build, tune and save an index over a shard directory. With `progress`, a bar on stderr
+    counts the vectors added, and names the step (train, add, measure recall).
 
     Returns:
         The `index.json` content: factory, metric, tuned search parameter, recall@k,
@@ -66,11 +68,13 @@ def build_index(features_dir, out_dir, config: fx.IndexConfig = fx.IndexConfig()
     ngpu = fx.gpu_count(config.use_gpu)
     rng = np.random.default_rng(config.seed)
 
+    bar = _bar(n, f"index {factory}", progress)
     train_positions = np.empty(0, np.int64)
     if not index.is_trained:
         nlist = fx.import_faiss().extract_index_ivf(index).nlist if fx._is_ivf(index) else 256
         size = min(n, max(nlist * 64, 20_000), 500_000)
         train_positions = np.sort(rng.choice(n, size=size, replace=False))
+        bar.set_description_str(f"index {factory}: training on {size:,} vectors")
         xt = fx.sample_vectors(features_dir, train_positions, config.metric, config.batch_size)
         log.info("training %s on %d vectors", factory, len(xt))
         index = fx.to_gpu(index, ngpu)
@@ -78,6 +82,7 @@ def build_index(features_dir, out_dir, config: fx.IndexConfig = fx.IndexConfig()
         del xt
     else:
         index = fx.to_gpu(index, ngpu)
+    bar.set_description_str(f"index {factory}: adding")
 
     row_ids, paths, labels = [], [], []
     if config.on_disk:
@@ -93,6 +98,7 @@ def build_index(features_dir, out_dir, config: fx.IndexConfig = fx.IndexConfig()
             part = fx.load(blocks / "trained.index", mmap=False)
             x = fx.prepare(shards.embeddings_of(table), config.metric)
             part.add_with_ids(x, np.arange(start, start + len(x), dtype=np.int64))
+            bar.update(len(x))
             names.append(blocks / f"block_{s:05d}.index")
             fx.save(part, names[-1])
             row_ids.append(table.column("row_id").to_numpy())
@@ -104,13 +110,14 @@ def build_index(features_dir, out_dir, config: fx.IndexConfig = fx.IndexConfig()
         shutil.rmtree(blocks, ignore_errors=True)
     else:
         for x, ids, p, lab in fx.iter_vectors(features_dir, config.metric, config.batch_size):
-            index.add(x)
+            _add(index, x, bar)
             row_ids.append(ids)
             paths.extend(p)
             labels.extend(lab)
     rows = Rows(np.concatenate(row_ids), paths, labels, np.zeros(n, np.int32))
     build_seconds = time.perf_counter() - t0
 
+    bar.set_description_str(f"index {factory}: measuring recall@{min(config.k, n)} against exact search")
     # held-out queries: vectors of the collection that the quantiser was not trained on
     candidates = np.setdiff1d(np.arange(n), train_positions) if len(train_positions) < n else np.arange(n)
     q_positions = np.sort(rng.choice(candidates, size=min(config.num_queries, len(candidates)), replace=False))
@@ -120,6 +127,7 @@ def build_index(features_dir, out_dir, config: fx.IndexConfig = fx.IndexConfig()
     _, gt = fx.exact_knn([features_dir], xq, k, config.metric, config.batch_size)
     exact_qps = len(xq) / max(time.perf_counter() - t_exact, 1e-9)
     quality = fx.tune(index, xq, gt, k, config.target_recall)
+    bar.close()
 
     fx.save(index, out_dir / fx.INDEX_FILE)
     fx.write_rows(out_dir / fx.ROWS_FILE, rows.row_ids, rows.paths, rows.labels, rows.sources)
@@ -152,7 +160,7 @@ def build_index(features_dir, out_dir, config: fx.IndexConfig = fx.IndexConfig()
     return info
 
 
-def add_to_index(index_dir, features_dir, *, batch_size: int = 65_536) -> dict:
+def add_to_index(index_dir, features_dir, *, batch_size: int = 65_536, progress: bool = False) -> dict:
     """Append the rows of another shard directory (same provenance) to an existing index."""
     index_dir = Path(index_dir)
     info = fx.read_info(index_dir)
@@ -175,11 +183,13 @@ def add_to_index(index_dir, features_dir, *, batch_size: int = 65_536) -> dict:
     rows = load_rows(index_dir)
     source = len(info["sources"])
     new_ids, new_paths, new_labels = [], [], []
+    bar = _bar(shards.count_rows(features_dir), f"index add {info['factory']}", progress)
     for x, ids, p, lab in fx.iter_vectors(features_dir, info["metric"], batch_size):
-        index.add(x)
+        _add(index, x, bar)
         new_ids.append(ids)
         new_paths.extend(p)
         new_labels.extend(lab)
+    bar.close()
     added = sum(len(a) for a in new_ids)
     # write to temporaries, then swap both files in: a crash leaves the old index intact
     tmp_index = index_dir / (fx.INDEX_FILE + ".new")
@@ -196,6 +206,22 @@ def add_to_index(index_dir, features_dir, *, batch_size: int = 65_536) -> dict:
     info["index_bytes"] = (index_dir / fx.INDEX_FILE).stat().st_size
     fx.write_info(index_dir, info)
     return info
+
+
+def _bar(total: int, desc: str, enabled: bool):
+    import sys
+
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="vec", dynamic_ncols=True, disable=not enabled,
+                file=sys.stderr, smoothing=0.1)
+
+
+def _add(index, x: np.ndarray, bar, step: int = 16_384) -> None:
+    """index.add in steps, so that the bar moves during long adds (HNSW: ~10k vectors/s here)."""
+    for i in range(0, len(x), step):
+        index.add(x[i:i + step])
+        bar.update(len(x[i:i + step]))
 
 
 def load_rows(index_dir) -> Rows:

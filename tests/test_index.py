@@ -111,12 +111,16 @@ def test_ivf_loads_memory_mapped(tmp_path):
     assert idx.search(x[:3], 1)[0].neighbors[0].row_id == 0
 
 
-def test_index_add_and_provenance_check(tmp_path):
+def test_index_add_and_provenance_check(tmp_path, capsys):
     x, _ = clustered(4000, 16, 20, seed=4)
     a = write_features(tmp_path / "a", x[:3000])
     b = write_features(tmp_path / "b", x[3000:], start_id=3000)
-    build_index(a, tmp_path / "i", fx.IndexConfig(factory="IVF16,Flat", num_queries=100))
-    info = add_to_index(tmp_path / "i", b)
+    build_index(a, tmp_path / "i", fx.IndexConfig(factory="IVF16,Flat", num_queries=100), progress=True)
+    built = capsys.readouterr().err  # the bar names each step and counts every vector added
+    assert "IVF16,Flat: training on 3,000 vectors" in built and "IVF16,Flat: adding" in built
+    assert "3000/3000" in built and "measuring recall@10" in built
+    info = add_to_index(tmp_path / "i", b, progress=True)
+    assert "1000/1000" in capsys.readouterr().err
     assert info["num_vectors"] == 4000 and len(info["sources"]) == 2
     idx = SearchIndex(tmp_path / "i")
     [r] = search_ids(idx, [3500], k=1)
