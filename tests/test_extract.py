@@ -49,6 +49,12 @@ def test_shard_contract(tiny_dir, tmp_path, backbone):
     assert [s["rows"] for s in manifest["shards"]] == [10, 10, 4] and manifest["complete"]
     assert manifest["config"]["model"] == "tf_efficientnet_lite0"
     assert pq.read_table(out / "errors.parquet").num_rows == 0
+    # zstd everywhere; the float embedding values are not dictionary-encoded (slower, larger)
+    chunks = {c.path_in_schema: c for c in (pq.ParquetFile(files[0]).metadata.row_group(0).column(i)
+                                            for i in range(6))}
+    assert {c.compression for c in chunks.values()} == {"ZSTD"}
+    assert not any("DICTIONARY" in e for e in chunks["embedding.list.element"].encodings)
+    assert any("DICTIONARY" in e for e in chunks["label"].encodings)
     # original sizes recorded
     from PIL import Image
 
