@@ -254,7 +254,7 @@ def finetune(
 def predict(
     head_dir: Path = typer.Argument(..., help="A HEAD_DIR from `train-head` or `finetune`."),
     inputs: List[str] = typer.Argument(..., help="Images, image folders or shard directories."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output .parquet or .csv."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output .parquet or .csv [default: a table on stdout]."),
     k: int = typer.Option(5, "-k", help="Top-k classes to list."),
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
 ):
@@ -264,12 +264,20 @@ def predict(
 
     \b
         embedx predict head/ new_photos/ --out predictions.csv
+        embedx predict head/ photo.jpg -k 3
     """
     from .predict import predict as run, write_predictions
 
     pred = run(head_dir, inputs, device=device)
     for f, why in pred.failures:
         typer.echo(f"skipped {f}: {why}", err=True)
+    if out is None:  # tab-separated, one image a line: readable, and cut/awk-able
+        order, probs = pred.top_k(k)
+        typer.echo("path\tpredicted\tprobability\ttop_k")
+        for path, row, pr in zip(pred.paths, order, probs):
+            top = ", ".join(f"{pred.classes[j]} {p:.4f}" for j, p in zip(row, pr))
+            typer.echo(f"{path}\t{pred.classes[row[0]]}\t{pr[0]:.4f}\t{top}")
+        return
     write_predictions(pred, out, k)
     typer.echo(f"{len(pred.paths)} predictions -> {out}")
 

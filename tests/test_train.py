@@ -122,6 +122,16 @@ def test_cli_train_head_and_predict_on_shards(tmp_path):
     truth = dict(zip(embedx.read_features(feats).paths, embedx.read_features(feats).labels))
     assert len(t) == 400 and len(t[0]["top_k"]) == 3
     assert np.mean([row["predicted"] == truth[row["path"]] for row in t]) > 0.9
+    # without --out: a tab-separated table on stdout, the same predictions
+    r = runner.invoke(app, ["predict", str(tmp_path / "h"), str(feats), "-k", "2"])
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    assert lines[0] == "path\tpredicted\tprobability\ttop_k" and len(lines) == 401
+    shown = {line.split("\t")[0]: line.split("\t") for line in lines[1:]}
+    for row in t:
+        path, predicted, probability, top = shown[row["path"]]
+        assert predicted == row["predicted"] and abs(float(probability) - row["probability"]) < 1e-4
+        assert top.split(", ")[0] == f"{predicted} {probability}" and len(top.split(", ")) == 2
 
 
 @pytest.mark.skipif(not fashion_mnist_available(), reason="apt-get install dataset-fashion-mnist")
