@@ -237,9 +237,8 @@ def decode_image(file: str, draft_size: int | None = None, max_pixels: int | Non
         Image.MAX_IMAGE_PIXELS = max_pixels
 
     _check_file(file)
-    if os.path.splitext(file)[1].lower() in HEIF_EXTENSIONS and (problem := _heif_problem()):
-        raise ImageDecodeError("unsupported_format", f"HEIC/HEIF images need the pillow-heif plugin ({problem}): "
-                               "pip install pillow-heif, or 'embedx[heif]'")
+    # registers pillow-heif's opener with PIL the first time a HEIC/HEIF file comes by
+    heif_problem = _heif_problem() if os.path.splitext(file)[1].lower() in HEIF_EXTENSIONS else None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # PIL warns on palette transparency, EXIF oddities, …
@@ -265,6 +264,9 @@ def decode_image(file: str, draft_size: int | None = None, max_pixels: int | Non
     except ImageDecodeError:
         raise
     except UnidentifiedImageError:
+        if heif_problem:
+            raise ImageDecodeError("unsupported_format", f"HEIC/HEIF images need the pillow-heif plugin "
+                                   f"({heif_problem}): pip install pillow-heif, or 'embedx[heif]'") from None
         raise ImageDecodeError("not_an_image", "not a recognised image format") from None
     except Image.DecompressionBombError as e:
         raise ImageDecodeError("too_large", str(e)) from None

@@ -103,6 +103,9 @@ def test_heic_without_its_plugin_is_an_error_that_says_what_to_install(tmp_path,
     with pytest.raises(ImageDecodeError, match="pip install pillow-heif") as e:
         decode_image(str(tmp_path / "phone.HEIC"))
     assert e.value.kind == "unsupported_format"
+    # a file PIL can open anyway (a JPEG named .heic) is decoded, plugin or not
+    Image.fromarray(np.full((8, 8, 3), 90, np.uint8)).save(tmp_path / "mislabelled.heic", format="JPEG")
+    assert decode_image(str(tmp_path / "mislabelled.heic"), as_array=True).image.shape == (8, 8, 3)
 
 
 def _save(img: Image.Image, path, **kw):
