@@ -33,6 +33,9 @@ def test_bench_extract_quick(tmp_path):
                         "embedx_first_run", "embedx"}
     assert all(v > 0 for v in ips.values())
     assert r["pipeline_efficiency"] == pytest.approx(ips["embedx"] / ips["ceiling"])
+    rounds = r["rounds"]  # one interleaved round with --quick; the figures are its medians
+    assert rounds["ceiling"] == [ips["ceiling"]] and rounds["embedx"] == [ips["embedx"]]
+    assert rounds["pipeline_efficiency"] == [pytest.approx(r["pipeline_efficiency"])]
     assert r["heap_keep_gain_ceiling"] == pytest.approx(ips["ceiling"] / ips["ceiling_release"])
 
 
