@@ -628,7 +628,7 @@ class _HostCopy:
             self.event = torch.cuda.Event()
             self.event.record(torch.cuda.current_stream(feats.device))
         else:
-            self.host = feats
+            self.host = feats.cpu()  # a no-op on the CPU
 
     def wait(self) -> np.ndarray:
         if self.event is None:
