@@ -266,17 +266,14 @@ def predict(
         embedx predict head/ new_photos/ --out predictions.csv
         embedx predict head/ photo.jpg -k 3
     """
-    from .predict import predict as run, write_predictions
+    from .predict import predict as run, table_lines, write_predictions
 
     pred = run(head_dir, inputs, device=device)
     for f, why in pred.failures:
         typer.echo(f"skipped {f}: {why}", err=True)
     if out is None:  # tab-separated, one image a line: readable, and cut/awk-able
-        order, probs = pred.top_k(k)
-        typer.echo("path\tpredicted\tprobability\ttop_k")
-        for path, row, pr in zip(pred.paths, order, probs):
-            top = ", ".join(f"{pred.classes[j]} {p:.4f}" for j, p in zip(row, pr))
-            typer.echo(f"{path}\t{pred.classes[row[0]]}\t{pr[0]:.4f}\t{top}")
+        for line in table_lines(pred, k):
+            typer.echo(line)
         return
     write_predictions(pred, out, k)
     typer.echo(f"{len(pred.paths)} predictions -> {out}")

@@ -24,6 +24,11 @@ class Predictions:
         order = np.argsort(-self.proba, axis=1, kind="stable")[:, :k]
         return order, np.take_along_axis(self.proba, order, 1)
 
+    def top_k_labels(self, k: int) -> tuple[list[list[str]], np.ndarray]:
+        """Per image, the k most probable class names (most probable first) and their probabilities."""
+        order, probs = self.top_k(k)
+        return [[self.classes[j] for j in row] for row in order], probs
+
 
 def _is_shard_dir(p: Path) -> bool:
     return p.is_dir() and ((p / "manifest.json").exists() or any(p.glob("part-*.parquet")))
@@ -88,8 +93,7 @@ def write_predictions(pred: Predictions, out: str | os.PathLike, k: int = 5) -> 
     import pyarrow as pa
 
     out = Path(out)
-    order, probs = pred.top_k(k)
-    labels = [[pred.classes[j] for j in row] for row in order]
+    labels, probs = pred.top_k_labels(k)
     table = pa.table({
         "path": pa.array(pred.paths, pa.string()),
         "predicted": pa.array([row[0] for row in labels], pa.string()),
@@ -111,3 +115,12 @@ def write_predictions(pred: Predictions, out: str | os.PathLike, k: int = 5) -> 
 
         pq.write_table(table, out)
     return out
+
+
+def table_lines(pred: Predictions, k: int = 5):
+    """The predictions as tab-separated lines for a terminal (header first): path, predicted,
+    probability, and the top k as 'name probability' pairs."""
+    labels, probs = pred.top_k_labels(k)
+    yield "path\tpredicted\tprobability\ttop_k"
+    for path, lab, pr in zip(pred.paths, labels, probs):
+        yield f"{path}\t{lab[0]}\t{pr[0]:.4f}\t" + ", ".join(f"{name} {p:.4f}" for name, p in zip(lab, pr))
