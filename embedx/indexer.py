@@ -117,12 +117,12 @@ def build_index(features_dir, out_dir, config: fx.IndexConfig = fx.IndexConfig()
     rows = Rows(np.concatenate(row_ids), paths, labels, np.zeros(n, np.int32))
     build_seconds = time.perf_counter() - t0
 
-    bar.set_description_str(f"index {factory}: measuring recall@{min(config.k, n)} against exact search")
+    k = min(config.k, n)
+    bar.set_description_str(f"index {factory}: measuring recall@{k} against exact search")
     # held-out queries: vectors of the collection that the quantiser was not trained on
     candidates = np.setdiff1d(np.arange(n), train_positions) if len(train_positions) < n else np.arange(n)
     q_positions = np.sort(rng.choice(candidates, size=min(config.num_queries, len(candidates)), replace=False))
     xq = fx.sample_vectors(features_dir, q_positions, config.metric, config.batch_size)
-    k = min(config.k, n)
     t_exact = time.perf_counter()
     _, gt = fx.exact_knn([features_dir], xq, k, config.metric, config.batch_size)
     exact_qps = len(xq) / max(time.perf_counter() - t_exact, 1e-9)
@@ -183,7 +183,8 @@ def add_to_index(index_dir, features_dir, *, batch_size: int = 65_536, progress:
     rows = load_rows(index_dir)
     source = len(info["sources"])
     new_ids, new_paths, new_labels = [], [], []
-    bar = _bar(shards.count_rows(features_dir), f"index add {info['factory']}", progress)
+    # (the total only for the bar: counting reads every shard's footer)
+    bar = _bar(shards.count_rows(features_dir) if progress else None, f"index add {info['factory']}", progress)
     for x, ids, p, lab in fx.iter_vectors(features_dir, info["metric"], batch_size):
         _add(index, x, bar)
         new_ids.append(ids)
@@ -208,7 +209,7 @@ def add_to_index(index_dir, features_dir, *, batch_size: int = 65_536, progress:
     return info
 
 
-def _bar(total: int, desc: str, enabled: bool):
+def _bar(total: int | None, desc: str, enabled: bool):
     import sys
 
     from tqdm.auto import tqdm
@@ -220,8 +221,9 @@ def _bar(total: int, desc: str, enabled: bool):
 def _add(index, x: np.ndarray, bar, step: int = 16_384) -> None:
     """index.add in steps, so that the bar moves during long adds (HNSW: ~10k vectors/s here)."""
     for i in range(0, len(x), step):
-        index.add(x[i:i + step])
-        bar.update(len(x[i:i + step]))
+        chunk = x[i:i + step]
+        index.add(chunk)
+        bar.update(len(chunk))
 
 
 def load_rows(index_dir) -> Rows:
