@@ -116,10 +116,10 @@ def extract(
     if r.num_errors:
         typer.echo(f"Unreadable inputs are listed in {Path(r.out_dir) / 'errors.parquet'}", err=True)
     if r.ignored_files:
-        from .images import describe_ignored
+        from .images import IGNORED_HINT, describe_ignored
 
         typer.echo(f"Left out as not images by their extension: {describe_ignored(r.ignored_files)}; "
-                   "list such files in a .txt file to embed them anyway.", err=True)
+                   f"{IGNORED_HINT}.", err=True)
 
 
 @app.command()

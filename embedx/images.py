@@ -26,6 +26,8 @@ IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm",
      ".avif", ".heic", ".heif"}
 )
+#: what to do about files a directory walk leaves out (said with describe_ignored's count)
+IGNORED_HINT = "list such files in a .txt file to embed them anyway"
 #: decoded through the pillow-heif plugin (phone photos); without it they are recorded as errors
 HEIF_EXTENSIONS = frozenset({".heic", ".heif"})
 
@@ -137,8 +139,7 @@ def list_images(inputs: list[str | os.PathLike], labels: str = "folder") -> Imag
         raise InputError(
             "No images found in " + ", ".join(map(str, inputs)) + " (looked for "
             + ", ".join(sorted(IMAGE_EXTENSIONS)) + ")."
-            + (f" Left out: {describe_ignored(dict(ignored))}; list such files in a .txt file to "
-               "embed them anyway." if ignored else "")
+            + (f" Left out: {describe_ignored(dict(ignored))}; {IGNORED_HINT}." if ignored else "")
         )
     return ImageListing(records=records, root=root, ignored=dict(sorted(ignored.items())))
 
