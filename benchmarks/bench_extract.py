@@ -186,9 +186,7 @@ def bench_decode(backbone, files: list[str], fast: bool, simplejpeg: bool = True
     torch.set_num_threads(1)  # as in the decoder workers
     recs = [ImageRecord(i, f, f, None) for i, f in enumerate(files)]
     ds = ImageDataset(recs, backbone.decode_spec(fast))
-    saved = images._simplejpeg
-    if not simplejpeg:
-        images._simplejpeg = False  # "import failed": PIL decodes
+    images.use_simplejpeg(simplejpeg)
     try:
         ds[0]
         t0 = time.perf_counter()
@@ -196,7 +194,7 @@ def bench_decode(backbone, files: list[str], fast: bool, simplejpeg: bool = True
             assert ds[i][4] is None, ds[i][4]
         return (time.perf_counter() - t0) / len(ds) * 1000
     finally:
-        images._simplejpeg = saved
+        images.use_simplejpeg(True)
 
 
 def tiny_folder(n: int, cache: Path) -> Path:
@@ -222,7 +220,7 @@ from embedx.extractor import ExtractConfig, extract
 folder, model, weights, bs, heap = Path(sys.argv[1]), sys.argv[2], sys.argv[3] or None, int(sys.argv[4]), sys.argv[5]
 if sys.argv[6] == "pil":  # JPEGs decoded by PIL, as where simplejpeg is not installed
     import embedx.images
-    embedx.images._simplejpeg = False
+    embedx.images.use_simplejpeg(False)
 backbone = load_backbone(model, weights)
 tmp = Path(tempfile.mkdtemp())
 cfg = ExtractConfig(model=model, batch_size=bs, progress=False, compile="no", heap=heap)
@@ -381,7 +379,7 @@ def main() -> None:
     for k, v in res.items():
         print(f"  {k:>11}: {v:8.1f} img/s")
     n_rounds = len(rounds["ceiling"])
-    print(f"  rounds (ceiling / embedx img/s): "
+    print("  rounds (ceiling / embedx img/s): "
           + ", ".join(f"{c:.1f} / {e:.1f}" for c, e in zip(rounds["ceiling"], rounds["embedx"])))
     print(f"  embedx / ceiling    = {result['pipeline_efficiency']:.2f}  (medians of {n_rounds} interleaved rounds; "
           f"per round {', '.join(f'{x:.2f}' for x in result['rounds']['pipeline_efficiency'])}; "

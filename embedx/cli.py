@@ -52,7 +52,7 @@ def _human_bytes(n: float) -> str:
 @app.command()
 @_handle_errors
 def extract(
-    inputs: List[str] = typer.Argument(..., help="Image directories (walked recursively) or .txt/.csv/.parquet lists of paths."),
+    inputs: List[str] = typer.Argument(..., help="Image directories (walked recursively), .tar archives (WebDataset shards: read in place) or .txt/.csv/.parquet lists of paths."),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory for the Parquet shards."),
     model: str = typer.Option("tf_efficientnet_lite0", help="Any timm model name."),
     weights: Optional[str] = typer.Option(None, help="auto (default: bundled, else hub) | bundled | hub | random | PATH to .pth/.safetensors."),
@@ -60,7 +60,7 @@ def extract(
     num_workers: Optional[int] = typer.Option(None, help="Decoder processes; 0: decode in this process between batches [default: from the cores present; 0 on 2-core CPUs]."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
     precision: str = typer.Option("auto", help="auto (bf16 on GPU and bf16-capable CPUs) | fp32 | bf16 | fp16."),
-    labels: str = typer.Option("folder", help="folder (parent directory name) | none."),
+    labels: str = typer.Option("folder", help="folder (parent directory name; in .tar archives a WebDataset .cls file first) | none."),
     shard_size: int = typer.Option(10_000, help="Rows per Parquet shard (also the unit of resumption)."),
     normalize: bool = typer.Option(False, "--normalize", help="L2-normalise the embeddings."),
     dtype: str = typer.Option("float32", help="Stored embedding type: float32 | float16."),
@@ -88,6 +88,7 @@ def extract(
 
     \b
         embedx extract photos/ --out feats/ --model tf_efficientnet_lite0 --normalize
+        embedx extract shards/*.tar --out feats/ --dtype float16
         embedx extract s3-mounted/ --out /shared/feats --engine ray --address auto
     """
     from .extractor import ExtractConfig, extract as run_extract
@@ -116,10 +117,10 @@ def extract(
     if r.num_errors:
         typer.echo(f"Unreadable inputs are listed in {Path(r.out_dir) / 'errors.parquet'}", err=True)
     if r.ignored_files:
-        from .images import IGNORED_HINT, describe_ignored
+        from .images import describe_ignored, ignored_advice
 
         typer.echo(f"Left out as not images by their extension: {describe_ignored(r.ignored_files)}; "
-                   f"{IGNORED_HINT}.", err=True)
+                   f"{ignored_advice(r.ignored_files)}.", err=True)
 
 
 @app.command()

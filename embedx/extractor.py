@@ -12,7 +12,6 @@ import contextlib
 import hashlib
 import logging
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -21,6 +20,7 @@ import numpy as np
 
 from . import shards
 from ._malloc import apply_heap, check_heap
+from ._progress import progress_bar
 from ._tensor_decode import resolve_device_decoder
 from .backbone import DEFAULT_MODEL, Backbone, autocast, load_backbone, resolve_device, resolve_precision, usable_cpus
 from .errors import EmbedxError, InputError, OutputExistsError
@@ -781,11 +781,7 @@ class _ShardWriter:
 
 
 def _progress(total: int, initial: int, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, unit="img", unit_scale=False, dynamic_ncols=True,
-                disable=not enabled, desc="extract", file=sys.stderr, smoothing=0.1)
-
+    return progress_bar(desc="extract", unit="img", enabled=enabled, total=total, initial=initial)
 
 
 @dataclass(frozen=True)

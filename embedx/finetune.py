@@ -13,7 +13,6 @@ import hashlib
 import json
 import logging
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ._malloc import apply_heap, check_heap
+from ._progress import progress_bar
 from .backbone import DEFAULT_MODEL, Backbone, autocast, load_backbone, resolve_device, resolve_precision, usable_cpus
 from .errors import FeaturesError, InputError
 from .images import ImageDecodeError, ImageRecord, decode_image, list_images
@@ -220,7 +220,8 @@ def finetune(images, out, config: FinetuneConfig = FinetuneConfig(), *, val=None
             _freeze_batchnorm(model)
             head.train()
             loss_sum, seen = 0.0, 0
-            for batch in _bar(train_loader, f"stage {stage} epoch {state['epoch'] + 1}/{n_epochs}", config.progress):
+            for batch in progress_bar(train_loader, desc=f"stage {stage} epoch {state['epoch'] + 1}/{n_epochs}",
+                                      unit="batch", enabled=config.progress, leave=False):
                 if batch is None:
                     continue
                 x, y = batch[0].to(device, non_blocking=True), batch[1].to(device)
@@ -257,12 +258,6 @@ def finetune(images, out, config: FinetuneConfig = FinetuneConfig(), *, val=None
     state["done"] = True
     _checkpoint(ckpt_path, model, head, None, 2, state, fingerprint)
     return metrics
-
-
-def _bar(loader, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(loader, desc=desc, unit="batch", disable=not enabled, file=sys.stderr, leave=False)
 
 
 def _evaluate(model, head, loader, device, precision):

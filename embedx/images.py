@@ -1,7 +1,7 @@
 """Finding and decoding images: the only module that touches PIL.
 
-`list_images` turns the user's inputs (directories, or text/CSV/Parquet files listing
-paths) into a sorted, deterministic list of `ImageRecord`s. `decode_image` opens one
+`list_images` turns the user's inputs (directories, .tar archives, or text/CSV/Parquet files
+listing paths) into a sorted, deterministic list of `ImageRecord`s. `decode_image` opens one
 file robustly: EXIF orientation applied, every mode converted to 8-bit RGB, the first
 frame of animations, a configurable decompression-bomb limit, and JPEG decoding at a
 reduced scale when the model wants far fewer pixels than the file holds. With `as_array`,
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import io
 import logging
 import os
 import warnings
@@ -20,6 +21,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import archives
 from .errors import InputError
 
 IMAGE_EXTENSIONS = frozenset(
@@ -88,13 +90,16 @@ def list_images(inputs: list[str | os.PathLike], labels: str = "folder") -> Imag
     """Resolve inputs into a deterministic, sorted list of image records.
 
     Args:
-        inputs: image directories (walked recursively, symlinks followed), image files
+        inputs: image directories (walked recursively, symlinks followed), uncompressed `.tar`
+            archives (WebDataset shards, …: their image members are read in place and named
+            `<archive>/<member>`, relative to the root like files in a folder), image files
             (stored with absolute paths), or list files:
             `.txt` (one path per line), `.csv` / `.parquet` (a `path` column and an optional
             `label` column). Relative paths in list files are resolved against the list
             file's folder.
         labels: `folder` (label = name of the parent directory, like torchvision's
-            ImageFolder) or `none`.
+            ImageFolder; in archives the WebDataset `.cls` file of the same key comes first)
+            or `none`.
 
     Returns:
         An `ImageListing` whose records are sorted by path, with row ids 0..N-1.
@@ -104,11 +109,17 @@ def list_images(inputs: list[str | os.PathLike], labels: str = "folder") -> Imag
     if not inputs:
         raise InputError("No input given: pass at least one image directory or list file.")
     dirs: list[Path] = []
+    tars: list[Path] = []
     listed: list[tuple[str, str, str | None]] = []  # (path, file, label)
     for raw in inputs:
         p = Path(raw).expanduser()
         if p.is_dir():
             dirs.append(p.resolve())
+        elif p.is_file() and archives.is_tar(p):
+            tars.append(p.resolve())
+        elif archives.is_compressed_tar(p):
+            raise InputError(f"{str(raw)!r} is a compressed tar archive: embedx reads images in place from "
+                             "uncompressed .tar files only. Unpack it to a .tar (e.g. `gunzip`) or a folder.")
         elif p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS:
             f = str(p.resolve())
             listed.append((f, f, p.resolve().parent.name if labels == "folder" else None))
@@ -122,14 +133,20 @@ def list_images(inputs: list[str | os.PathLike], labels: str = "folder") -> Imag
     root: str | None = None
     entries: list[tuple[str, str, str | None]] = list(listed)
     ignored: Counter = Counter()
-    if dirs:
-        root_path = Path(os.path.commonpath(dirs)) if len(dirs) > 1 else dirs[0]
+    if dirs or tars:
+        tops = dirs + [t.parent for t in tars]
+        root_path = Path(os.path.commonpath(tops)) if len(tops) > 1 else tops[0]
         root = str(root_path)
         for d in dirs:
             for f in _walk(d, ignored):
                 rel = f.relative_to(root_path).as_posix()
                 label = f.parent.name if labels == "folder" and f.parent != d else None
                 entries.append((rel, str(f), label))
+        for t in tars:
+            found, left_out = archives.list_archive(str(t), IMAGE_EXTENSIONS, labels == "folder")
+            ignored.update(left_out)
+            rel = t.relative_to(root_path).as_posix()
+            entries.extend((f"{rel}/{name}", f"{t}/{name}", label) for name, label in found)
     seen: dict[str, tuple[str, str, str | None]] = {}
     for e in entries:
         seen.setdefault(e[0], e)  # an image listed twice is embedded once
@@ -139,9 +156,17 @@ def list_images(inputs: list[str | os.PathLike], labels: str = "folder") -> Imag
         raise InputError(
             "No images found in " + ", ".join(map(str, inputs)) + " (looked for "
             + ", ".join(sorted(IMAGE_EXTENSIONS)) + ")."
-            + (f" Left out: {describe_ignored(dict(ignored))}; {IGNORED_HINT}." if ignored else "")
+            + (f" Left out: {describe_ignored(dict(ignored))}; {ignored_advice(dict(ignored))}." if ignored else "")
         )
     return ImageListing(records=records, root=root, ignored=dict(sorted(ignored.items())))
+
+
+def ignored_advice(ignored: dict[str, int]) -> str:
+    """What to do about the files a directory walk left out (`IGNORED_HINT`, and for .tar files
+    that archives are read when given as inputs)."""
+    if archives.TAR_SUFFIX in ignored:
+        return f"{IGNORED_HINT}; pass .tar archives themselves as inputs to embed the images in them"
+    return IGNORED_HINT
 
 
 def describe_ignored(ignored: dict[str, int]) -> str:
@@ -213,7 +238,8 @@ def decode_image(file: str, draft_size: int | None = None, max_pixels: int | Non
     """Decode one image file to 8-bit RGB.
 
     Args:
-        file: path on disk.
+        file: path on disk, or a path through an uncompressed .tar archive to one of its
+            members (`shards/000.tar/a/b.jpg`; see `embedx.archives`).
         draft_size: if set, JPEGs are decoded at the smallest DCT scale whose both sides
             are still >= this many pixels (PIL `draft`): far less work for a 224 px model.
         max_pixels: refuse images with more pixels than this (decompression bombs);
@@ -237,13 +263,13 @@ def decode_image(file: str, draft_size: int | None = None, max_pixels: int | Non
     if Image.MAX_IMAGE_PIXELS is not None and (max_pixels is None or max_pixels > Image.MAX_IMAGE_PIXELS):
         Image.MAX_IMAGE_PIXELS = max_pixels
 
-    _check_file(file)
+    source = _open_source(file)
     # registers pillow-heif's opener with PIL the first time a HEIC/HEIF file comes by
     heif_problem = _heif_problem() if os.path.splitext(file)[1].lower() in HEIF_EXTENSIONS else None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # PIL warns on palette transparency, EXIF oddities, …
-            with Image.open(file) as im:
+            with Image.open(source) as im:
                 width, height = im.size
                 _check_pixels(width, height, max_pixels)
                 # EXIF orientation swaps the sides for 90° rotations: report the upright size.
@@ -306,6 +332,14 @@ def jpeg_decoder() -> str:
     return f"simplejpeg {sj.__version__}" if sj else "PIL"
 
 
+def use_simplejpeg(enabled: bool) -> None:
+    """Turn the simplejpeg path on (the default, where it is installed) or off for this process:
+    off, PIL decodes every JPEG (the same pixels, slower), e.g. to compare the two or to rule
+    simplejpeg out. Decoder worker processes forked afterwards inherit the choice."""
+    global _simplejpeg
+    _simplejpeg = None if enabled else False
+
+
 def _load_simplejpeg():
     """The simplejpeg module, or False (once said why) when it is not installed."""
     global _simplejpeg
@@ -340,16 +374,29 @@ def _turbo_decode(fp, size: tuple[int, int]):
     return arr if arr.shape[:2] == (h, w) else None
 
 
-def _check_file(file: str) -> None:
-    """Missing, unreadable and zero-byte files, before any decoder sees them."""
+def _open_source(file: str):
+    """What PIL opens for `file`: the path itself, or the bytes (BytesIO) of the tar archive member
+    that it names (`…/000.tar/a/b.jpg`). Missing, unreadable and zero-byte files are refused here,
+    before any decoder sees them."""
     try:
         size = os.path.getsize(file)
-    except FileNotFoundError:
-        raise ImageDecodeError("missing", "file not found") from None
+    except (FileNotFoundError, NotADirectoryError):
+        try:
+            data = archives.read_member(file)
+        except KeyError as e:
+            raise ImageDecodeError("missing", str(e.args[0])) from None
+        except (OSError, InputError) as e:
+            raise ImageDecodeError("unreadable", str(e)) from None
+        if data is None:
+            raise ImageDecodeError("missing", "file not found") from None
+        if not data:
+            raise ImageDecodeError("empty", "zero-byte archive member")
+        return io.BytesIO(data)
     except OSError as e:
         raise ImageDecodeError("unreadable", str(e)) from None
     if size == 0:
         raise ImageDecodeError("empty", "zero-byte file")
+    return file
 
 
 def _check_pixels(width: int, height: int, max_pixels: int | None) -> None:
@@ -371,15 +418,17 @@ def read_jpeg_bytes(file: str, max_pixels: int | None = DEFAULT_MAX_PIXELS):
     import numpy as np
     from PIL import Image, UnidentifiedImageError
 
-    _check_file(file)
+    source = _open_source(file)
     try:
-        with Image.open(file) as im:  # reads the header only
+        with Image.open(source) as im:  # reads the header only
             if im.format != "JPEG":
                 return None
             width, height = im.size
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
         return None
     _check_pixels(width, height, max_pixels)
+    if isinstance(source, io.BytesIO):  # an archive member
+        return np.frombuffer(bytearray(source.getbuffer()), dtype=np.uint8)
     return np.fromfile(file, dtype=np.uint8)
 
 

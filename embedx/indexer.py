@@ -17,6 +17,7 @@ import numpy as np
 
 from . import index as fx
 from . import shards
+from ._progress import progress_bar
 from .errors import FeaturesError, SearchIndexError
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ def build_index(features_dir, out_dir, config: fx.IndexConfig = fx.IndexConfig()
     ngpu = fx.gpu_count(config.use_gpu)
     rng = np.random.default_rng(config.seed)
 
-    bar = _bar(n, f"index {factory}", progress)
+    bar = progress_bar(desc=f"index {factory}", unit="vec", enabled=progress, total=n)
     train_positions = np.empty(0, np.int64)
     if not index.is_trained:
         nlist = fx.import_faiss().extract_index_ivf(index).nlist if fx._is_ivf(index) else 256
@@ -184,7 +185,8 @@ def add_to_index(index_dir, features_dir, *, batch_size: int = 65_536, progress:
     source = len(info["sources"])
     new_ids, new_paths, new_labels = [], [], []
     # (the total only for the bar: counting reads every shard's footer)
-    bar = _bar(shards.count_rows(features_dir) if progress else None, f"index add {info['factory']}", progress)
+    bar = progress_bar(desc=f"index add {info['factory']}", unit="vec", enabled=progress,
+                       total=shards.count_rows(features_dir) if progress else None)
     for x, ids, p, lab in fx.iter_vectors(features_dir, info["metric"], batch_size):
         _add(index, x, bar)
         new_ids.append(ids)
@@ -207,15 +209,6 @@ def add_to_index(index_dir, features_dir, *, batch_size: int = 65_536, progress:
     info["index_bytes"] = (index_dir / fx.INDEX_FILE).stat().st_size
     fx.write_info(index_dir, info)
     return info
-
-
-def _bar(total: int | None, desc: str, enabled: bool):
-    import sys
-
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="vec", dynamic_ncols=True, disable=not enabled,
-                file=sys.stderr, smoothing=0.1)
 
 
 def _add(index, x: np.ndarray, bar, step: int = 16_384) -> None:

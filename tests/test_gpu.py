@@ -17,8 +17,8 @@ def _cos(a, b):
 
 def test_cuda_bf16_close_to_cpu_fp32(photo_dir, tmp_path, backbone):
     g = extract(photo_dir, tmp_path / "g", ExtractConfig(device="cuda", progress=False, num_workers=2), backbone=backbone)
-    c = extract(photo_dir, tmp_path / "c", ExtractConfig(device="cpu", precision="fp32", progress=False, num_workers=0),
-                backbone=backbone)
+    extract(photo_dir, tmp_path / "c", ExtractConfig(device="cpu", precision="fp32", progress=False, num_workers=0),
+            backbone=backbone)
     assert g.precision == "bf16" and g.device == "cuda"
     fg, fc = embedx.read_features(tmp_path / "g"), embedx.read_features(tmp_path / "c")
     assert fg.metadata["precision"] == "bf16" and fg.paths == fc.paths

@@ -299,3 +299,21 @@ def test_array_decode_without_simplejpeg_says_so_and_uses_pil(tmp_path, monkeypa
     assert "simplejpeg is not installed" in caplog.text
     for f, g in zip(files, got):
         np.testing.assert_array_equal(g, np.asarray(decode_image(f).image))
+
+
+def test_use_simplejpeg_switches_the_jpeg_path(tmp_path, monkeypatch):
+    sj = pytest.importorskip("simplejpeg")
+    import embedx.images as images
+
+    calls = []
+    real = sj.decode_jpeg
+    monkeypatch.setattr(sj, "decode_jpeg", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(images, "_simplejpeg", None)  # restored after the test
+    f = _jpeg_variants(tmp_path)[0]
+    images.use_simplejpeg(False)
+    off = decode_image(f, as_array=True).image
+    assert calls == [] and images.jpeg_decoder() == "PIL"
+    images.use_simplejpeg(True)
+    on = decode_image(f, as_array=True).image
+    assert calls == [1] and images.jpeg_decoder().startswith("simplejpeg ")
+    np.testing.assert_array_equal(on, off)

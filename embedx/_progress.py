@@ -1,0 +1,19 @@
+"""The one progress-bar constructor every long step uses (extract, finetune, index).
+
+All bars go to stderr (stdout stays for results: tables, JSON, CSV) and are off with
+`progress=False` / `--no-progress`; tqdm is imported only when a bar is made.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable
+
+
+def progress_bar(iterable: Iterable | None = None, *, desc: str, unit: str, enabled: bool,
+                 total: int | None = None, initial: int = 0, leave: bool = True):
+    """A tqdm bar on stderr: `unit`/s is its rate (img/s for extraction), smoothed over recent updates."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, initial=initial, desc=desc, unit=unit, unit_scale=False,
+                dynamic_ncols=True, disable=not enabled, file=sys.stderr, leave=leave, smoothing=0.1)
