@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass, field
 
 from . import weights as weights_mod
-from .errors import EmbedxError, WeightsError
+from .errors import EmbedxError, InputError, WeightsError
 from .images import DEFAULT_MAX_PIXELS
 
 log = logging.getLogger(__name__)
@@ -117,12 +117,66 @@ class Backbone:
         return DecodeSpec(self.worker_transform(fast), tuple(self.data_config.input_size), self.draft_size(fast),
                           max_pixels, decode, device_share, device_decoder)
 
+    def with_preprocessing(self, img_size: int | None = None, crop_pct: float | None = None,
+                           crop_mode: str | None = None, interpolation: str | None = None) -> "Backbone":
+        """This backbone with its data config changed where an argument is given (timm's own
+        overrides: `--img-size`, `--crop-pct`, `--crop-mode`, `--interpolation` of its scripts).
+        The model is tried at a new input size first: models built for one size (ViT, Swin)
+        refuse any other with an error that says so.
+
+        Raises:
+            InputError: a value out of range, or an input size the model does not take.
+        """
+        import dataclasses
+
+        check_preprocessing(img_size, crop_pct, crop_mode, interpolation)
+        d = self.data_config
+        new = dataclasses.replace(
+            d,
+            input_size=(d.input_size[0], img_size, img_size) if img_size else d.input_size,
+            crop_pct=float(crop_pct) if crop_pct is not None else d.crop_pct,
+            crop_mode=crop_mode or d.crop_mode,
+            interpolation=interpolation or d.interpolation,
+        )
+        if new == d:
+            return self
+        if new.input_size != d.input_size:
+            import torch
+
+            try:
+                with torch.no_grad():
+                    self.model(torch.zeros(1, *new.input_size))
+            except Exception as e:  # noqa: BLE001 - timm raises AssertionError/RuntimeError alike
+                raise InputError(
+                    f"{self.model_name} does not take {img_size}x{img_size} inputs ({str(e).splitlines()[0][:200]}): "
+                    f"it was built for {d.input_size[1]}x{d.input_size[2]}. Leave --img-size out, or choose a "
+                    "model that takes other sizes (convolutional networks do)."
+                ) from None
+        return dataclasses.replace(self, data_config=new)
+
     def timm_data_config(self) -> dict:
         d = self.data_config
         return {
             "input_size": d.input_size, "interpolation": d.interpolation, "mean": d.mean,
             "std": d.std, "crop_pct": d.crop_pct, "crop_mode": d.crop_mode,
         }
+
+
+CROP_MODES = ("center", "squash", "border")
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming")
+
+
+def check_preprocessing(img_size: int | None = None, crop_pct: float | None = None, crop_mode: str | None = None,
+                        interpolation: str | None = None) -> None:
+    """Refuse preprocessing overrides that timm's transform would not make sense of."""
+    if img_size is not None and not 16 <= img_size <= 4096:
+        raise InputError(f"--img-size must be between 16 and 4096 pixels, not {img_size}.")
+    if crop_pct is not None and not 0.0 < crop_pct <= 1.0:
+        raise InputError(f"--crop-pct must be in (0, 1] (1.0: no border cropped), not {crop_pct}.")
+    if crop_mode is not None and crop_mode not in CROP_MODES:
+        raise InputError(f"--crop-mode must be one of {', '.join(CROP_MODES)}, not {crop_mode!r}.")
+    if interpolation is not None and interpolation not in INTERPOLATIONS:
+        raise InputError(f"--interpolation must be one of {', '.join(INTERPOLATIONS)}, not {interpolation!r}.")
 
 
 def _is_tensor_step(step) -> bool:
@@ -336,6 +390,15 @@ def load_backbone_for(provenance: dict, weights: str | None = None) -> Backbone:
             )
         weights = weights_argument(source)
     backbone = load_matching(model_name, weights, provenance.get("weights_sha256"))
+    recorded = provenance.get("data_config")
+    if recorded:  # the same preprocessing as the features, overrides (--img-size, --crop-pct, …) included
+        now = backbone.data_config.to_dict()
+        changed = {k: recorded[k] for k in ("input_size", "crop_pct", "crop_mode", "interpolation")
+                   if k in recorded and recorded[k] != now[k]}
+        if changed:
+            backbone = backbone.with_preprocessing(
+                int(changed["input_size"][-1]) if "input_size" in changed else None,
+                changed.get("crop_pct"), changed.get("crop_mode"), changed.get("interpolation"))
     if backbone.data_config.to_dict() != provenance.get("data_config", backbone.data_config.to_dict()):
         raise WeightsError(f"The preprocessing of {model_name} differs from the one recorded with the features.")
     return backbone

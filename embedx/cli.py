@@ -61,6 +61,10 @@ def extract(
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
     precision: str = typer.Option("auto", help="auto (bf16 on GPU and bf16-capable CPUs) | fp32 | bf16 | fp16."),
     labels: str = typer.Option("folder", help="folder (parent directory name; in .tar archives a WebDataset .cls file first) | none."),
+    img_size: Optional[int] = typer.Option(None, help="Input size (square) instead of the model's own; convolutional networks take any."),
+    crop_pct: Optional[float] = typer.Option(None, help="Centre-crop fraction instead of the model's own (1.0: keep the whole image's short side)."),
+    crop_mode: Optional[str] = typer.Option(None, help="center | squash (resize to the input size, no crop) | border (fit, pad) [default: the model's]."),
+    interpolation: Optional[str] = typer.Option(None, help="bilinear | bicubic | … [default: the model's]."),
     shard_size: int = typer.Option(10_000, help="Rows per Parquet shard (also the unit of resumption)."),
     normalize: bool = typer.Option(False, "--normalize", help="L2-normalise the embeddings."),
     dtype: str = typer.Option("float32", help="Stored embedding type: float32 | float16."),
@@ -95,7 +99,8 @@ def extract(
 
     config = ExtractConfig(
         model=model, weights=weights, batch_size=batch_size, num_workers=num_workers, device=device,
-        precision=precision, labels=labels, shard_size=shard_size, normalize=normalize, dtype=dtype,
+        precision=precision, labels=labels, img_size=img_size, crop_pct=crop_pct, crop_mode=crop_mode,
+        interpolation=interpolation, shard_size=shard_size, normalize=normalize, dtype=dtype,
         overwrite=overwrite, max_pixels=max_pixels, fast_decode=fast_decode, decode=decode, device_share=device_share,
         device_decoder=device_decoder, prefetch=prefetch,
         compile=compile, heap=heap, progress=progress,

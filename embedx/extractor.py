@@ -22,7 +22,8 @@ from . import shards
 from ._malloc import apply_heap, check_heap
 from ._progress import progress_bar
 from ._tensor_decode import resolve_device_decoder
-from .backbone import DEFAULT_MODEL, Backbone, autocast, load_backbone, resolve_device, resolve_precision, usable_cpus
+from .backbone import (DEFAULT_MODEL, Backbone, autocast, check_preprocessing, load_backbone, resolve_device,
+                       resolve_precision, usable_cpus)
 from .errors import EmbedxError, InputError, OutputExistsError
 from .images import DEFAULT_MAX_PIXELS, ImageListing, ImageRecord, list_images
 
@@ -40,6 +41,11 @@ class ExtractConfig:
     device: str = "auto"
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     labels: str = "folder"
+    # preprocessing overrides of the model's data config (None: the model's own; see Backbone.with_preprocessing)
+    img_size: int | None = None
+    crop_pct: float | None = None
+    crop_mode: str | None = None  # center | squash | border
+    interpolation: str | None = None  # bilinear | bicubic | …
     shard_size: int = 10_000
     normalize: bool = False
     dtype: str = "float32"  # of the stored embeddings: float32 | float16
@@ -209,6 +215,12 @@ def _check_config(config: ExtractConfig) -> None:
     if config.prefetch is not None and config.prefetch < 0:
         raise InputError(f"--prefetch must be 0 (prepare batches inline) or more, not {config.prefetch}.")
     check_heap(config.heap)
+    check_preprocessing(config.img_size, config.crop_pct, config.crop_mode, config.interpolation)
+
+
+def with_config_preprocessing(backbone: Backbone, config: ExtractConfig) -> Backbone:
+    """The backbone with the run's preprocessing overrides (--img-size, --crop-pct, …) applied."""
+    return backbone.with_preprocessing(config.img_size, config.crop_pct, config.crop_mode, config.interpolation)
 
 
 @dataclass
@@ -257,6 +269,12 @@ def _plan(listing: ImageListing, out: Path, config: ExtractConfig, backbone: Bac
         backbone = load_backbone(config.model, config.weights)
     elif backbone.model_name != config.model:
         raise EmbedxError(f"backbone {backbone.model_name!r} does not match config.model {config.model!r}")
+    backbone = with_config_preprocessing(backbone, config)
+    d = backbone.data_config
+    if config.decode == "device" and (d.crop_mode != "center" or d.interpolation not in ("bilinear", "bicubic")):
+        raise InputError(f"--decode device resizes (bilinear or bicubic) and centre-crops; {backbone.model_name} "
+                         f"here uses crop_mode {d.crop_mode!r} with {d.interpolation!r} interpolation. "
+                         "Use --decode pil (the default), or --crop-mode center / --interpolation bicubic.")
     records = listing.records
     metadata = provenance(backbone, config, precision)
     fingerprint = _fingerprint(metadata, records, config.shard_size)

@@ -164,9 +164,10 @@ def list_images(inputs: list[str | os.PathLike], labels: str = "folder") -> Imag
 def ignored_advice(ignored: dict[str, int]) -> str:
     """What to do about the files a directory walk left out (`IGNORED_HINT`, and for .tar files
     that archives are read when given as inputs)."""
-    if archives.TAR_SUFFIX in ignored:
-        return f"{IGNORED_HINT}; pass .tar archives themselves as inputs to embed the images in them"
-    return IGNORED_HINT
+    if archives.TAR_SUFFIX not in ignored:
+        return IGNORED_HINT
+    tar_hint = "pass .tar archives themselves as inputs to embed the images in them"
+    return tar_hint if len(ignored) == 1 else f"{tar_hint}; for the other files, {IGNORED_HINT}"
 
 
 def describe_ignored(ignored: dict[str, int]) -> str:

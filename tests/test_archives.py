@@ -139,4 +139,7 @@ def test_directory_walk_says_tars_can_be_inputs(tmp_path):
     listing = list_images([tmp_path])
     assert [r.path for r in listing.records] == ["x.jpg"]
     assert describe_ignored(listing.ignored) == "1 file (.tar: 1)"
-    assert "pass .tar archives themselves as inputs" in ignored_advice(listing.ignored)
+    assert ignored_advice(listing.ignored) == "pass .tar archives themselves as inputs to embed the images in them"
+    assert ignored_advice({".tar": 1, ".txt": 2}).endswith("; for the other files, list such files in a .txt "
+                                                          "file to embed them anyway")
+    assert ignored_advice({".txt": 2}) == "list such files in a .txt file to embed them anyway"
