@@ -89,11 +89,13 @@ def test_ray_missing_says_how_to_install(monkeypatch):
 
 def test_several_devices_with_random_weights_build_one_network(tiny_dir, tmp_path):
     """Each process builds its own backbone: with weights='random' they must use the driver's
-    network, not a random network of their own."""
+    network, not a random network of their own; and the run's preprocessing overrides."""
     from embedx.backbone import load_backbone
 
-    cfg = ExtractConfig(**{**CFG, "model": "test_efficientnet", "weights": "random"})
+    cfg = ExtractConfig(**{**CFG, "model": "test_efficientnet", "weights": "random", "img_size": 96, "crop_pct": 1.0})
     driver = load_backbone("test_efficientnet", "random")
     extract(tiny_dir, tmp_path / "one", cfg, backbone=driver)
     extract(tiny_dir, tmp_path / "two", cfg, backbone=driver, devices=["cpu", "cpu"])
-    _same(embedx.read_features(tmp_path / "two"), embedx.read_features(tmp_path / "one"))
+    two = embedx.read_features(tmp_path / "two")
+    assert two.metadata["data_config"]["input_size"] == [3, 96, 96]
+    _same(two, embedx.read_features(tmp_path / "one"))
