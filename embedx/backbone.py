@@ -154,6 +154,19 @@ class Backbone:
                 ) from None
         return dataclasses.replace(self, data_config=new)
 
+    def with_recorded_preprocessing(self, recorded: dict | None) -> "Backbone":
+        """This backbone with the preprocessing recorded with features or a fine-tuned head
+        (`data_config` in the metadata): overrides such as --img-size and --crop-pct included."""
+        if not recorded:
+            return self
+        now = self.data_config.to_dict()
+        changed = {k: recorded[k] for k in ("input_size", "crop_pct", "crop_mode", "interpolation")
+                   if k in recorded and recorded[k] != now[k]}
+        if not changed:
+            return self
+        return self.with_preprocessing(int(changed["input_size"][-1]) if "input_size" in changed else None,
+                                       changed.get("crop_pct"), changed.get("crop_mode"), changed.get("interpolation"))
+
     def timm_data_config(self) -> dict:
         d = self.data_config
         return {
@@ -390,15 +403,7 @@ def load_backbone_for(provenance: dict, weights: str | None = None) -> Backbone:
             )
         weights = weights_argument(source)
     backbone = load_matching(model_name, weights, provenance.get("weights_sha256"))
-    recorded = provenance.get("data_config")
-    if recorded:  # the same preprocessing as the features, overrides (--img-size, --crop-pct, …) included
-        now = backbone.data_config.to_dict()
-        changed = {k: recorded[k] for k in ("input_size", "crop_pct", "crop_mode", "interpolation")
-                   if k in recorded and recorded[k] != now[k]}
-        if changed:
-            backbone = backbone.with_preprocessing(
-                int(changed["input_size"][-1]) if "input_size" in changed else None,
-                changed.get("crop_pct"), changed.get("crop_mode"), changed.get("interpolation"))
+    backbone = backbone.with_recorded_preprocessing(provenance.get("data_config"))
     if backbone.data_config.to_dict() != provenance.get("data_config", backbone.data_config.to_dict()):
         raise WeightsError(f"The preprocessing of {model_name} differs from the one recorded with the features.")
     return backbone

@@ -49,6 +49,13 @@ def _human_bytes(n: float) -> str:
     return f"{n:.1f} TB"
 
 
+# preprocessing overrides (timm's script options), shared by extract and finetune
+_IMG_SIZE = typer.Option(None, help="Input size (square) instead of the model's own; convolutional networks take any.")
+_CROP_PCT = typer.Option(None, help="Centre-crop fraction instead of the model's own (1.0: keep the whole image's short side).")
+_CROP_MODE = typer.Option(None, help="center | squash (resize to the input size, no crop) | border (fit, pad) [default: the model's].")
+_INTERPOLATION = typer.Option(None, help="bilinear | bicubic | … [default: the model's].")
+
+
 @app.command()
 @_handle_errors
 def extract(
@@ -61,10 +68,10 @@ def extract(
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
     precision: str = typer.Option("auto", help="auto (bf16 on GPU and bf16-capable CPUs) | fp32 | bf16 | fp16."),
     labels: str = typer.Option("folder", help="folder (parent directory name; in .tar archives a WebDataset .cls file first) | none."),
-    img_size: Optional[int] = typer.Option(None, help="Input size (square) instead of the model's own; convolutional networks take any."),
-    crop_pct: Optional[float] = typer.Option(None, help="Centre-crop fraction instead of the model's own (1.0: keep the whole image's short side)."),
-    crop_mode: Optional[str] = typer.Option(None, help="center | squash (resize to the input size, no crop) | border (fit, pad) [default: the model's]."),
-    interpolation: Optional[str] = typer.Option(None, help="bilinear | bicubic | … [default: the model's]."),
+    img_size: Optional[int] = _IMG_SIZE,
+    crop_pct: Optional[float] = _CROP_PCT,
+    crop_mode: Optional[str] = _CROP_MODE,
+    interpolation: Optional[str] = _INTERPOLATION,
     shard_size: int = typer.Option(10_000, help="Rows per Parquet shard (also the unit of resumption)."),
     normalize: bool = typer.Option(False, "--normalize", help="L2-normalise the embeddings."),
     dtype: str = typer.Option("float32", help="Stored embedding type: float32 | float16."),
@@ -231,6 +238,10 @@ def finetune(
     num_workers: Optional[int] = typer.Option(None, help="Data loader processes [default: up to 4; 0 on 2-core machines]."),
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
     heap: str = typer.Option("auto", help="auto (keep on CPU) | keep | release: as for `extract`."),
+    img_size: Optional[int] = _IMG_SIZE,
+    crop_pct: Optional[float] = _CROP_PCT,
+    crop_mode: Optional[str] = _CROP_MODE,
+    interpolation: Optional[str] = _INTERPOLATION,
     overwrite: bool = typer.Option(False, "--overwrite", help="Start over instead of resuming."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ):
@@ -246,12 +257,15 @@ def finetune(
     config = FinetuneConfig(model=model, weights=weights, head=head, unfreeze_blocks=unfreeze_blocks,
                             head_epochs=head_epochs, epochs=epochs, lr=lr, backbone_lr_scale=backbone_lr_scale,
                             batch_size=batch_size, val_fraction=val_fraction, patience=patience,
-                            num_workers=num_workers, device=device, heap=heap, progress=progress)
+                            num_workers=num_workers, device=device, heap=heap, img_size=img_size, crop_pct=crop_pct,
+                            crop_mode=crop_mode, interpolation=interpolation, progress=progress)
     m = run(images, out, config, val=val, overwrite=overwrite)
+    overrides = "".join(f" --{k.replace('_', '-')} {v}" for k, v in (("img_size", img_size), ("crop_pct", crop_pct),
+                        ("crop_mode", crop_mode), ("interpolation", interpolation)) if v is not None)
     typer.echo(
         f"fine-tuned: val accuracy {m['val_accuracy']:.4f} (head only {m['head_only_val_accuracy']:.4f}, "
         f"gain {m['finetune_gain']:+.4f}) -> {out}; re-extract with: embedx extract IMAGES --model {model} "
-        f"--weights {Path(out) / 'backbone.safetensors'}"
+        f"--weights {Path(out) / 'backbone.safetensors'}{overrides}"
     )
 
 

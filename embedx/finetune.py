@@ -21,7 +21,8 @@ import numpy as np
 
 from ._malloc import apply_heap, check_heap
 from ._progress import progress_bar
-from .backbone import DEFAULT_MODEL, Backbone, autocast, load_backbone, resolve_device, resolve_precision, usable_cpus
+from .backbone import (DEFAULT_MODEL, Backbone, autocast, check_preprocessing, load_backbone, resolve_device,
+                       resolve_precision, usable_cpus)
 from .errors import FeaturesError, InputError
 from .images import ImageDecodeError, ImageRecord, decode_image, list_images
 
@@ -49,6 +50,11 @@ class FinetuneConfig:
     augment: bool = True
     seed: int = 0
     heap: str = "auto"  # auto (keep on CPU) | keep | release: see embedx/_malloc.py
+    # preprocessing overrides of the model's data config, as for extract (None: the model's own)
+    img_size: int | None = None
+    crop_pct: float | None = None
+    crop_mode: str | None = None
+    interpolation: str | None = None
     progress: bool = True
 
 
@@ -111,7 +117,8 @@ def _freeze_batchnorm(model) -> None:
 
 
 def _fingerprint(config: FinetuneConfig, records: list[ImageRecord], val_records: list[ImageRecord]) -> str:
-    keep = {k: v for k, v in asdict(config).items() if k not in ("progress", "num_workers", "device", "heap")}
+    keep = {k: v for k, v in asdict(config).items() if k not in ("progress", "num_workers", "device", "heap")
+            and not (k in ("img_size", "crop_pct", "crop_mode", "interpolation") and v is None)}  # as before they came
     h = hashlib.sha256(json.dumps(keep, sort_keys=True).encode())
     for r in records + val_records:
         h.update(f"{r.path}\0{r.label}\n".encode())
@@ -153,6 +160,7 @@ def finetune(images, out, config: FinetuneConfig = FinetuneConfig(), *, val=None
     from .heads import make_head
 
     check_heap(config.heap)
+    check_preprocessing(config.img_size, config.crop_pct, config.crop_mode, config.interpolation)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
@@ -166,7 +174,8 @@ def finetune(images, out, config: FinetuneConfig = FinetuneConfig(), *, val=None
     fingerprint = _fingerprint(config, train_records, val_records)
     lookup = {c: i for i, c in enumerate(classes)}
 
-    backbone = load_backbone(config.model, config.weights)
+    backbone = load_backbone(config.model, config.weights).with_preprocessing(
+        config.img_size, config.crop_pct, config.crop_mode, config.interpolation)
     model = backbone.model
     head = make_head(config.head, backbone.dim, len(classes))
     dc = backbone.timm_data_config()

@@ -112,3 +112,10 @@ def test_bench_scale_quick(tmp_path):
 def test_bench_fashion_quick(tmp_path):
     r = run("bench_fashion.py", tmp_path, "--work", str(tmp_path / "work"))
     assert 0 <= r["results"]["linear"]["val_accuracy"] <= 1 and "gain" in r["results"]["finetune"]
+
+
+def test_bench_archive_quick(tmp_path):
+    r = run("bench_archive.py", tmp_path, "--cache", str(tmp_path / "cache"))
+    assert r["images"] >= 16 and r["archive_bytes"] > 0
+    assert set(r["rounds"]) == {"list_folder_us", "list_archive_us", "decode_folder_ms", "decode_archive_ms"}
+    assert r["decode_archive_over_folder"] > 0 and r["listing_archive_over_folder"] > 0

@@ -78,12 +78,19 @@ def test_interrupted_finetune_resumes(tiny_dir, tmp_path, monkeypatch):
         ft.finetune(tiny_dir, tmp_path / "ft", ft.FinetuneConfig(**{**TINY, "lr": 1e-2}))
 
 
-def test_finetuned_backbone_reextracts_and_predicts(tiny_dir, tmp_path):
-    ft.finetune(tiny_dir, tmp_path / "ft", ft.FinetuneConfig(**TINY))
+@pytest.mark.parametrize("overrides", [{}, {"img_size": 96, "crop_pct": 1.0}])
+def test_finetuned_backbone_reextracts_and_predicts(tiny_dir, tmp_path, overrides):
+    """predict embeds images as the fine-tuning did: with its preprocessing overrides, if any."""
+    ft.finetune(tiny_dir, tmp_path / "ft", ft.FinetuneConfig(**TINY, **overrides))
+    saved = json.loads((tmp_path / "ft" / "config.json").read_text())["provenance"]["data_config"]
     w = str(tmp_path / "ft" / "backbone.safetensors")
-    extract(tiny_dir, tmp_path / "f", ExtractConfig(model="test_efficientnet", weights=w, progress=False, num_workers=0, precision="fp32"))
+    extract(tiny_dir, tmp_path / "f", ExtractConfig(model="test_efficientnet", weights=w, progress=False, num_workers=0,
+                                                    precision="fp32", **overrides))
     f = embedx.read_features(tmp_path / "f")
     assert f.metadata["weights_source"] == f"file:{w}" and len(f) == 24
+    assert f.metadata["data_config"] == saved
+    if overrides:
+        assert saved["input_size"] == [3, 96, 96] and saved["crop_pct"] == 1.0
     by_images = predict(tmp_path / "ft", [str(tiny_dir)])
     by_shards = predict(tmp_path / "ft", [str(tmp_path / "f")])
     assert len(by_images.paths) == 24 and by_images.classes == ["class_0", "class_1", "class_2"]
