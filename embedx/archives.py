@@ -57,11 +57,17 @@ def members(tar: str | os.PathLike) -> dict[str, Member]:
 @functools.lru_cache(maxsize=64)
 def _members(tar: str, _size: int, _mtime_ns: int) -> dict[str, Member]:
     try:
+        found = _scan_headers(tar)
+    except _Unusual:  # GNU sparse files, base-256 sizes, odd pax records, …: tarfile knows them all
+        found = None
+    if found is not None:
+        return found
+    try:
         with tarfile.open(tar, mode="r:") as tf:
             found = {}
             for m in tf:  # headers only: tarfile seeks over the data
                 if m.isfile():
-                    name = posixpath.normpath(m.name.lstrip("/"))
+                    name = _normalise(m.name)
                     found[name] = Member(name, m.offset_data, m.size)
             return found
     except tarfile.ReadError as e:
@@ -69,6 +75,111 @@ def _members(tar: str, _size: int, _mtime_ns: int) -> dict[str, Member]:
             f"{tar} is not an uncompressed tar archive ({e}). A compressed archive has to be "
             "unpacked to a .tar (e.g. `gunzip shard.tar.gz`) or a folder first."
         ) from None
+
+
+def _normalise(name: str) -> str:
+    return posixpath.normpath(name.lstrip("/"))
+
+
+class _Unusual(Exception):
+    """A header `_scan_headers` leaves to tarfile."""
+
+
+_BLOCK = 512
+_FILE_TYPES = (b"0", b"\0", b"7")  # regular, old-style regular, contiguous: tarfile's isfile()
+_OTHER_TYPES = (b"1", b"2", b"3", b"4", b"5", b"6")  # links, devices, directories, fifos: no images
+
+
+def _scan_headers(tar: str) -> dict[str, Member] | None:
+    """The regular files of a ustar / GNU / pax archive, from its headers alone, with one read
+    per header: ~10x faster than tarfile's member objects on WebDataset shards (a pax header per
+    member), which matters at millions of images. Returns None where the file does not start like
+    a tar archive (tarfile then says what it is); raises _Unusual for anything beyond the common
+    subset (tarfile then reads the archive). Names decode as tarfile's (UTF-8, surrogateescape)."""
+    found: dict[str, Member] = {}
+    fd = os.open(tar, os.O_RDONLY)
+    try:
+        pos, next_name, next_size = 0, None, None
+        while True:
+            hdr = os.pread(fd, _BLOCK, pos)
+            if len(hdr) < _BLOCK or hdr.count(0) == _BLOCK:  # end of archive (or a truncated one)
+                if pos == 0:
+                    return None
+                return found
+            if hdr[124] & 0x80:
+                raise _Unusual("base-256 number")
+            try:
+                checksum = int(hdr[148:156].split(b"\0", 1)[0].strip() or b"0", 8)
+                size = int(hdr[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+            except ValueError:
+                if pos == 0:
+                    return None
+                raise _Unusual("invalid number field") from None
+            if checksum != sum(hdr[:148]) + 256 + sum(hdr[156:]):  # the checksum field counts as spaces
+                if pos == 0:
+                    return None
+                raise _Unusual("bad checksum")
+            kind = hdr[156:157]
+            data = pos + _BLOCK
+            if kind == b"x":  # pax extended header of the next member
+                next_name, size_override = _pax(os.pread(fd, size, data))
+                next_size = size_override if size_override is not None else next_size
+            elif kind == b"L":  # GNU long name of the next member
+                next_name = os.pread(fd, size, data).split(b"\0", 1)[0]
+            elif kind == b"g":  # pax global header: only harmless keys are allowed through
+                name, size_override = _pax(os.pread(fd, size, data))
+                if name is not None or size_override is not None:
+                    raise _Unusual("global path or size")
+            elif kind in _FILE_TYPES or kind in _OTHER_TYPES:
+                if next_name is not None:
+                    raw = next_name
+                else:
+                    raw = hdr[:100].split(b"\0", 1)[0]
+                    prefix = hdr[345:500].split(b"\0", 1)[0]  # ustar's name prefix, read as tarfile does
+                    if prefix:
+                        raw = prefix + b"/" + raw
+                if next_size is not None:
+                    size = next_size
+                if kind in _FILE_TYPES and not raw.endswith(b"/"):
+                    name = _normalise(raw.decode("utf-8", "surrogateescape"))
+                    found[name] = Member(name, data, size)
+                next_name, next_size = None, None
+                if kind in _OTHER_TYPES:
+                    size = 0  # links, directories, devices: no data blocks follow (as tarfile reads them)
+            else:
+                raise _Unusual(f"member type {kind!r}")
+            pos = data + (size + _BLOCK - 1) // _BLOCK * _BLOCK
+    finally:
+        os.close(fd)
+
+
+_PAX_IGNORED = frozenset({b"mtime", b"atime", b"ctime", b"uid", b"gid", b"uname", b"gname", b"linkpath", b"comment",
+                          b"charset"})
+
+
+def _pax(records: bytes) -> tuple[bytes | None, int | None]:
+    """(path, size) from pax extended-header records ("LEN key=value\n"), either None if absent."""
+    path = size = None
+    pos = 0
+    while pos < len(records):
+        space = records.find(b" ", pos)
+        if space < 0:
+            break
+        try:
+            length = int(records[pos:space])
+        except ValueError:
+            raise _Unusual("pax record length") from None
+        if length <= 0:
+            break
+        key, _, value = records[space + 1:pos + length - 1].partition(b"=")
+        pos += length
+        if key == b"path":
+            path = value
+        elif key == b"size":
+            size = int(value)
+        elif key not in _PAX_IGNORED and not key.startswith((b"SCHILY.", b"LIBARCHIVE.")):
+            raise _Unusual(f"pax key {key!r}")
+    return path, size
 
 
 def split(file: str) -> tuple[str, str] | None:
@@ -93,12 +204,55 @@ def read_member(file: str) -> bytes | None:
     if where is None:
         return None
     tar, name = where
-    m = members(tar).get(posixpath.normpath(name))
+    st = os.stat(tar)
+    version = (os.path.abspath(tar), st.st_size, st.st_mtime_ns)
+    m = _members(*version).get(_normalise(name))
     if m is None:
         raise KeyError(f"{tar} has no member {name!r}")
-    with open(tar, "rb") as fh:
-        fh.seek(m.offset)
-        return fh.read(m.size)
+    return _OPEN.read(version, m.offset, m.size)
+
+
+class _OpenArchives:
+    """Archives kept open for reading members, the least recently used closed beyond `limit`:
+    one pread per image instead of open + seek + read + close. Keyed by (path, size, mtime), so
+    an archive replaced on disk is opened afresh. Reads hold the lock (a decoding process reads
+    from one thread at a time anyway), so no descriptor is closed under a read; forked children
+    start with an empty table of their own (a lock held at the fork would never be released)."""
+
+    def __init__(self, limit: int = 32):
+        self.limit = limit
+        self._reset()
+
+    def _reset(self) -> None:
+        import collections
+        import threading
+
+        self.fds: collections.OrderedDict = collections.OrderedDict()
+        self.lock = threading.Lock()
+
+    def read(self, version: tuple, offset: int, size: int) -> bytes:
+        with self.lock:
+            fd = self.fds.get(version)
+            if fd is None:
+                fd = os.open(version[0], os.O_RDONLY)
+                self.fds[version] = fd
+                while len(self.fds) > self.limit:
+                    os.close(self.fds.popitem(last=False)[1])
+            else:
+                self.fds.move_to_end(version)
+            data = os.pread(fd, size, offset)
+        if len(data) != size:
+            raise OSError(f"{version[0]}: member at byte {offset} is cut short ({len(data)} of {size} bytes)")
+        return data
+
+    def after_fork(self) -> None:
+        for fd in self.fds.values():  # the child's copies; the parent's stay open
+            os.close(fd)
+        self._reset()
+
+
+_OPEN = _OpenArchives()
+os.register_at_fork(after_in_child=_OPEN.after_fork)
 
 
 def list_archive(tar: str, image_suffixes, labels: bool) -> tuple[list[tuple[str, str | None]], dict[str, int]]:

@@ -143,3 +143,59 @@ def test_directory_walk_says_tars_can_be_inputs(tmp_path):
     assert ignored_advice({".tar": 1, ".txt": 2}).endswith("; for the other files, list such files in a .txt "
                                                           "file to embed them anyway")
     assert ignored_advice({".txt": 2}) == "list such files in a .txt file to embed them anyway"
+
+
+def _tarfile_members(tar):
+    with tarfile.open(tar, "r:") as tf:
+        return {archives._normalise(m.name): (m.offset_data, m.size) for m in tf if m.isfile()}
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_header_scan_reads_what_tarfile_reads(tmp_path, fmt):
+    tar = tmp_path / "a.tar"
+    long_dir = "d" * 90 + "/" + "e" * 60  # a ustar prefix, or a GNU/pax long name
+    with tarfile.open(tar, "w", format=fmt) as tf:
+        for i, name in enumerate(["a.jpg", "./b/c.png", f"{long_dir}/f.jpg", "sub/", "empty.jpg"]
+                                 + ([] if fmt == tarfile.USTAR_FORMAT else ["x" * 130 + ".jpg", "ünï/cödé.jpg"])):
+            info = tarfile.TarInfo(name.rstrip("/"))
+            if name.endswith("/"):
+                info.type = tarfile.DIRTYPE
+                tf.addfile(info)
+                continue
+            data = bytes(range(256)) * i
+            info.size, info.mtime = len(data), 1_700_000_000.5  # a float mtime: pax writes a header for it
+            tf.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("link.jpg")
+        link.type, link.linkname = tarfile.SYMTYPE, "a.jpg"
+        tf.addfile(link)
+    fast = archives._scan_headers(str(tar))
+    assert fast is not None and {k: (m.offset, m.size) for k, m in fast.items()} == _tarfile_members(tar)
+    assert f"{long_dir}/f.jpg" in fast and "b/c.png" in fast and "link.jpg" not in fast and "sub" not in fast
+    for name, m in fast.items():  # the bytes at the offsets are the members' own
+        with tarfile.open(tar) as tf:
+            assert archives.read_member(f"{tar}/{name}") == tf.extractfile(name if name in tf.getnames()
+                                                                            else "./" + name).read()
+
+
+def test_unusual_archives_are_left_to_tarfile_and_replaced_ones_reread(tmp_path):
+    tar = tmp_path / "a.tar"
+    with tarfile.open(tar, "w", format=tarfile.PAX_FORMAT) as tf:
+        info = tarfile.TarInfo("a.jpg")
+        info.pax_headers = {"hdrcharset": "BINARY"}  # a pax key the scan does not know: tarfile reads it
+        data = _jpeg(0)
+        info.size = len(data)
+        tf.addfile(info, io.BytesIO(data))
+    with pytest.raises(archives._Unusual):
+        archives._scan_headers(str(tar))
+    assert {k: (m.offset, m.size) for k, m in archives.members(tar).items()} == _tarfile_members(tar)
+    assert archives.read_member(f"{tar}/a.jpg") == _jpeg(0)
+    # the same path, rewritten with other members: the index and the open descriptor follow
+    import os
+    import time
+
+    time.sleep(0.01)
+    _webdataset(tar, 2, start=5)
+    os.utime(tar, ns=(time.time_ns(), time.time_ns() + 10**9))
+    assert archives.read_member(f"{tar}/000006.jpg") == _jpeg(6)
+    with pytest.raises(KeyError):
+        archives.read_member(f"{tar}/a.jpg")
