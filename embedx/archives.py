@@ -193,6 +193,10 @@ def split(file: str) -> tuple[str, str] | None:
     return None
 
 
+def has_member(tar: str, name: str) -> bool:
+    return _normalise(name) in members(tar)
+
+
 def read_member(file: str) -> bytes | None:
     """The bytes of the archive member that `file` names, or None if it names none.
 
@@ -275,13 +279,24 @@ def list_archive(tar: str, image_suffixes, labels: bool) -> tuple[list[tuple[str
                 if ext != LABEL_SUFFIX:
                     ignored[ext] = ignored.get(ext, 0) + 1
                 continue
-            label = None
-            if labels:
-                sidecar = index.get(posixpath.join(head, base.split(".", 1)[0] + LABEL_SUFFIX))
-                if sidecar is not None:
-                    fh.seek(sidecar.offset)
-                    label = fh.read(sidecar.size).decode("utf-8", errors="replace").strip() or None
-                if label is None and head:
-                    label = posixpath.basename(head)
-            images.append((m.name, label))
+            images.append((m.name, _label(fh, index, m.name) if labels else None))
     return images, ignored
+
+
+def member_label(tar: str, name: str) -> str | None:
+    """The label `list_archive` gives the member `name` (which must exist: see `members`)."""
+    with open(tar, "rb") as fh:
+        return _label(fh, members(tar), _normalise(name))
+
+
+def _label(fh, index: dict[str, Member], name: str) -> str | None:
+    """WebDataset's `.cls` sidecar of the same key (the name up to the first dot of its base
+    name), else the member's folder inside the archive, else None."""
+    head, base = posixpath.split(name)
+    sidecar = index.get(posixpath.join(head, base.split(".", 1)[0] + LABEL_SUFFIX))
+    if sidecar is not None:
+        fh.seek(sidecar.offset)
+        label = fh.read(sidecar.size).decode("utf-8", errors="replace").strip()
+        if label:
+            return label
+    return posixpath.basename(head) or None

@@ -125,10 +125,16 @@ def list_images(inputs: list[str | os.PathLike], labels: str = "folder") -> Imag
             listed.append((f, f, p.resolve().parent.name if labels == "folder" else None))
         elif p.is_file():
             listed.extend(_read_list_file(p, labels))
+        elif p.suffix.lower() in IMAGE_EXTENSIONS and (member := archives.split(os.path.abspath(p))):
+            tar, name = member  # one image inside an archive, named like the rows of an extract over it
+            if not archives.has_member(tar, name):
+                raise InputError(f"Input {str(raw)!r}: the archive {tar} has no member {name!r}.")
+            f = os.path.abspath(p)
+            listed.append((f, f, archives.member_label(tar, name) if labels == "folder" else None))
         else:
             raise InputError(
-                f"Input {str(raw)!r} does not exist. Pass an image directory or a "
-                ".txt/.csv/.parquet file that lists image paths."
+                f"Input {str(raw)!r} does not exist. Pass an image directory, an image, a .tar archive "
+                "or a .txt/.csv/.parquet file that lists image paths."
             )
     root: str | None = None
     entries: list[tuple[str, str, str | None]] = list(listed)

@@ -112,6 +112,11 @@ def test_member_paths_decode_and_read_like_files(tmp_path):
     with pytest.raises(ImageDecodeError) as e:
         decode_image(f"{tar}/000009.jpg")
     assert e.value.kind == "missing" and "no member '000009.jpg'" in str(e.value)
+    # a member path is an input of its own (a query image for `search`, say), labelled as in the archive
+    (rec,) = list_images([member]).records
+    assert (rec.path, rec.file, rec.label) == (member, member, "1")
+    with pytest.raises(InputError, match="has no member '000009.jpg'"):
+        list_images([f"{tar}/000009.jpg"])
     # contact sheets (search --html, dedup --html) draw members too
     from embedx.sheet import thumbnail_data_uri
 
