@@ -154,18 +154,57 @@ class Backbone:
                 ) from None
         return dataclasses.replace(self, data_config=new)
 
-    def with_recorded_preprocessing(self, recorded: dict | None) -> "Backbone":
-        """This backbone with the preprocessing recorded with features or a fine-tuned head
-        (`data_config` in the metadata): overrides such as --img-size and --crop-pct included."""
-        if not recorded:
+    def with_pool(self, pool: str | None) -> "Backbone":
+        """This backbone with another global pooling (timm's `global_pool`: avg, max, avgmax,
+        catavgmax — twice the dimension — on convolutional networks; token, avg, max, avgmax on
+        ViTs), on a copy of the model. Poolings that would add parameters no weights trained
+        (a ViT's attention pool, `map`) are refused, as is any the model does not know.
+
+        Raises:
+            InputError: an unknown pooling, or one that adds untrained parameters.
+        """
+        if not pool or pool == self.pooling:
             return self
-        now = self.data_config.to_dict()
+        import copy
+        import dataclasses
+
+        import torch
+
+        model = copy.deepcopy(self.model)  # the caller's model stays as it is
+        before = sum(p.numel() for p in model.parameters())
+        try:
+            model.reset_classifier(0, global_pool=pool)
+            with torch.no_grad():
+                probe = model(torch.zeros(1, *self.data_config.input_size))
+        except Exception as e:  # noqa: BLE001 - timm asserts, raises ValueError/NotImplementedError/KeyError
+            raise InputError(f"{self.model_name} has no global pooling {pool!r} "
+                             f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}). "
+                             f"Its own is {self.pooling!r}; timm's others: avg, max, avgmax, catavgmax (ViTs: "
+                             "token, avg, max, avgmax).") from None
+        if sum(p.numel() for p in model.parameters()) != before:
+            raise InputError(f"--pool {pool} adds parameters to {self.model_name} that its weights never trained "
+                             "(they would be random): choose a pooling without parameters (avg, max, avgmax, …).")
+        if probe.ndim != 2:
+            raise InputError(f"--pool {pool!r}: {self.model_name} then returns features of shape "
+                             f"{tuple(probe.shape)}, not (N, D).")
+        model.eval().requires_grad_(False)
+        return dataclasses.replace(self, model=model, pooling=pool, dim=int(probe.shape[1]))
+
+    def as_recorded(self, provenance: dict | None) -> "Backbone":
+        """This backbone as recorded with features or a fine-tuned head: its `data_config`
+        (overrides such as --img-size and --crop-pct included) and its `pooling` (--pool)."""
+        if not provenance:
+            return self
+        backbone = self.with_pool(provenance.get("pooling"))
+        recorded = provenance.get("data_config") or {}
+        now = backbone.data_config.to_dict()
         changed = {k: recorded[k] for k in ("input_size", "crop_pct", "crop_mode", "interpolation")
                    if k in recorded and recorded[k] != now[k]}
         if not changed:
-            return self
-        return self.with_preprocessing(int(changed["input_size"][-1]) if "input_size" in changed else None,
-                                       changed.get("crop_pct"), changed.get("crop_mode"), changed.get("interpolation"))
+            return backbone
+        return backbone.with_preprocessing(int(changed["input_size"][-1]) if "input_size" in changed else None,
+                                           changed.get("crop_pct"), changed.get("crop_mode"),
+                                           changed.get("interpolation"))
 
     def timm_data_config(self) -> dict:
         d = self.data_config
@@ -403,7 +442,7 @@ def load_backbone_for(provenance: dict, weights: str | None = None) -> Backbone:
             )
         weights = weights_argument(source)
     backbone = load_matching(model_name, weights, provenance.get("weights_sha256"))
-    backbone = backbone.with_recorded_preprocessing(provenance.get("data_config"))
+    backbone = backbone.as_recorded(provenance)
     if backbone.data_config.to_dict() != provenance.get("data_config", backbone.data_config.to_dict()):
         raise WeightsError(f"The preprocessing of {model_name} differs from the one recorded with the features.")
     return backbone

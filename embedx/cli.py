@@ -72,6 +72,7 @@ def extract(
     crop_pct: Optional[float] = _CROP_PCT,
     crop_mode: Optional[str] = _CROP_MODE,
     interpolation: Optional[str] = _INTERPOLATION,
+    pool: Optional[str] = typer.Option(None, help="Global pooling instead of the model's own: avg | max | avgmax | catavgmax (2x dim) | token (ViTs)."),
     shard_size: int = typer.Option(10_000, help="Rows per Parquet shard (also the unit of resumption)."),
     normalize: bool = typer.Option(False, "--normalize", help="L2-normalise the embeddings."),
     dtype: str = typer.Option("float32", help="Stored embedding type: float32 | float16."),
@@ -107,7 +108,7 @@ def extract(
     config = ExtractConfig(
         model=model, weights=weights, batch_size=batch_size, num_workers=num_workers, device=device,
         precision=precision, labels=labels, img_size=img_size, crop_pct=crop_pct, crop_mode=crop_mode,
-        interpolation=interpolation, shard_size=shard_size, normalize=normalize, dtype=dtype,
+        interpolation=interpolation, pool=pool, shard_size=shard_size, normalize=normalize, dtype=dtype,
         overwrite=overwrite, max_pixels=max_pixels, fast_decode=fast_decode, decode=decode, device_share=device_share,
         device_decoder=device_decoder, prefetch=prefetch,
         compile=compile, heap=heap, progress=progress,

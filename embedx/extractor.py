@@ -46,6 +46,7 @@ class ExtractConfig:
     crop_pct: float | None = None
     crop_mode: str | None = None  # center | squash | border
     interpolation: str | None = None  # bilinear | bicubic | …
+    pool: str | None = None  # global pooling instead of the model's own (timm's global_pool: avg, max, avgmax, …)
     shard_size: int = 10_000
     normalize: bool = False
     dtype: str = "float32"  # of the stored embeddings: float32 | float16
@@ -218,9 +219,11 @@ def _check_config(config: ExtractConfig) -> None:
     check_preprocessing(config.img_size, config.crop_pct, config.crop_mode, config.interpolation)
 
 
-def with_config_preprocessing(backbone: Backbone, config: ExtractConfig) -> Backbone:
-    """The backbone with the run's preprocessing overrides (--img-size, --crop-pct, …) applied."""
-    return backbone.with_preprocessing(config.img_size, config.crop_pct, config.crop_mode, config.interpolation)
+def configured(backbone: Backbone, config: ExtractConfig) -> Backbone:
+    """The backbone as the run asks for it: preprocessing overrides (--img-size, --crop-pct, …)
+    and global pooling (--pool) applied."""
+    return backbone.with_preprocessing(config.img_size, config.crop_pct, config.crop_mode,
+                                       config.interpolation).with_pool(config.pool)
 
 
 @dataclass
@@ -269,7 +272,7 @@ def _plan(listing: ImageListing, out: Path, config: ExtractConfig, backbone: Bac
         backbone = load_backbone(config.model, config.weights)
     elif backbone.model_name != config.model:
         raise EmbedxError(f"backbone {backbone.model_name!r} does not match config.model {config.model!r}")
-    backbone = with_config_preprocessing(backbone, config)
+    backbone = configured(backbone, config)
     d = backbone.data_config
     if config.decode == "device" and (d.crop_mode != "center" or d.interpolation not in ("bilinear", "bicubic")):
         raise InputError(f"--decode device resizes (bilinear or bicubic) and centre-crops; {backbone.model_name} "

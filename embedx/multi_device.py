@@ -76,10 +76,9 @@ def _device_main(records, out: str, config, metadata: dict, expected_sha256: str
         # CPU "devices" share the cores this process may use (its affinity mask, as in the
         # engine's defaults): without this each would start one thread per core
         torch.set_num_threads(max(1, usable_cpus() // cpu_share))
-    from .extractor import _Plan, _run_local, _StageTimer, with_config_preprocessing
+    from .extractor import _Plan, _run_local, _StageTimer, configured
 
-    backbone = with_config_preprocessing(load_matching(config.model, config.weights, expected_sha256, random_state),
-                                         config)
+    backbone = configured(load_matching(config.model, config.weights, expected_sha256, random_state), config)
     out_path = Path(out)
     plan = _Plan(backbone=backbone, device=config.device if config.device != "auto" else "cpu",
                  precision=metadata["precision"], metadata=metadata, manifest=shards.read_manifest(out_path),

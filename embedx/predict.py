@@ -72,7 +72,7 @@ def predict(head_dir, inputs: list[str], *, device: str = "auto", batch_size: in
         files = [r.file for r in list_images(image_inputs, labels="none").records]
         if cfg["kind"] == "finetune":
             backbone = load_backbone(cfg["model"], str(head_dir / cfg["backbone_weights"]))
-            backbone = backbone.with_recorded_preprocessing(cfg.get("provenance", {}).get("data_config"))
+            backbone = backbone.as_recorded(cfg.get("provenance"))
             normalize, precision = False, "fp32"
         else:
             backbone = load_backbone_for(prov)

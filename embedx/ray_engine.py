@@ -67,7 +67,7 @@ class _EmbedActor:
 
     def __init__(self, model_name: str, weights: str | None, device: str, precision: str, normalize: bool,
                  channels_last: bool, expected_sha256: str | None, threads: int | None,
-                 random_state: dict | None = None, heap: str = "auto"):
+                 random_state: dict | None = None, heap: str = "auto", pool: str | None = None):
         import torch
 
         from ._malloc import apply_heap
@@ -78,7 +78,8 @@ class _EmbedActor:
             torch.set_num_threads(threads)
         device = resolve_device(device) if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         apply_heap(heap, device)  # this actor's process: where the model's activations are allocated
-        backbone = load_matching(model_name, weights, expected_sha256, random_state)
+        # pixels come decoded (the driver's preprocessing); the network needs the run's pooling
+        backbone = load_matching(model_name, weights, expected_sha256, random_state).with_pool(pool)
         self.dim = backbone.dim
         self.runner = _Embedder(_prepare_model(backbone, device, channels_last), backbone, device, precision,
                                 normalize, channels_last)
@@ -131,7 +132,7 @@ def run_ray(plan, out: Path, config, address: str | None, timer) -> tuple[int, i
     ds = ds.map_batches(_EmbedActor, batch_size=batch_size, batch_format="numpy",
                         fn_constructor_args=(backbone.model_name, weights, device, plan.precision, config.normalize,
                                              config.channels_last, backbone.weights_sha256, threads,
-                                             random_state_of(backbone), config.heap),
+                                             random_state_of(backbone), config.heap, config.pool),
                         **actor_opts)
     writer = _ShardWriter(out, plan.manifest, config, backbone.dim, plan.metadata)
     by_id = {r.row_id: r for r in plan.pending}

@@ -72,6 +72,28 @@ def test_several_devices_write_what_one_writes(tiny_dir, tmp_path, local_ref):
     assert [s["index"] for s in shards.read_manifest(tmp_path / "f")["shards"]] == [0, 1, 2, 3, 4]
 
 
+@pytest.mark.ray
+def test_ray_engine_reads_archives_and_applies_pool_and_preprocessing(ray_cluster, tiny_dir, tmp_path, backbone):
+    """Ray's workers are not forked from the driver: they index the archive themselves; its actors
+    pool as the run asks, on pixels the driver's preprocessing made."""
+    import tarfile
+
+    tar = tmp_path / "tiny.tar"
+    with tarfile.open(tar, "w") as tf:
+        tf.add(tiny_dir, arcname=".")
+    cfg = ExtractConfig(**{**CFG, "pool": "max", "img_size": 160, "crop_pct": 1.0})
+    extract(tar, tmp_path / "local", cfg, backbone=backbone)
+    r = extract(tar, tmp_path / "ray", cfg, backbone=backbone, engine="ray")
+    assert r.num_embedded == 24
+    got = embedx.read_features(tmp_path / "ray")
+    assert got.paths[0].startswith("tiny.tar/class_0/") and got.metadata["pooling"] == "max"
+    ref = embedx.read_features(tmp_path / "local")
+    assert got.paths == ref.paths and got.labels == ref.labels and got.metadata == ref.metadata
+    # the actor runs the model on one thread here, the local engine on two: max pooling keeps the
+    # last bits of the different summation orders that averaging smooths (our reading; 2.5e-5 here)
+    np.testing.assert_allclose(got.embeddings, ref.embeddings, rtol=1e-4, atol=1e-4)
+
+
 def test_round_robin_assignment_is_deterministic():
     from embedx.multi_device import assign
 
@@ -92,10 +114,11 @@ def test_several_devices_with_random_weights_build_one_network(tiny_dir, tmp_pat
     network, not a random network of their own; and the run's preprocessing overrides."""
     from embedx.backbone import load_backbone
 
-    cfg = ExtractConfig(**{**CFG, "model": "test_efficientnet", "weights": "random", "img_size": 96, "crop_pct": 1.0})
+    cfg = ExtractConfig(**{**CFG, "model": "test_efficientnet", "weights": "random", "img_size": 96, "crop_pct": 1.0,
+                                 "pool": "avgmax"})
     driver = load_backbone("test_efficientnet", "random")
     extract(tiny_dir, tmp_path / "one", cfg, backbone=driver)
     extract(tiny_dir, tmp_path / "two", cfg, backbone=driver, devices=["cpu", "cpu"])
     two = embedx.read_features(tmp_path / "two")
-    assert two.metadata["data_config"]["input_size"] == [3, 96, 96]
+    assert two.metadata["data_config"]["input_size"] == [3, 96, 96] and two.metadata["pooling"] == "avgmax"
     _same(two, embedx.read_features(tmp_path / "one"))
