@@ -33,6 +33,8 @@ def describe(directory: str | os.PathLike) -> dict:
         "weights": meta.get("weights_source"),
         "precision": meta.get("precision"),
         "decode": meta.get("decode"),  # what made the pixels, e.g. pil-draft2x+uint8-resize, torchcodec-device
+        "preprocess": _preprocess(meta.get("data_config") or {}),
+        "pooling": meta.get("pooling"),
         "normalized": meta.get("normalized"),
         "classes": len([k for k in labels if k is not None]),
         "unlabelled": labels.get(None, 0),
@@ -40,3 +42,11 @@ def describe(directory: str | os.PathLike) -> dict:
         "error_kinds": dict(error_kinds),
         "bytes": sum(f.stat().st_size for f in files),
     }
+
+
+def _preprocess(dc: dict) -> str | None:
+    """'224x224, crop 0.875 (center), bilinear': the data config that made the pixels."""
+    if not dc.get("input_size"):
+        return None
+    _, h, w = dc["input_size"]
+    return f"{h}x{w}, crop {dc.get('crop_pct')} ({dc.get('crop_mode')}), {dc.get('interpolation')}"

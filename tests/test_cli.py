@@ -59,7 +59,7 @@ def test_cli_extract_says_what_it_left_out_and_when_nothing_is_left(tiny_dir, tm
 def test_cli_extract_then_info(tiny_dir, tmp_path):
     out = tmp_path / "f"
     result = runner.invoke(app, ["extract", str(tiny_dir), "--out", str(out), "--num-workers", "0",
-                                 "--shard-size", "10", "--no-progress"])
+                                 "--shard-size", "10", "--no-progress", "--crop-pct", "1.0", "--pool", "max"])
     assert result.exit_code == 0, result.output
     assert "24 embedded, 0 errors" in result.output
     # the engine's rate is reported apart from the one-off start-up (imports, model loading)
@@ -71,6 +71,10 @@ def test_cli_extract_then_info(tiny_dir, tmp_path):
     assert d["rows"] == 24 and d["dim"] == 1280 and d["classes"] == 3 and d["shards"] == 3
     meta = embedx.read_features(out).metadata  # provenance as stored, e.g. which decoder made the pixels
     assert d["precision"] == meta["precision"] and d["decode"] == meta["decode"] == "pil-draft2x+uint8-resize"
+    # the options reached the run: the whole short side kept, max pooling
+    assert d["preprocess"] == "224x224, crop 1.0 (center), bicubic" and d["pooling"] == meta["pooling"] == "max"
+    plain = runner.invoke(app, ["info", str(out)])
+    assert "preprocess: 224x224, crop 1.0 (center), bicubic" in plain.output and "pooling: max" in plain.output
 
 
 def test_cli_errors_are_messages_not_tracebacks(tmp_path):
