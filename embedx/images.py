@@ -233,7 +233,11 @@ def _read_list_file(path: Path, labels: str) -> list[tuple[str, str, str | None]
         f = f if f.is_absolute() else base / f
         f = Path(os.path.abspath(f))
         if labels == "folder" and lab is None:
-            lab = f.parent.name
+            member = archives.split(str(f)) if f".tar{os.sep}" in str(f).lower() else None
+            if member and archives.has_member(*member):  # labelled as in the archive
+                lab = archives.member_label(*member)
+            else:
+                lab = f.parent.name
         elif labels == "none":
             lab = None
         out.append((str(f), str(f), lab))

@@ -117,6 +117,9 @@ def test_member_paths_decode_and_read_like_files(tmp_path):
     assert (rec.path, rec.file, rec.label) == (member, member, "1")
     with pytest.raises(InputError, match="has no member '000009.jpg'"):
         list_images([f"{tar}/000009.jpg"])
+    (tmp_path / "list.txt").write_text(f"a.tar/000000.jpg\n{member}\nloose.jpg\n")  # a list file names members too
+    assert [(r.path, r.label) for r in list_images([tmp_path / "list.txt"]).records] == [
+        (f"{tar}/000000.jpg", "0"), (member, "1"), (str(loose), tmp_path.name)]
     # contact sheets (search --html, dedup --html) draw members too
     from embedx.sheet import thumbnail_data_uri
 
