@@ -11,9 +11,11 @@ from collections.abc import Iterable
 
 
 def progress_bar(iterable: Iterable | None = None, *, desc: str, unit: str, enabled: bool,
-                 total: int | None = None, initial: int = 0, leave: bool = True):
-    """A tqdm bar on stderr: `unit`/s is its rate (img/s for extraction), smoothed over recent updates."""
+                 total: int | None = None, initial: int = 0, leave: bool = True, delay: float = 0.0):
+    """A tqdm bar on stderr: `unit`/s is its rate (img/s for extraction), smoothed over recent
+    updates; with `delay`, shown only once a step has taken that many seconds."""
     from tqdm.auto import tqdm
 
     return tqdm(iterable, total=total, initial=initial, desc=desc, unit=unit, unit_scale=False,
-                dynamic_ncols=True, disable=not enabled, file=sys.stderr, leave=leave, smoothing=0.1)
+                dynamic_ncols=True, disable=not enabled, file=sys.stderr, leave=leave, smoothing=0.1,
+                delay=delay)

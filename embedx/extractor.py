@@ -186,7 +186,7 @@ def extract(inputs: list[str | os.PathLike] | str | os.PathLike, out: str | os.P
     if engine == "ray" and config.decode != "pil":
         raise InputError("--decode device works with the local engine (and --devices); with --engine ray, Ray tasks "
                          "decode on CPU workers: leave out --decode device.")
-    listing = list_images(list(inputs), labels=config.labels)
+    listing = list_images(list(inputs), labels=config.labels, progress=config.progress)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with shards.DirectoryLock(out):

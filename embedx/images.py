@@ -86,7 +86,7 @@ class ImageDecodeError(Exception):
         self.kind = kind
 
 
-def list_images(inputs: list[str | os.PathLike], labels: str = "folder") -> ImageListing:
+def list_images(inputs: list[str | os.PathLike], labels: str = "folder", progress: bool = False) -> ImageListing:
     """Resolve inputs into a deterministic, sorted list of image records.
 
     Args:
@@ -100,6 +100,8 @@ def list_images(inputs: list[str | os.PathLike], labels: str = "folder") -> Imag
         labels: `folder` (label = name of the parent directory, like torchvision's
             ImageFolder; in archives the WebDataset `.cls` file of the same key comes first)
             or `none`.
+        progress: count the images found on stderr when listing takes more than a second
+            (a million files take about a minute).
 
     Returns:
         An `ImageListing` whose records are sorted by path, with row ids 0..N-1.
@@ -140,19 +142,23 @@ def list_images(inputs: list[str | os.PathLike], labels: str = "folder") -> Imag
     entries: list[tuple[str, str, str | None]] = list(listed)
     ignored: Counter = Counter()
     if dirs or tars:
+        from ._progress import progress_bar
+
         tops = dirs + [t.parent for t in tars]
         root_path = Path(os.path.commonpath(tops)) if len(tops) > 1 else tops[0]
         root = str(root_path)
-        for d in dirs:
-            for f in _walk(d, ignored):
-                rel = f.relative_to(root_path).as_posix()
-                label = f.parent.name if labels == "folder" and f.parent != d else None
-                entries.append((rel, str(f), label))
-        for t in tars:
-            found, left_out = archives.list_archive(str(t), IMAGE_EXTENSIONS, labels == "folder")
-            ignored.update(left_out)
-            rel = t.relative_to(root_path).as_posix()
-            entries.extend((f"{rel}/{name}", f"{t}/{name}", label) for name, label in found)
+        with progress_bar(desc="listing", unit="img", enabled=progress, leave=False, delay=1.0) as bar:
+            for d in dirs:
+                for f in _walk(d, ignored, bar):
+                    rel = f.relative_to(root_path).as_posix()
+                    label = f.parent.name if labels == "folder" and f.parent != d else None
+                    entries.append((rel, str(f), label))
+            for t in tars:
+                found, left_out = archives.list_archive(str(t), IMAGE_EXTENSIONS, labels == "folder")
+                ignored.update(left_out)
+                rel = t.relative_to(root_path).as_posix()
+                entries.extend((f"{rel}/{name}", f"{t}/{name}", label) for name, label in found)
+                bar.update(len(found))
     seen: dict[str, tuple[str, str, str | None]] = {}
     for e in entries:
         seen.setdefault(e[0], e)  # an image listed twice is embedded once
@@ -186,10 +192,11 @@ def describe_ignored(ignored: dict[str, int]) -> str:
     return f"{total} file{'s' if total != 1 else ''} ({', '.join(parts)})"
 
 
-def _walk(directory: Path, ignored: Counter | None = None) -> list[Path]:
+def _walk(directory: Path, ignored: Counter | None = None, bar=None) -> list[Path]:
     found = []
     for dirpath, dirnames, filenames in os.walk(directory, followlinks=True):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        before = len(found)
         for name in filenames:
             if name.startswith("."):
                 continue
@@ -198,6 +205,8 @@ def _walk(directory: Path, ignored: Counter | None = None) -> list[Path]:
                 found.append(Path(dirpath) / name)
             elif ignored is not None:
                 ignored[ext] += 1
+        if bar is not None:
+            bar.update(len(found) - before)
     return found
 
 

@@ -207,3 +207,27 @@ def test_unusual_archives_are_left_to_tarfile_and_replaced_ones_reread(tmp_path)
     assert archives.read_member(f"{tar}/000006.jpg") == _jpeg(6)
     with pytest.raises(KeyError):
         archives.read_member(f"{tar}/a.jpg")
+
+
+def test_listing_counts_what_it_finds_on_a_bar(tmp_path, monkeypatch, capsys):
+    """Listing a million files takes a minute: with progress on, a bar (shown after a second)
+    counts the images found in folders and archives."""
+    import embedx._progress as progress
+
+    made = []
+    real = progress.progress_bar
+
+    def eager(*a, **k):  # no delay, so that the bar shows at once
+        made.append(real(*a, **{**k, "delay": 0.0}))
+        return made[-1]
+
+    monkeypatch.setattr(progress, "progress_bar", eager)
+    (tmp_path / "d" / "sub").mkdir(parents=True)
+    for i in range(3):
+        (tmp_path / "d" / "sub" / f"{i}.jpg").write_bytes(_jpeg(i))
+    _webdataset(tmp_path / "s.tar", 4)
+    listing = list_images([tmp_path / "d", tmp_path / "s.tar"], progress=True)
+    assert len(listing.records) == 7 and made[0].n == 7 and made[0].desc == "listing"
+    assert "listing" in capsys.readouterr().err
+    list_images([tmp_path / "d"])  # progress off by default: library calls stay quiet
+    assert made[-1].disable
