@@ -356,6 +356,7 @@ def search(
     vectors: Optional[Path] = typer.Option(None, help="Query vectors: .npy or .parquet with an 'embedding' column."),
     k: int = typer.Option(10, "-k", help="Neighbours per query."),
     exclude_self: bool = typer.Option(False, "--exclude-self", help="Leave the query itself out of its results."),
+    label: Optional[List[str]] = typer.Option(None, "--label", help="Only neighbours with this label (repeatable: any of them)."),
     fmt: str = typer.Option("table", "--format", help="table | json | csv."),
     html_out: Optional[Path] = typer.Option(None, "--html", help="Also write a contact sheet of the results."),
     weights: Optional[str] = typer.Option(None, help="Where to find the index's backbone weights, if they moved."),
@@ -368,6 +369,7 @@ def search(
     \b
         embedx search idx/ query.jpg -k 5 --html results.html
         embedx search idx/ --id 42 --exclude-self --format json
+        embedx search idx/ query.jpg --label cat --label lynx
     """
     from .query import SearchIndex, load_vectors, search_ids, search_images
 
@@ -378,18 +380,19 @@ def search(
     idx = SearchIndex(index_dir)
     results, query_files = [], []
     if queries:
-        found, failures = search_images(idx, list(queries), k, exclude_self, weights=weights, device=device)
+        found, failures = search_images(idx, list(queries), k, exclude_self, weights=weights, device=device,
+                                        labels=label)
         for f, why in failures:
             typer.echo(f"skipped {f}: {why}", err=True)
         results += found
         query_files += [r.query for r in found]
     if row_id:
-        found = search_ids(idx, list(row_id), k, exclude_self)
+        found = search_ids(idx, list(row_id), k, exclude_self, labels=label)
         results += found
         query_files += [idx.absolute_path(idx.position_of(r)) for r in row_id]
     if vectors is not None:
         xq = load_vectors(vectors)
-        found = idx.search(xq, k, names=[f"{vectors.name}:{i}" for i in range(len(xq))])
+        found = idx.search(xq, k, names=[f"{vectors.name}:{i}" for i in range(len(xq))], labels=label)
         results += found
         query_files += [None] * len(found)
     _print_results(results, fmt)

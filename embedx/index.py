@@ -186,6 +186,12 @@ def exact_knn(features_dirs: list, xq: np.ndarray, k: int, metric: str, batch_si
     return best_d, best_i
 
 
+def knn(xq: np.ndarray, xb: np.ndarray, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """Exact k-NN of xq among the in-memory rows xb (both prepared for `metric`): (D, I)."""
+    faiss = import_faiss()
+    return faiss.knn(xq, xb, k, metric=faiss_metric(metric))
+
+
 def recall_at_k(I: np.ndarray, gt: np.ndarray, k: int) -> float:
     """Fraction of the true k nearest neighbours found in the first k results."""
     hits = sum(len(set(a[:k]) & set(b[:k])) for a, b in zip(I, gt))

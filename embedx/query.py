@@ -2,23 +2,27 @@
 
 Queries come as vectors, as indexed row ids, or as images (embedded with the backbone,
 weights and preprocessing the index records). All queries of a call are searched as one
-batch.
+batch; neighbours can be kept to some labels.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from . import index as fx
-from .errors import InputError, SearchIndexError
+from .errors import EmbedxError, InputError, SearchIndexError
 from .indexer import Rows, load_rows
 
 log = logging.getLogger(__name__)
+
+#: a label filter's exact fallback reads and searches at most this many rows
+EXACT_SUBSET_MAX = 2_000_000
 
 
 @dataclass(frozen=True)
@@ -119,7 +123,7 @@ class SearchIndex:
         return fx.prepare(xq, self.metric)
 
     def search(self, xq: np.ndarray, k: int = 10, *, exclude: list[int | None] | None = None,
-               names: list[str] | None = None) -> list[SearchResult]:
+               names: list[str] | None = None, labels: Collection[str] | None = None) -> list[SearchResult]:
         """Search all queries in one batch.
 
         Args:
@@ -127,35 +131,77 @@ class SearchIndex:
             k: neighbours per query.
             exclude: per query, an index position to leave out (the query itself).
             names: how each query is named in the results.
+            labels: keep only neighbours with one of these labels. The index is asked for more
+                neighbours than k (about k / the labels' share of the rows, twice over), then
+                four times as many until each query has k. Approximate indexes cannot reach
+                every row (an IVF's unprobed lists, the far regions of an HNSW graph): when
+                even all they return holds fewer than k rows with the labels, those rows
+                (up to EXACT_SUBSET_MAX of them) are searched exactly, read back from the
+                feature shards.
         """
         if k < 1:
             raise InputError("-k must be at least 1.")
         xq = self.check_vectors(xq)
         extra = 1 if exclude is not None else 0
-        D, I = self.index.search(xq, min(k + extra, len(self)))
-        results = []
-        for qi in range(len(xq)):
-            skip = exclude[qi] if exclude is not None else None
-            neigh = []
-            for d, pos in zip(D[qi], I[qi]):
-                if pos < 0 or pos == skip:
-                    continue
-                if len(neigh) == k:
-                    break
-                neigh.append(Neighbor(len(neigh) + 1, int(self.rows.row_ids[pos]), self.rows.paths[pos], float(d),
-                                      self.rows.labels[pos], int(pos)))
-            results.append(SearchResult(names[qi] if names else f"vector:{qi}", neigh))
-        return results
+        n = len(self)
+        allowed = None
+        fetch = min(k + extra, n)
+        if labels:
+            wanted = set(labels)
+            allowed = np.fromiter((lab in wanted for lab in self.rows.labels), dtype=bool, count=n)
+            share = int(allowed.sum())
+            if share == 0:
+                known = sorted({lab for lab in self.rows.labels if lab is not None})
+                raise InputError(f"No indexed row has the label {' or '.join(sorted(wanted))}; the index has "
+                                 f"{len(known)} labels: {', '.join(known[:10])}{', …' if len(known) > 10 else ''}.")
+            fetch = min(n, max(fetch, -(-2 * (k + extra) * n // share)))
+        skips = [exclude[qi] if exclude is not None else None for qi in range(len(xq))]
+        query_names = [names[qi] if names else f"vector:{qi}" for qi in range(len(xq))]
+        while True:
+            D, I = self.index.search(xq, fetch)
+            results = [self._neighbors(D[qi], I[qi], k, skips[qi], allowed, query_names[qi]) for qi in range(len(xq))]
+            if allowed is None or all(len(r.neighbors) == k for r in results):
+                return results
+            if fetch >= n:
+                break
+            fetch = min(n, fetch * 4)
+        positions = np.nonzero(allowed)[0]
+        if len(positions) > EXACT_SUBSET_MAX:
+            log.warning("the index returned fewer than %d neighbours with the labels for some queries; %d rows have "
+                        "them, too many to search exactly", k, len(positions))
+            return results
+        try:
+            xb = self.vectors_for(positions.tolist())
+        except (EmbedxError, OSError) as e:
+            log.warning("fewer than %d neighbours with the labels for some queries, and their vectors cannot be "
+                        "read back for an exact search (%s)", k, e)
+            return results
+        D, I = fx.knn(xq, xb, min(k + extra, len(positions)), self.metric)
+        return [self._neighbors(D[qi], positions[I[qi]], k, skips[qi], None, query_names[qi]) for qi in range(len(xq))]
+
+    def _neighbors(self, D, I, k: int, skip: int | None, allowed, name: str) -> SearchResult:
+        neigh = []
+        for d, pos in zip(D, I):
+            if pos < 0 or pos == skip or (allowed is not None and not allowed[pos]):
+                continue
+            if len(neigh) == k:
+                break
+            neigh.append(Neighbor(len(neigh) + 1, int(self.rows.row_ids[pos]), self.rows.paths[pos], float(d),
+                                  self.rows.labels[pos], int(pos)))
+        return SearchResult(name, neigh)
 
 
-def search_ids(idx: SearchIndex, row_ids: list[int], k: int = 10, exclude_self: bool = False) -> list[SearchResult]:
+def search_ids(idx: SearchIndex, row_ids: list[int], k: int = 10, exclude_self: bool = False, *,
+               labels: Collection[str] | None = None) -> list[SearchResult]:
     positions = [idx.position_of(r) for r in row_ids]
     xq = idx.vectors_for(positions)
-    return idx.search(xq, k, exclude=positions if exclude_self else None, names=[f"row_id:{r}" for r in row_ids])
+    return idx.search(xq, k, exclude=positions if exclude_self else None, names=[f"row_id:{r}" for r in row_ids],
+                      labels=labels)
 
 
 def search_images(idx: SearchIndex, inputs: list[str], k: int = 10, exclude_self: bool = False, *,
-                  weights: str | None = None, device: str = "auto") -> tuple[list[SearchResult], list[tuple[str, str]]]:
+                  weights: str | None = None, device: str = "auto",
+                  labels: Collection[str] | None = None) -> tuple[list[SearchResult], list[tuple[str, str]]]:
     """Embed query images with the index's own backbone and search them.
 
     Returns:
@@ -178,7 +224,7 @@ def search_images(idx: SearchIndex, inputs: list[str], k: int = 10, exclude_self
     if exclude_self:
         by_path = {idx.absolute_path(p): p for p in range(len(idx))} if len(idx) <= 5_000_000 else {}
         exclude = [by_path.get(str(Path(f).resolve())) for f in ok_files]
-    return idx.search(emb.embeddings, k, exclude=exclude, names=ok_files), failures
+    return idx.search(emb.embeddings, k, exclude=exclude, names=ok_files, labels=labels), failures
 
 
 def _query_precision(provenance: dict, device: str) -> str:

@@ -241,3 +241,42 @@ def test_on_disk_ivf_merge_equals_in_memory_ivf_and_moves(tmp_path):
         add_to_index(tmp_path / "moved", feats)
     with pytest.raises(SearchIndexError, match="needs an IVF"):
         build_index(feats, tmp_path / "hnsw", fx.IndexConfig(factory="HNSW16,Flat", on_disk=True))
+
+
+@pytest.mark.parametrize("factory", ["Flat", "HNSW16,Flat"])
+def test_label_filter_keeps_k_neighbours_of_a_rare_label(tmp_path, factory, monkeypatch):
+    """--label: 1 % of the rows carry the label, scattered over every cluster, so the first
+    neighbours of a query are almost never among them: the index is asked again for more. An
+    HNSW graph over well-separated clusters does not reach the other clusters at all: the rows
+    with the label are then searched exactly."""
+    exact_calls = []
+    real_knn = fx.knn
+    monkeypatch.setattr(fx, "knn", lambda *a: exact_calls.append(1) or real_knn(*a))
+    x, _ = clustered(5000, 16, 50, seed=3)
+    rng = np.random.default_rng(3)
+    labels = np.where(rng.random(len(x)) < 0.01, "rare", "common")
+    labels[:2] = "other"
+    feats = write_features(tmp_path / "f", x, labels=labels)
+    build_index(feats, tmp_path / "i", fx.IndexConfig(factory=factory, num_queries=200, target_recall=0.95))
+    idx = SearchIndex(tmp_path / "i")
+    xq = x[100:120] + 0.01
+    rare = np.nonzero(labels == "rare")[0]
+    got = idx.search(xq, k=5, labels=["rare"])
+    assert all(len(r.neighbors) == 5 and {n.label for n in r.neighbors} == {"rare"} for r in got)
+    exact = rare[brute_force(x[rare], xq, 5, "cosine")]
+    ids = np.array([[n.row_id for n in r.neighbors] for r in got])
+    if factory == "Flat":  # every row within reach: no exact fallback
+        np.testing.assert_array_equal(ids, exact)
+        assert exact_calls == []
+    else:
+        assert exact_calls == [1] and fx.recall_at_k(ids, exact, 5) >= 0.95
+    # several labels: any of them; by row id, through the CLI
+    both = idx.search(xq[:3], k=5, labels=["rare", "other"])
+    assert all({n.label for n in r.neighbors} <= {"rare", "other"} for r in both)
+    result = CliRunner().invoke(app, ["search", str(tmp_path / "i"), "--id", "100", "--label", "other", "-k", "3",
+                                      "--format", "json"])
+    assert result.exit_code == 0, result.output
+    (answer,) = json.loads(result.output)
+    assert [n["label"] for n in answer["results"]] == ["other", "other"]  # only two rows have it
+    with pytest.raises(InputError, match="No indexed row has the label cat; the index has 3 labels: common, other, rare"):
+        idx.search(xq, k=5, labels=["cat"])
