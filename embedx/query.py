@@ -21,8 +21,10 @@ from .indexer import Rows, load_rows
 
 log = logging.getLogger(__name__)
 
-#: a label filter's exact fallback reads and searches at most this many rows
-EXACT_SUBSET_MAX = 2_000_000
+#: a label filter asks the index for at most this many (query, neighbour) answers at once
+FILTER_ENTRIES_MAX = 20_000_000
+#: and its exact search over the labelled rows reads back at most this many bytes of vectors
+EXACT_SUBSET_MAX_BYTES = 2 * 2**30
 
 
 @dataclass(frozen=True)
@@ -135,49 +137,60 @@ class SearchIndex:
                 neighbours than k (about k / the labels' share of the rows, twice over), then
                 four times as many until each query has k. Approximate indexes cannot reach
                 every row (an IVF's unprobed lists, the far regions of an HNSW graph): when
-                even all they return holds fewer than k rows with the labels, those rows
-                (up to EXACT_SUBSET_MAX of them) are searched exactly, read back from the
-                feature shards.
+                all they return holds fewer than k rows with the labels, or the labels are too
+                rare to find that way (FILTER_ENTRIES_MAX), the labelled rows are searched
+                exactly, read back from the feature shards (up to EXACT_SUBSET_MAX_BYTES).
         """
         if k < 1:
             raise InputError("-k must be at least 1.")
         xq = self.check_vectors(xq)
         extra = 1 if exclude is not None else 0
         n = len(self)
-        allowed = None
-        fetch = min(k + extra, n)
-        if labels:
-            wanted = set(labels)
-            allowed = np.fromiter((lab in wanted for lab in self.rows.labels), dtype=bool, count=n)
-            share = int(allowed.sum())
-            if share == 0:
-                known = sorted({lab for lab in self.rows.labels if lab is not None})
-                raise InputError(f"No indexed row has the label {' or '.join(sorted(wanted))}; the index has "
-                                 f"{len(known)} labels: {', '.join(known[:10])}{', …' if len(known) > 10 else ''}.")
-            fetch = min(n, max(fetch, -(-2 * (k + extra) * n // share)))
         skips = [exclude[qi] if exclude is not None else None for qi in range(len(xq))]
         query_names = [names[qi] if names else f"vector:{qi}" for qi in range(len(xq))]
-        while True:
+        if not labels:
+            D, I = self.index.search(xq, min(k + extra, n))
+            return [self._neighbors(D[qi], I[qi], k, skips[qi], None, query_names[qi]) for qi in range(len(xq))]
+        wanted = set(labels)
+        allowed = np.fromiter((lab in wanted for lab in self.rows.labels), dtype=bool, count=n)
+        share = int(allowed.sum())
+        if share == 0:
+            known = sorted({lab for lab in self.rows.labels if lab is not None})
+            raise InputError(f"No indexed row has the label {' or '.join(sorted(wanted))}; the index has "
+                             f"{len(known)} labels: {', '.join(known[:10])}{', …' if len(known) > 10 else ''}.")
+        # as many as the labelled rows allow: fewer than k where fewer rows have the labels
+        targets = [min(k, share - int(s is not None and bool(allowed[s]))) for s in skips]
+        fetch = min(n, max(k + extra, -(-2 * (k + extra) * n // share)))
+        fetch_cap = max(k + extra, min(n, FILTER_ENTRIES_MAX // len(xq)))  # bounds the (nq, fetch) answers
+        results = None
+        while fetch <= fetch_cap:
             D, I = self.index.search(xq, fetch)
             results = [self._neighbors(D[qi], I[qi], k, skips[qi], allowed, query_names[qi]) for qi in range(len(xq))]
-            if allowed is None or all(len(r.neighbors) == k for r in results):
-                return results
-            if fetch >= n:
+            if all(len(r.neighbors) >= t for r, t in zip(results, targets)) or fetch >= n:
                 break
             fetch = min(n, fetch * 4)
+        if results is not None and all(len(r.neighbors) >= t for r, t in zip(results, targets)):
+            return results
+        # the index cannot reach them (an IVF's unprobed lists, an HNSW graph's far regions), or the
+        # labels are too rare to find by asking it for more: the labelled rows, searched exactly
         positions = np.nonzero(allowed)[0]
-        if len(positions) > EXACT_SUBSET_MAX:
-            log.warning("the index returned fewer than %d neighbours with the labels for some queries; %d rows have "
-                        "them, too many to search exactly", k, len(positions))
-            return results
-        try:
-            xb = self.vectors_for(positions.tolist())
-        except (EmbedxError, OSError) as e:
-            log.warning("fewer than %d neighbours with the labels for some queries, and their vectors cannot be "
-                        "read back for an exact search (%s)", k, e)
-            return results
-        D, I = fx.knn(xq, xb, min(k + extra, len(positions)), self.metric)
-        return [self._neighbors(D[qi], positions[I[qi]], k, skips[qi], None, query_names[qi]) for qi in range(len(xq))]
+        why = None
+        if share * self.info["dim"] * 4 > EXACT_SUBSET_MAX_BYTES:
+            why = f"{share} rows have the labels, too many to search exactly"
+        else:
+            try:
+                xb = self.vectors_for(positions.tolist())
+            except (EmbedxError, OSError) as e:
+                why = f"their vectors cannot be read back for an exact search ({e})"
+        if why is None:
+            D, I = fx.knn(xq, xb, min(k + extra, share), self.metric)
+            return [self._neighbors(D[qi], positions[I[qi]], k, skips[qi], None, query_names[qi])
+                    for qi in range(len(xq))]
+        log.warning("fewer than %d neighbours with the labels for some queries: %s", k, why)
+        if results is None:
+            D, I = self.index.search(xq, fetch_cap)
+            results = [self._neighbors(D[qi], I[qi], k, skips[qi], allowed, query_names[qi]) for qi in range(len(xq))]
+        return results
 
     def _neighbors(self, D, I, k: int, skip: int | None, allowed, name: str) -> SearchResult:
         neigh = []

@@ -280,3 +280,31 @@ def test_label_filter_keeps_k_neighbours_of_a_rare_label(tmp_path, factory, monk
     assert [n["label"] for n in answer["results"]] == ["other", "other"]  # only two rows have it
     with pytest.raises(InputError, match="No indexed row has the label cat; the index has 3 labels: common, other, rare"):
         idx.search(xq, k=5, labels=["cat"])
+
+
+def test_label_filter_bounds_what_it_asks_the_index_for(tmp_path, monkeypatch):
+    """A label on 2 rows: k=3 gives those 2 from the index (fewer than k is all there is, not a
+    reason for an exact search); a label too rare for the answer budget is searched exactly among
+    its rows straight away, without asking the index."""
+    import embedx.query as query
+
+    x, _ = clustered(3000, 16, 30, seed=4)
+    labels = np.array(["common"] * len(x), dtype=object)
+    labels[[5, 2900]] = "pair"
+    labels[::100] = np.where(labels[::100] == "common", "sparse", labels[::100])
+    build_index(write_features(tmp_path / "f", x, labels=labels), tmp_path / "i", fx.IndexConfig(factory="Flat"))
+    idx = SearchIndex(tmp_path / "i")
+    asked, exact = [], []
+    real_search, real_knn = idx.index.search, fx.knn
+    monkeypatch.setattr(idx, "index", type("Spy", (), {
+        "search": staticmethod(lambda xq, kk: asked.append(kk) or real_search(xq, kk)),
+        "ntotal": idx.index.ntotal})())
+    monkeypatch.setattr(fx, "knn", lambda *a: exact.append(1) or real_knn(*a))
+    (r,) = idx.search(x[:1], k=3, labels=["pair"])
+    assert sorted(n.row_id for n in r.neighbors) == [5, 2900] and exact == [] and asked == [len(x)]
+    asked.clear()
+    monkeypatch.setattr(query, "FILTER_ENTRIES_MAX", 100)  # 30 rows of 3000: 2 * 5 * 100 = 1000 > 100 to ask for
+    (r,) = idx.search(x[7:8], k=5, labels=["sparse"])
+    sparse = np.nonzero(labels == "sparse")[0]
+    assert asked == [] and exact == [1]
+    assert [n.row_id for n in r.neighbors] == sparse[brute_force(x[sparse], x[7:8], 5, "cosine")[0]].tolist()
