@@ -41,12 +41,6 @@ class ExtractConfig:
     device: str = "auto"
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     labels: str = "folder"
-    # preprocessing overrides of the model's data config (None: the model's own; see Backbone.with_preprocessing)
-    img_size: int | None = None
-    crop_pct: float | None = None
-    crop_mode: str | None = None  # center | squash | border
-    interpolation: str | None = None  # bilinear | bicubic | …
-    pool: str | None = None  # global pooling instead of the model's own (timm's global_pool: avg, max, avgmax, …)
     shard_size: int = 10_000
     normalize: bool = False
     dtype: str = "float32"  # of the stored embeddings: float32 | float16
@@ -61,6 +55,13 @@ class ExtractConfig:
     compile: str = "auto"  # auto | yes | no: torch.compile the backbone (auto: when the run is long enough)
     heap: str = "auto"  # auto | keep | release: glibc keeps freed blocks for reuse (auto: on CPU); see _malloc
     progress: bool = True
+    # (added after the fields above, so that positional construction keeps working)
+    # preprocessing overrides of the model's data config (None: the model's own; see Backbone.with_preprocessing)
+    img_size: int | None = None
+    crop_pct: float | None = None
+    crop_mode: str | None = None  # center | squash | border
+    interpolation: str | None = None  # bilinear | bicubic | …
+    pool: str | None = None  # global pooling instead of the model's own (timm's global_pool: avg, max, avgmax, …)
 
 
 #: torch.compile costs ~60 s on 2 CPU cores (EfficientNet-Lite0) and gains ~1.4x there; it pays

@@ -50,12 +50,12 @@ class FinetuneConfig:
     augment: bool = True
     seed: int = 0
     heap: str = "auto"  # auto (keep on CPU) | keep | release: see embedx/_malloc.py
+    progress: bool = True
     # preprocessing overrides of the model's data config, as for extract (None: the model's own)
     img_size: int | None = None
     crop_pct: float | None = None
     crop_mode: str | None = None
     interpolation: str | None = None
-    progress: bool = True
 
 
 class _LabelledImages:
