@@ -105,3 +105,19 @@ def clustered(n: int, dim: int, n_clusters: int, seed: int = 0, spread: float = 
     ids = rng.integers(0, n_clusters, size=n)
     x = centres[ids] + spread * rng.standard_normal((n, dim)).astype(np.float32)
     return x.astype(np.float32), ids
+
+
+def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine similarity of each row of `a` with the same row of `b`."""
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+def timm_pixels(backbone, files, **data):
+    """A batch of `files` through timm's own eval transform (the reference), with `data`
+    overriding the backbone's data config (input_size, crop_pct, crop_mode, …)."""
+    import torch
+    from PIL import Image
+    from timm.data import create_transform
+
+    tf = create_transform(**{**backbone.timm_data_config(), **data}, is_training=False)
+    return torch.stack([tf(Image.open(f).convert("RGB")) for f in files])

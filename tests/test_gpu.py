@@ -8,11 +8,9 @@ import pytest
 import embedx
 from embedx.extractor import ExtractConfig, extract
 
+from .conftest import row_cosines
+
 pytestmark = pytest.mark.gpu
-
-
-def _cos(a, b):
-    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
 
 
 def test_cuda_bf16_close_to_cpu_fp32(photo_dir, tmp_path, backbone):
@@ -22,7 +20,7 @@ def test_cuda_bf16_close_to_cpu_fp32(photo_dir, tmp_path, backbone):
     assert g.precision == "bf16" and g.device == "cuda"
     fg, fc = embedx.read_features(tmp_path / "g"), embedx.read_features(tmp_path / "c")
     assert fg.metadata["precision"] == "bf16" and fg.paths == fc.paths
-    cos = _cos(fg.embeddings, fc.embeddings)
+    cos = row_cosines(fg.embeddings, fc.embeddings)
     print(f"bf16 (cuda) vs fp32 (cpu) cosine: min {cos.min():.5f} mean {cos.mean():.5f}")
     assert cos.min() > 0.99
 
@@ -56,7 +54,7 @@ def test_cuda_device_decode_close_to_pil(photo_dir, tmp_path, backbone, decoder)
     b = extract(photo_dir, tmp_path / "b", ExtractConfig(device="cuda", fast_decode=False, precision="fp32",
                                                         progress=False, num_workers=2), backbone=backbone)
     assert a.num_embedded == b.num_embedded > 0
-    cos = _cos(embedx.read_features(tmp_path / "a").embeddings, embedx.read_features(tmp_path / "b").embeddings)
+    cos = row_cosines(embedx.read_features(tmp_path / "a").embeddings, embedx.read_features(tmp_path / "b").embeddings)
     print(f"nvJPEG ({decoder}) + tensor resize vs PIL cosine: min {cos.min():.5f} mean {cos.mean():.5f}")
     assert cos.min() > 0.995
 

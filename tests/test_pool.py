@@ -7,22 +7,17 @@ import embedx
 from embedx.errors import InputError
 from embedx.extractor import ExtractConfig, extract
 
+from .conftest import row_cosines, timm_pixels
+
 FAST = dict(progress=False, num_workers=0, batch_size=8, precision="fp32", fast_decode=False)
-
-
-def _cos(a, b):
-    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
 
 
 def _feature_maps(backbone, files):
     """The network's last feature maps (N, C, H, W) for `files` through timm's exact eval transform."""
     import torch
-    from PIL import Image
-    from timm.data import create_transform
 
-    tf = create_transform(**backbone.timm_data_config(), is_training=False)
     with torch.no_grad():
-        return backbone.model.forward_features(torch.stack([tf(Image.open(f).convert("RGB")) for f in files]))
+        return backbone.model.forward_features(timm_pixels(backbone, files))
 
 
 def test_pool_max_and_catavgmax_are_those_of_the_feature_maps(photo_dir, tmp_path, backbone):
@@ -33,8 +28,8 @@ def test_pool_max_and_catavgmax_are_those_of_the_feature_maps(photo_dir, tmp_pat
     assert fc.metadata["pooling"] == "catavgmax" and fc.embeddings.shape[1] == 2560
     maps = _feature_maps(backbone, [str(photo_dir / p) for p in fm.paths])
     mx, avg = maps.amax(dim=(2, 3)).numpy(), maps.mean(dim=(2, 3)).numpy()
-    assert _cos(fm.embeddings, mx).min() > 0.9999
-    assert _cos(fc.embeddings, np.concatenate([avg, mx], axis=1)).min() > 0.9999
+    assert row_cosines(fm.embeddings, mx).min() > 0.9999
+    assert row_cosines(fc.embeddings, np.concatenate([avg, mx], axis=1)).min() > 0.9999
     assert backbone.pooling == "avg" and backbone.dim == 1280  # the caller's backbone is left as it was
 
     # queries by image are pooled as the index is: the query image finds itself

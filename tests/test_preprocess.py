@@ -1,30 +1,22 @@
 """Preprocessing overrides (--img-size, --crop-pct, --crop-mode, --interpolation), as timm's scripts take them."""
 
-import numpy as np
 import pytest
 
 import embedx
 from embedx.errors import InputError, OutputExistsError
 from embedx.extractor import ExtractConfig, extract
 
+from .conftest import row_cosines, timm_pixels
+
 FAST = dict(progress=False, num_workers=0, batch_size=8, precision="fp32")
-
-
-def _cos(a, b):
-    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
 
 
 def _timm_reference(backbone, files, **data):
     """The embeddings timm's own eval transform + the model give for `files` with `data` overrides."""
     import torch
-    from PIL import Image
-    from timm.data import create_transform
 
-    cfg = {**backbone.timm_data_config(), **data}
-    tf = create_transform(**cfg, is_training=False)
     with torch.no_grad():
-        x = torch.stack([tf(Image.open(f).convert("RGB")) for f in files])
-        return backbone.model(x).numpy()
+        return backbone.model(timm_pixels(backbone, files, **data)).numpy()
 
 
 def test_overrides_reach_the_pixels_the_metadata_and_the_queries(photo_dir, tmp_path, backbone):
@@ -39,9 +31,9 @@ def test_overrides_reach_the_pixels_the_metadata_and_the_queries(photo_dir, tmp_
     assert ff.metadata["data_config"] == dc and fd.metadata["data_config"]["input_size"] == [3, 224, 224]
     files = [str(photo_dir / p) for p in fe.paths]
     ref = _timm_reference(backbone, files, input_size=(3, 256, 256), crop_pct=1.0)
-    assert _cos(fe.embeddings, ref).min() > 0.9999  # exactly timm's transform with the overrides
-    assert _cos(ff.embeddings, fe.embeddings).min() > 0.999  # the fast decode path follows them too
-    assert _cos(fd.embeddings, fe.embeddings).min() < 0.99  # and they changed something
+    assert row_cosines(fe.embeddings, ref).min() > 0.9999  # exactly timm's transform with the overrides
+    assert row_cosines(ff.embeddings, fe.embeddings).min() > 0.999  # the fast decode path follows them too
+    assert row_cosines(fd.embeddings, fe.embeddings).min() < 0.99  # and they changed something
 
     # the same command with another crop is another run: refused, as any other change of preprocessing
     with pytest.raises(OutputExistsError, match="data_config"):
@@ -70,8 +62,8 @@ def test_squash_keeps_the_whole_image_on_both_paths(photo_dir, tmp_path, backbon
     assert exact.num_embedded == 6 and fe.metadata["data_config"]["crop_mode"] == "squash"
     files = [str(photo_dir / p) for p in fe.paths]
     ref = _timm_reference(backbone, files, crop_mode="squash", crop_pct=1.0)
-    assert _cos(fe.embeddings, ref).min() > 0.9999
-    assert _cos(ff.embeddings, fe.embeddings).min() > 0.999
+    assert row_cosines(fe.embeddings, ref).min() > 0.9999
+    assert row_cosines(ff.embeddings, fe.embeddings).min() > 0.999
 
 
 def test_a_fixed_size_model_refuses_another_size():
