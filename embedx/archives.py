@@ -50,8 +50,13 @@ def members(tar: str | os.PathLike) -> dict[str, Member]:
     Raises:
         InputError: the file is not an uncompressed tar archive.
     """
+    return _members(*_version(tar))
+
+
+def _version(tar: str | os.PathLike) -> tuple[str, int, int]:
+    """(absolute path, size, mtime): what the member index and the open descriptors are keyed by."""
     st = os.stat(tar)
-    return _members(os.path.abspath(tar), st.st_size, st.st_mtime_ns)
+    return os.path.abspath(tar), st.st_size, st.st_mtime_ns
 
 
 @functools.lru_cache(maxsize=64)
@@ -215,8 +220,7 @@ def read_member(file: str) -> bytes | None:
     if where is None:
         return None
     tar, name = where
-    st = os.stat(tar)
-    version = (os.path.abspath(tar), st.st_size, st.st_mtime_ns)
+    version = _version(tar)
     m = _members(*version).get(_normalise(name))
     if m is None:
         raise KeyError(f"{tar} has no member {name!r}")
@@ -273,37 +277,36 @@ def list_archive(tar: str, image_suffixes, labels: bool) -> tuple[list[tuple[str
     Labels (with `labels`): the text of the WebDataset `.cls` sidecar with the same key (the name
     up to the first dot of its base name), else the member's folder inside the archive, else None.
     """
-    index = members(tar)
+    version = _version(tar)
+    index = _members(*version)
     images: list[tuple[str, str | None]] = []
     ignored: dict[str, int] = {}
-    with open(tar, "rb") as fh:
-        for m in index.values():
-            head, base = posixpath.split(m.name)
-            if base.startswith(".") or any(p.startswith(".") for p in head.split("/") if p not in ("", ".")):
-                continue
-            ext = posixpath.splitext(base)[1].lower()
-            if ext not in image_suffixes:
-                if ext != LABEL_SUFFIX:
-                    ignored[ext] = ignored.get(ext, 0) + 1
-                continue
-            images.append((m.name, _label(fh, index, m.name) if labels else None))
+    for m in index.values():
+        head, base = posixpath.split(m.name)
+        if base.startswith(".") or any(p.startswith(".") for p in head.split("/") if p not in ("", ".")):
+            continue
+        ext = posixpath.splitext(base)[1].lower()
+        if ext not in image_suffixes:
+            if ext != LABEL_SUFFIX:
+                ignored[ext] = ignored.get(ext, 0) + 1
+            continue
+        images.append((m.name, _label(version, index, m.name) if labels else None))
     return images, ignored
 
 
 def member_label(tar: str, name: str) -> str | None:
     """The label `list_archive` gives the member `name` (which must exist: see `members`)."""
-    with open(tar, "rb") as fh:
-        return _label(fh, members(tar), _normalise(name))
+    version = _version(tar)
+    return _label(version, _members(*version), _normalise(name))
 
 
-def _label(fh, index: dict[str, Member], name: str) -> str | None:
+def _label(version: tuple, index: dict[str, Member], name: str) -> str | None:
     """WebDataset's `.cls` sidecar of the same key (the name up to the first dot of its base
     name), else the member's folder inside the archive, else None."""
     head, base = posixpath.split(name)
     sidecar = index.get(posixpath.join(head, base.split(".", 1)[0] + LABEL_SUFFIX))
     if sidecar is not None:
-        fh.seek(sidecar.offset)
-        label = fh.read(sidecar.size).decode("utf-8", errors="replace").strip()
+        label = _OPEN.read(version, sidecar.offset, sidecar.size).decode("utf-8", errors="replace").strip()
         if label:
             return label
     return posixpath.basename(head) or None
