@@ -176,7 +176,7 @@ def exact_knn(features_dirs: list, xq: np.ndarray, k: int, metric: str, batch_si
     for d in features_dirs:
         for x, *_ in iter_vectors(d, metric, batch_size):
             kk = min(k, len(x))
-            D, I = faiss.knn(xq, x, kk, metric=fm)
+            D, I = knn(xq, x, kk, metric)
             D_all = np.concatenate([best_d, D], axis=1)
             I_all = np.concatenate([best_i, I + offset], axis=1)
             order = np.argsort(-D_all if fm == faiss.METRIC_INNER_PRODUCT else D_all, axis=1, kind="stable")[:, :k]

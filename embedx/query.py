@@ -148,9 +148,13 @@ class SearchIndex:
         n = len(self)
         skips = [exclude[qi] if exclude is not None else None for qi in range(len(xq))]
         query_names = [names[qi] if names else f"vector:{qi}" for qi in range(len(xq))]
+
+        def answers(D, I, allowed=None, positions=None) -> list[SearchResult]:
+            return [self._neighbors(D[qi], I[qi] if positions is None else positions[I[qi]], k, skips[qi], allowed,
+                                    query_names[qi]) for qi in range(len(xq))]
+
         if not labels:
-            D, I = self.index.search(xq, min(k + extra, n))
-            return [self._neighbors(D[qi], I[qi], k, skips[qi], None, query_names[qi]) for qi in range(len(xq))]
+            return answers(*self.index.search(xq, min(k + extra, n)))
         wanted = set(labels)
         allowed = np.fromiter((lab in wanted for lab in self.rows.labels), dtype=bool, count=n)
         share = int(allowed.sum())
@@ -164,13 +168,12 @@ class SearchIndex:
         fetch_cap = max(k + extra, min(n, FILTER_ENTRIES_MAX // len(xq)))  # bounds the (nq, fetch) answers
         results = None
         while fetch <= fetch_cap:
-            D, I = self.index.search(xq, fetch)
-            results = [self._neighbors(D[qi], I[qi], k, skips[qi], allowed, query_names[qi]) for qi in range(len(xq))]
-            if all(len(r.neighbors) >= t for r, t in zip(results, targets)) or fetch >= n:
+            results = answers(*self.index.search(xq, fetch), allowed)
+            if all(len(r.neighbors) >= t for r, t in zip(results, targets)):
+                return results
+            if fetch >= n:
                 break
             fetch = min(n, fetch * 4)
-        if results is not None and all(len(r.neighbors) >= t for r, t in zip(results, targets)):
-            return results
         # the index cannot reach them (an IVF's unprobed lists, an HNSW graph's far regions), or the
         # labels are too rare to find by asking it for more: the labelled rows, searched exactly
         positions = np.nonzero(allowed)[0]
@@ -183,14 +186,9 @@ class SearchIndex:
             except (EmbedxError, OSError) as e:
                 why = f"their vectors cannot be read back for an exact search ({e})"
         if why is None:
-            D, I = fx.knn(xq, xb, min(k + extra, share), self.metric)
-            return [self._neighbors(D[qi], positions[I[qi]], k, skips[qi], None, query_names[qi])
-                    for qi in range(len(xq))]
+            return answers(*fx.knn(xq, xb, min(k + extra, share), self.metric), positions=positions)
         log.warning("fewer than %d neighbours with the labels for some queries: %s", k, why)
-        if results is None:
-            D, I = self.index.search(xq, fetch_cap)
-            results = [self._neighbors(D[qi], I[qi], k, skips[qi], allowed, query_names[qi]) for qi in range(len(xq))]
-        return results
+        return results if results is not None else answers(*self.index.search(xq, fetch_cap), allowed)
 
     def _neighbors(self, D, I, k: int, skip: int | None, allowed, name: str) -> SearchResult:
         neigh = []
