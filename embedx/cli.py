@@ -77,6 +77,7 @@ def extract(
     normalize: bool = typer.Option(False, "--normalize", help="L2-normalise the embeddings."),
     dtype: str = typer.Option("float32", help="Stored embedding type: float32 | float16."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run with another configuration in --out."),
+    update: bool = typer.Option(False, "--update", help="--out holds this run already: embed only the images new since (paths in no shard), appended as new shards; nothing there is rewritten."),
     max_pixels: int = typer.Option(178_956_970, help="Refuse images with more pixels than this (decompression bombs)."),
     fast_decode: bool = typer.Option(True, "--fast-decode/--exact-decode", help="Fast path: JPEGs decoded by simplejpeg (PIL's pixels) at a reduced DCT scale when the model "
                                      "needs fewer pixels, resize + crop on uint8 tensors (cosine >= 0.999 of timm's exact "
@@ -94,12 +95,14 @@ def extract(
 ):
     """Embed images with a frozen pretrained backbone into Parquet feature shards.
 
-    Rerun the same command after an interruption to resume.
+    Rerun the same command after an interruption to resume; add --update when the input has
+    grown since, to embed only the new images.
 
     Examples:
 
     \b
         embedx extract photos/ --out feats/ --model tf_efficientnet_lite0 --normalize
+        embedx extract photos/ --out feats/ --normalize --update    # later: only what is new
         embedx extract shards/*.tar --out feats/ --dtype float16
         embedx extract s3-mounted/ --out /shared/feats --engine ray --address auto
     """
@@ -109,7 +112,7 @@ def extract(
         model=model, weights=weights, batch_size=batch_size, num_workers=num_workers, device=device,
         precision=precision, labels=labels, img_size=img_size, crop_pct=crop_pct, crop_mode=crop_mode,
         interpolation=interpolation, pool=pool, shard_size=shard_size, normalize=normalize, dtype=dtype,
-        overwrite=overwrite, max_pixels=max_pixels, fast_decode=fast_decode, decode=decode, device_share=device_share,
+        overwrite=overwrite, update=update, max_pixels=max_pixels, fast_decode=fast_decode, decode=decode, device_share=device_share,
         device_decoder=device_decoder, prefetch=prefetch,
         compile=compile, heap=heap, progress=progress,
     )
@@ -127,6 +130,16 @@ def extract(
             f"start-up (imports, model loading) on {r.device}, {r.precision}; "
             f"{_human_bytes(r.bytes_written)} in {r.out_dir}"
         )
+    if r.num_added:
+        typer.echo(f"Added {r.num_added} new images as new rows; `embedx index add IDX {r.out_dir}` adds them to an index.",
+                   err=True)
+    if r.num_gone or r.num_relabelled:
+        kept = []
+        if r.num_gone:
+            kept.append(f"{r.num_gone} rows whose images are no longer in the input")
+        if r.num_relabelled:
+            kept.append(f"{r.num_relabelled} rows whose images have another label now")
+        typer.echo(f"Kept as they were: {' and '.join(kept)} (--overwrite re-extracts everything).", err=True)
     if r.num_errors:
         typer.echo(f"Unreadable inputs are listed in {Path(r.out_dir) / 'errors.parquet'}", err=True)
     if r.ignored_files:
@@ -324,6 +337,7 @@ def index_cmd(
     \b
         embedx index feats/ --out idx/ --target-recall 0.95
         embedx index add idx/ more-feats/
+        embedx index add idx/ feats/          # feats/ grew (extract --update): add its new rows
     """
     from .index import IndexConfig, parse_bytes
     from .indexer import add_to_index, build_index
@@ -332,7 +346,8 @@ def index_cmd(
         if len(args) != 3:
             raise typer.BadParameter("usage: embedx index add INDEX_DIR FEATURES")
         info = add_to_index(args[1], args[2], progress=progress)
-        typer.echo(f"added {info['sources'][-1]['rows']} vectors; {info['num_vectors']} in {args[1]}")
+        typer.echo(f"added {info['added']} vectors; {info['num_vectors']} in {args[1]}"
+                   + ("" if info["added"] else f" ({args[2]} has nothing the index lacks)"))
         return
     if len(args) != 1 or out is None:
         raise typer.BadParameter("usage: embedx index FEATURES --out INDEX_DIR")

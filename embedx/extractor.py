@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import shards
+from . import segments, shards
 from ._malloc import apply_heap, check_heap
 from ._progress import progress_bar
 from ._tensor_decode import resolve_device_decoder
@@ -62,6 +62,7 @@ class ExtractConfig:
     crop_mode: str | None = None  # center | squash | border
     interpolation: str | None = None  # bilinear | bicubic | …
     pool: str | None = None  # global pooling instead of the model's own (timm's global_pool: avg, max, avgmax, …)
+    update: bool = False  # out holds this run already: embed the images new since, as new shards (see segments)
 
 
 #: torch.compile costs ~60 s on 2 CPU cores (EfficientNet-Lite0) and gains ~1.4x there; it pays
@@ -99,6 +100,11 @@ class ExtractResult:
     stage_seconds: dict | None = None
     # files in the input folders left out as not images by their extension: {".txt": 2, ...}
     ignored_files: dict = field(default_factory=dict)
+    # when out held this run already (a rerun, or --update): images appended as new rows by this
+    # call, rows whose images are no longer in the input (kept), images whose label changed (kept)
+    num_added: int = 0
+    num_gone: int = 0
+    num_relabelled: int = 0
 
     @property
     def num_done(self) -> int:
@@ -195,6 +201,8 @@ def extract(inputs: list[str | os.PathLike] | str | os.PathLike, out: str | os.P
 
 
 def _check_config(config: ExtractConfig) -> None:
+    if config.update and config.overwrite:
+        raise InputError("--update adds the new images to the run in --out; --overwrite replaces that run. Pick one.")
     if config.dtype not in ("float32", "float16"):
         raise InputError(f"--dtype must be float32 or float16, not {config.dtype!r}.")
     if config.shard_size < 1:
@@ -241,6 +249,7 @@ class _Plan:
     skipped: int
     embedded_before: int
     errors_before: int
+    change: "segments.Diff | None" = None  # the input against the directory, when it held this run already
 
 
 def _extract_locked(listing: ImageListing, out: Path, config: ExtractConfig, backbone: Backbone | None,
@@ -251,7 +260,9 @@ def _extract_locked(listing: ImageListing, out: Path, config: ExtractConfig, bac
         plan = _plan(listing, out, config, backbone)
     embedded = errors = 0
     if plan.pending:
-        if plan.skipped:
+        if plan.change and plan.change.new:
+            log.info("adding %d new images (%d already in %s)", len(plan.change.new), plan.change.known, out)
+        elif plan.skipped:
             log.info("resuming: %d of %d shards already complete", len(plan.manifest["shards"]), plan.manifest["num_shards"])
         if engine == "ray":
             from .ray_engine import run_ray
@@ -291,8 +302,16 @@ def _plan(listing: ImageListing, out: Path, config: ExtractConfig, backbone: Bac
         if not config.overwrite:
             raise OutputExistsError(f"{out} holds shards but no manifest.json. Use --overwrite to replace them.")
         _clear(out)
-    if manifest is not None and manifest.get("fingerprint") != fingerprint:
-        raise OutputExistsError(_mismatch_message(out, manifest, metadata, records, config))
+    change = None
+    if manifest is not None and (config.update or manifest.get("fingerprint") != fingerprint
+                                 or len(segments.segments(manifest)) > 1):
+        diffs = _config_diffs(manifest, metadata, config)
+        if diffs:
+            raise OutputExistsError(
+                f"{out} already holds a run with a different configuration:\n  " + "\n  ".join(diffs)
+                + "\nUse another --out directory, or --overwrite to replace it."
+            )
+        records, change = _plan_update(out, manifest, listing, config, fingerprint)
     if manifest is None:
         manifest = {
             "format_version": shards.FORMAT_VERSION,
@@ -308,12 +327,44 @@ def _plan(listing: ImageListing, out: Path, config: ExtractConfig, backbone: Bac
         shards.write_manifest(out, manifest)
     done = {s["index"] for s in manifest["shards"]}
     pending = [r for r in records if r.row_id // config.shard_size not in done]
+    embedded_before = sum(s["rows"] for s in manifest["shards"])
+    errors_before = sum(len(s.get("errors", [])) for s in manifest["shards"])
     return _Plan(
         backbone=backbone, device=device, precision=precision, metadata=metadata, manifest=manifest,
-        records=records, pending=pending, skipped=len(records) - len(pending),
-        embedded_before=sum(s["rows"] for s in manifest["shards"]),
-        errors_before=sum(len(s.get("errors", [])) for s in manifest["shards"]),
+        records=records, pending=pending, skipped=embedded_before + errors_before,
+        embedded_before=embedded_before, errors_before=errors_before, change=change,
     )
+
+
+def _plan_update(out: Path, manifest: dict, listing: ImageListing, config: ExtractConfig,
+                 fingerprint: str) -> tuple[list[ImageRecord], "segments.Diff | None"]:
+    """The records to run into a directory that holds this configuration already, when the
+    input may differ from its first run's: the rest of an unfinished update, plus (with
+    --update) the images that are new, appended as a new segment. A rerun of an unchanged
+    input finds nothing new; new images without --update are refused with that advice."""
+    segs = segments.segments(manifest)
+    unfinished: list[ImageRecord] = []
+    if not manifest.get("complete"):
+        if len(segs) == 1:
+            if manifest.get("fingerprint") != fingerprint:
+                raise OutputExistsError(
+                    f"{out} holds a run that has not finished, and its input has changed since. Finish it "
+                    "first (rerun it with the input it had), then add the new images with --update; or use "
+                    "--overwrite to start over."
+                )
+            return listing.records, None  # resume the first run: nothing can be new
+        unfinished = segments.planned(out, manifest)
+    change = segments.diff(out, listing.records, unfinished)
+    if change.new and not config.update:
+        raise OutputExistsError(
+            f"{len(change.new)} images in the input are not in {out} yet ({change.known} are). Add them with "
+            "--update (appended as new shards; the rows there stay as they are), or use --overwrite to start over."
+        )
+    added = []
+    if change.new:
+        added = segments.append(out, manifest, change.new, config.shard_size)
+        shards.write_manifest(out, manifest)
+    return unfinished + added, change
 
 
 def _finalize(out: Path, plan: _Plan, embedded: int, errors: int, t0: float, timer: "_StageTimer") -> ExtractResult:
@@ -328,8 +379,11 @@ def _finalize(out: Path, plan: _Plan, embedded: int, errors: int, t0: float, tim
         shards.write_errors(out, [])
     seconds = time.perf_counter() - t0
     size = sum(p.stat().st_size for p in out.glob("*.parquet"))
-    return ExtractResult(str(out), len(plan.records), num_embedded, num_errors, plan.skipped, seconds, size,
-                         plan.precision, plan.device, stage_seconds=dict(timer.seconds))
+    change = plan.change
+    return ExtractResult(str(out), manifest["num_images"], num_embedded, num_errors, plan.skipped, seconds, size,
+                         plan.precision, plan.device, stage_seconds=dict(timer.seconds),
+                         num_added=len(change.new) if change else 0, num_gone=change.gone if change else 0,
+                         num_relabelled=change.relabelled if change else 0)
 
 
 def _run_local(plan: _Plan, out: Path, config: ExtractConfig, timer: "_StageTimer",
@@ -358,7 +412,7 @@ def _run_local(plan: _Plan, out: Path, config: ExtractConfig, timer: "_StageTime
         model = _prepare_model(backbone, device, config.channels_last)
         runner = _Embedder(model, backbone, device, plan.precision, config.normalize, config.channels_last,
                            compile=should_compile(config.compile, device, len(pending)))
-    bar = _progress(len(plan.records), plan.skipped, config.progress)
+    bar = _progress(len(plan.records), len(plan.records) - len(pending), config.progress)
     pre = _tensor_preprocess(backbone)
     counts = {"embedded": 0, "errors": 0}
 
@@ -449,27 +503,21 @@ def _fingerprint(metadata: dict, records: list[ImageRecord], shard_size: int) ->
     return h.hexdigest()
 
 
-def _mismatch_message(out: Path, manifest: dict, metadata: dict, records, config: ExtractConfig) -> str:
+def _config_diffs(manifest: dict, metadata: dict, config: ExtractConfig) -> list[str]:
+    """What differs between a directory's run and this configuration, besides the input."""
     old = manifest.get("metadata", {})
     diffs = [f"{k}: {old.get(k)!r} -> {metadata.get(k)!r}" for k in sorted(metadata)
              if k != "embedx_version" and old.get(k) != metadata.get(k)]
-    if manifest.get("num_images") != len(records):
-        diffs.append(f"number of input images: {manifest.get('num_images')} -> {len(records)}")
     old_shard = manifest.get("config", {}).get("shard_size")
     if old_shard != config.shard_size:
         diffs.append(f"shard_size: {old_shard} -> {config.shard_size}")
-    if not diffs:
-        diffs.append("the list of input images (paths or labels) changed")
-    return (
-        f"{out} already holds a run with a different configuration:\n  " + "\n  ".join(diffs)
-        + "\nUse another --out directory, or --overwrite to replace it."
-    )
+    return diffs
 
 
 def _config_for_manifest(config: ExtractConfig) -> dict:
     d = asdict(config)
-    d.pop("overwrite")
-    d.pop("progress")
+    for action in ("overwrite", "update", "progress"):
+        d.pop(action)
     return d
 
 
@@ -478,7 +526,8 @@ def _num_shards(n: int, shard_size: int) -> int:
 
 
 def _clear(out: Path) -> None:
-    for p in list(out.glob("part-*.parquet")) + [out / shards.ERRORS, out / shards.MANIFEST]:
+    for p in (list(out.glob("part-*.parquet")) + list((out / segments.SEGMENTS_DIR).glob("*.parquet"))
+              + [out / shards.ERRORS, out / shards.MANIFEST]):
         if p.exists():
             p.unlink()
     for p in out.glob(".*.tmp"):
@@ -681,7 +730,9 @@ class _ShardWriter:
         self.dtype = config.dtype
         self.dim = dim
         self.metadata = metadata
-        self.num_records = manifest["num_images"]
+        # fixed for the run (only shard entries are added to the manifest while it runs), and read
+        # here on the main thread while the writer thread swaps the manifest's contents
+        self.segments = segments.segments(manifest)
         self.current: int | None = None
         from concurrent.futures import ThreadPoolExecutor
 
@@ -707,9 +758,7 @@ class _ShardWriter:
         assert index == self.current, "records must arrive in listing order"
 
     def _maybe_flush(self) -> None:
-        start = self.current * self.shard_size
-        expected = min(self.shard_size, self.num_records - start)
-        if self.seen == expected:
+        if self.seen == segments.shard_rows(self.segments, self.current, self.shard_size):
             self._flush()
 
     def add(self, rec: ImageRecord, embedding: np.ndarray, width: int, height: int) -> None:

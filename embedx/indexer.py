@@ -162,7 +162,9 @@ def build_index(features_dir, out_dir, config: fx.IndexConfig = fx.IndexConfig()
 
 
 def add_to_index(index_dir, features_dir, *, batch_size: int = 65_536, progress: bool = False) -> dict:
-    """Append the rows of another shard directory (same provenance) to an existing index."""
+    """Append the rows of another shard directory (same provenance) to an existing index, or
+    the rows a directory already in the index has gained since (`extract --update`).
+    Returns the index's info, with "added": the vectors added by this call."""
     index_dir = Path(index_dir)
     info = fx.read_info(index_dir)
     features_dir = Path(features_dir).resolve()
@@ -178,22 +180,27 @@ def add_to_index(index_dir, features_dir, *, batch_size: int = 65_536, progress:
             "This index keeps its lists on disk (--on-disk), which FAISS cannot extend efficiently: "
             "rebuild it over all the shard directories instead."
         )
-    if any(s["features"] == str(features_dir) for s in info["sources"]):
-        raise SearchIndexError(f"{features_dir} is already in this index.")
-    index = fx.load(index_dir / fx.INDEX_FILE, mmap=False)
     rows = load_rows(index_dir)
-    source = len(info["sources"])
+    known = [i for i, s in enumerate(info["sources"]) if s["features"] == str(features_dir)]
+    if known:  # catch up with what the directory gained since; its rows already in stay as they are
+        source = known[0]
+        skip = np.unique(rows.row_ids[rows.sources == source])
+    else:
+        source, skip = len(info["sources"]), None
+    index = fx.load(index_dir / fx.INDEX_FILE, mmap=False)
     new_ids, new_paths, new_labels = [], [], []
     # (the total only for the bar: counting reads every shard's footer)
-    bar = progress_bar(desc=f"index add {info['factory']}", unit="vec", enabled=progress,
-                       total=shards.count_rows(features_dir) if progress else None)
-    for x, ids, p, lab in fx.iter_vectors(features_dir, info["metric"], batch_size):
+    total = shards.count_rows(features_dir) - (len(skip) if skip is not None else 0) if progress else None
+    bar = progress_bar(desc=f"index add {info['factory']}", unit="vec", enabled=progress, total=total)
+    for x, ids, p, lab in fx.iter_vectors(features_dir, info["metric"], batch_size, skip_row_ids=skip):
         _add(index, x, bar)
         new_ids.append(ids)
         new_paths.extend(p)
         new_labels.extend(lab)
     bar.close()
     added = sum(len(a) for a in new_ids)
+    if added == 0:
+        return {**info, "added": 0}
     # write to temporaries, then swap both files in: a crash leaves the old index intact
     tmp_index = index_dir / (fx.INDEX_FILE + ".new")
     fx.save(index, tmp_index)
@@ -204,11 +211,15 @@ def add_to_index(index_dir, features_dir, *, batch_size: int = 65_536, progress:
     )
     os.replace(tmp_index, index_dir / fx.INDEX_FILE)
     os.replace(index_dir / (fx.ROWS_FILE + ".new"), index_dir / fx.ROWS_FILE)
-    info["sources"].append({"features": str(features_dir), "root": (shards.read_manifest(features_dir) or {}).get("root"), "rows": added})
+    if known:
+        info["sources"][source]["rows"] += added
+    else:
+        info["sources"].append({"features": str(features_dir), "root": (shards.read_manifest(features_dir) or {}).get("root"),
+                                "rows": added})
     info["num_vectors"] = int(index.ntotal)
     info["index_bytes"] = (index_dir / fx.INDEX_FILE).stat().st_size
     fx.write_info(index_dir, info)
-    return info
+    return {**info, "added": added}
 
 
 def _add(index, x: np.ndarray, bar, step: int = 16_384) -> None:

@@ -136,7 +136,7 @@ def run_ray(plan, out: Path, config, address: str | None, timer) -> tuple[int, i
                         **actor_opts)
     writer = _ShardWriter(out, plan.manifest, config, backbone.dim, plan.metadata)
     by_id = {r.row_id: r for r in plan.pending}
-    bar = _progress(len(plan.records), plan.skipped, config.progress)
+    bar = _progress(len(plan.records), len(plan.records) - len(plan.pending), config.progress)
     embedded = errors = 0
     try:
         with timer("ray"):

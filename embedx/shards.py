@@ -104,6 +104,11 @@ def _atomic_write_table(path: Path, table, compression: str = "zstd", use_dictio
         pq.write_table(table, tmp, compression=compression, use_dictionary=use_dictionary)
 
 
+def write_table(path: Path, table) -> None:
+    """Write a small Parquet table atomically (zstd)."""
+    _atomic_write_table(Path(path), table)
+
+
 # dictionary-encoded columns of a shard: not the embedding (float values rarely repeat; on real
 # Lite0 features the attempt, abandoned once the dictionary outgrows its page, made writing 512
 # rows 2.3x slower and the file 34 % larger) nor the unique row ids

@@ -125,8 +125,8 @@ def test_index_add_and_provenance_check(tmp_path, capsys):
     idx = SearchIndex(tmp_path / "i")
     [r] = search_ids(idx, [3500], k=1)
     assert r.neighbors[0].row_id == 3500
-    with pytest.raises(SearchIndexError, match="already in this index"):
-        add_to_index(tmp_path / "i", b)
+    again = add_to_index(tmp_path / "i", b)  # nothing new in b: nothing added, nothing counted twice
+    assert again["added"] == 0 and again["num_vectors"] == 4000 and [s["rows"] for s in again["sources"]] == [3000, 1000]
     other = write_features(tmp_path / "c", x[:10, :8].copy())
     with pytest.raises(SearchIndexError, match="extracted differently"):
         add_to_index(tmp_path / "i", other)

@@ -1,0 +1,126 @@
+"""Growing a shard directory: `extract --update` appends the images that are new since the
+runs before, as a new segment of rows, and rewrites nothing.
+
+A shard directory holds one or more segments of row ids. Segment 0 is the first run: row ids
+0..N-1 in listing order, identified by the fingerprint of that listing. Each update appends a
+segment whose row ids start at the next shard boundary, so its rows go into new shards and
+every row id already handed out keeps its meaning. An update's rows are planned once and saved
+to `segments/NNNN.parquet` (row_id, path, file, label) before any of them is embedded: an
+interrupted update resumes the same rows with the same ids, whatever the input holds by then.
+
+An image is new when its path (as the shards write it: relative to the input root) is in no
+shard and not in `errors.parquet`. Rows whose images have gone, or whose label has changed
+since, stay as they are; `diff` counts them so that the caller can say so.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import shards
+from .images import ImageRecord
+
+SEGMENTS_DIR = "segments"
+
+
+def segments(manifest: dict) -> list[dict]:
+    """The segments of a manifest: [{"first_row", "num_images"}, ...] (one for a directory
+    never updated, including those written before segments existed)."""
+    return manifest.get("segments") or [{"first_row": 0, "num_images": manifest["num_images"]}]
+
+
+def shard_rows(segs: list[dict], index: int, shard_size: int) -> int:
+    """How many rows shard `index` holds once complete, given `segments(manifest)`: shards
+    never straddle segments."""
+    start = index * shard_size
+    for seg in segs:
+        end = seg["first_row"] + seg["num_images"]
+        if seg["first_row"] <= start < end:
+            return min(shard_size, end - start)
+    raise ValueError(f"shard {index} is in no segment of this run")
+
+
+def num_shards(manifest: dict, shard_size: int) -> int:
+    last = segments(manifest)[-1]
+    return -(-(last["first_row"] + last["num_images"]) // shard_size)
+
+
+def append(out: Path, manifest: dict, records: list[ImageRecord], shard_size: int) -> list[ImageRecord]:
+    """Plan a new segment for `records` (listing order): give them row ids from the next shard
+    boundary, save the plan, and add the segment to `manifest` (not written here). Returns the
+    records with their new row ids."""
+    segs = segments(manifest)
+    first = num_shards(manifest, shard_size) * shard_size
+    planned = [ImageRecord(first + i, r.path, r.file, r.label) for i, r in enumerate(records)]
+    _write_plan(out, len(segs), planned)
+    manifest["segments"] = [*segs, {"first_row": first, "num_images": len(planned)}]
+    manifest["num_images"] = sum(s["num_images"] for s in manifest["segments"])
+    manifest["num_shards"] = num_shards(manifest, shard_size)
+    manifest["complete"] = False
+    return planned
+
+
+def planned(out: Path, manifest: dict) -> list[ImageRecord]:
+    """The records of the last segment, as planned by `append` (the last one is the only one
+    that can be unfinished)."""
+    import pyarrow.parquet as pq
+
+    segs = segments(manifest)
+    if len(segs) == 1:
+        raise ValueError("segment 0 is planned from the listing, not from a file")
+    path = _plan_path(out, len(segs) - 1)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: the update cannot be resumed. Rerun with --overwrite.")
+    t = pq.read_table(path).to_pydict()
+    return [ImageRecord(*row) for row in zip(t["row_id"], t["path"], t["file"], t["label"])]
+
+
+@dataclass(frozen=True)
+class Diff:
+    """The input against what a shard directory holds already."""
+
+    new: list[ImageRecord]  # in listing order, row ids of the listing (not yet of the directory)
+    known: int  # input images with a row (or an error row) in the directory
+    gone: int  # rows of the directory whose path is no longer in the input
+    relabelled: int  # input images whose label differs from their row's
+
+
+def diff(out: Path, records: list[ImageRecord], also_known: list[ImageRecord] = ()) -> Diff:
+    """Compare the listing with the rows in `out`'s shards and errors (plus `also_known`:
+    the planned rows of an unfinished update). Reads the path and label columns only."""
+    rows: dict[str, str | None] = {}
+    for table in shards.iter_shards(out, columns=["path", "label"]):
+        rows.update(zip(table.column("path").to_pylist(), table.column("label").to_pylist()))
+    errors = shards.read_errors(out)
+    errored = set(errors.column("path").to_pylist()) if errors is not None else set()
+    for r in also_known:
+        rows.setdefault(r.path, r.label)
+    new, relabelled, seen = [], 0, set()
+    for r in records:
+        seen.add(r.path)
+        if r.path in rows:
+            relabelled += rows[r.path] != r.label
+        elif r.path not in errored:  # an error row has no label to compare
+            new.append(r)
+    gone = len((rows.keys() | errored) - seen)
+    return Diff(new, len(records) - len(new), gone, relabelled)
+
+
+def _plan_path(out: Path, index: int) -> Path:
+    return Path(out) / SEGMENTS_DIR / f"{index:04d}.parquet"
+
+
+def _write_plan(out: Path, index: int, records: list[ImageRecord]) -> None:
+    import pyarrow as pa
+
+    path = _plan_path(out, index)
+    os.makedirs(path.parent, exist_ok=True)
+    table = pa.table({
+        "row_id": pa.array([r.row_id for r in records], pa.int64()),
+        "path": pa.array([r.path for r in records], pa.string()),
+        "file": pa.array([r.file for r in records], pa.string()),
+        "label": pa.array([r.label for r in records], pa.string()),
+    })
+    shards.write_table(path, table)
