@@ -41,6 +41,10 @@ def _handle_errors(fn):
     return wrapper
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def _human_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1024 or unit == "TB":
@@ -131,14 +135,14 @@ def extract(
             f"{_human_bytes(r.bytes_written)} in {r.out_dir}"
         )
     if r.num_added:
-        typer.echo(f"Added {r.num_added} new images as new rows; `embedx index add IDX {r.out_dir}` adds them to an index.",
-                   err=True)
+        typer.echo(f"Added {_count(r.num_added, 'new image')} as new rows; `embedx index add IDX {r.out_dir}` adds "
+                   "them to an index built over it.", err=True)
     if r.num_gone or r.num_relabelled:
         kept = []
         if r.num_gone:
-            kept.append(f"{r.num_gone} rows whose images are no longer in the input")
+            kept.append(f"{_count(r.num_gone, 'row')} whose images are no longer in the input")
         if r.num_relabelled:
-            kept.append(f"{r.num_relabelled} rows whose images have another label now")
+            kept.append(f"{_count(r.num_relabelled, 'row')} whose images have another label now")
         typer.echo(f"Kept as they were: {' and '.join(kept)} (--overwrite re-extracts everything).", err=True)
     if r.num_errors:
         typer.echo(f"Unreadable inputs are listed in {Path(r.out_dir) / 'errors.parquet'}", err=True)

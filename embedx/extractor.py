@@ -357,7 +357,7 @@ def _plan_update(out: Path, manifest: dict, listing: ImageListing, config: Extra
     change = segments.diff(out, listing.records, unfinished)
     if change.new and not config.update:
         raise OutputExistsError(
-            f"{len(change.new)} images in the input are not in {out} yet ({change.known} are). Add them with "
+            f"{out} lacks {len(change.new)} of the input's images (it holds the other {change.known}). Add them with "
             "--update (appended as new shards; the rows there stay as they are), or use --overwrite to start over."
         )
     added = []

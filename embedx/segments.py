@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import shards
+from .errors import FeaturesError
 from .images import ImageRecord
 
 SEGMENTS_DIR = "segments"
@@ -65,16 +66,13 @@ def append(out: Path, manifest: dict, records: list[ImageRecord], shard_size: in
 def planned(out: Path, manifest: dict) -> list[ImageRecord]:
     """The records of the last segment, as planned by `append` (the last one is the only one
     that can be unfinished)."""
-    import pyarrow.parquet as pq
-
     segs = segments(manifest)
     if len(segs) == 1:
         raise ValueError("segment 0 is planned from the listing, not from a file")
     path = _plan_path(out, len(segs) - 1)
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: the update cannot be resumed. Rerun with --overwrite.")
-    t = pq.read_table(path).to_pydict()
-    return [ImageRecord(*row) for row in zip(t["row_id"], t["path"], t["file"], t["label"])]
+        raise FeaturesError(f"{path} is missing: the unfinished update cannot be resumed. Rerun with --overwrite.")
+    return [ImageRecord(*row) for row in zip(*shards.read_plan(path))]
 
 
 @dataclass(frozen=True)
@@ -113,14 +111,7 @@ def _plan_path(out: Path, index: int) -> Path:
 
 
 def _write_plan(out: Path, index: int, records: list[ImageRecord]) -> None:
-    import pyarrow as pa
-
     path = _plan_path(out, index)
     os.makedirs(path.parent, exist_ok=True)
-    table = pa.table({
-        "row_id": pa.array([r.row_id for r in records], pa.int64()),
-        "path": pa.array([r.path for r in records], pa.string()),
-        "file": pa.array([r.file for r in records], pa.string()),
-        "label": pa.array([r.label for r in records], pa.string()),
-    })
-    shards.write_table(path, table)
+    shards.write_plan(path, [r.row_id for r in records], [r.path for r in records], [r.file for r in records],
+                      [r.label for r in records])

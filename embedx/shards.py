@@ -7,6 +7,7 @@ A shard directory holds::
                            schema metadata key "embedx" = JSON provenance
     errors.parquet         path, error, message: inputs that could not be embedded
     manifest.json          completed shards with row counts and errors, plus the config
+    segments/NNNN.parquet  the rows planned by each `extract --update` (see `segments`)
     .lock                  held (flock) while a process writes
 
 Every file is written to a temporary name and renamed into place, so a killed run
@@ -104,9 +105,21 @@ def _atomic_write_table(path: Path, table, compression: str = "zstd", use_dictio
         pq.write_table(table, tmp, compression=compression, use_dictionary=use_dictionary)
 
 
-def write_table(path: Path, table) -> None:
-    """Write a small Parquet table atomically (zstd)."""
-    _atomic_write_table(Path(path), table)
+def write_plan(path: Path, row_ids: list[int], paths: list[str], files: list[str], labels: list[str | None]) -> None:
+    """The planned rows of an update (`segments`): row_id, path, file, label."""
+    import pyarrow as pa
+
+    _atomic_write_table(Path(path), pa.table({
+        "row_id": pa.array(row_ids, pa.int64()), "path": pa.array(paths, pa.string()),
+        "file": pa.array(files, pa.string()), "label": pa.array(labels, pa.string()),
+    }))
+
+
+def read_plan(path: Path) -> tuple[list[int], list[str], list[str], list[str | None]]:
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(path).to_pydict()
+    return t["row_id"], t["path"], t["file"], t["label"]
 
 
 # dictionary-encoded columns of a shard: not the embedding (float values rarely repeat; on real

@@ -27,6 +27,7 @@ def describe(directory: str | os.PathLike) -> dict:
         "shards": len(files),
         "complete": bool(manifest.get("complete", False)),
         "num_images": manifest.get("num_images", rows),
+        "updates": len(manifest.get("segments") or [None]) - 1,  # extract --update runs that added rows
         "dim": meta.get("dim"),
         "dtype": meta.get("dtype"),
         "model": meta.get("model"),

@@ -54,6 +54,19 @@ def test_cli_extract_says_what_it_left_out_and_when_nothing_is_left(tiny_dir, tm
     assert again.exit_code == 0, again.output
     assert "Nothing to do: all 2 images were done by an earlier run (2 embedded, 0 errors;" in again.output
     assert "img/s" not in again.output
+    # the folder grows by one and loses one: refused without --update, which adds only the new one
+    (src / sorted(tiny_dir.rglob("*.jpg"))[0].name).unlink()
+    new = sorted(tiny_dir.rglob("*.jpg"))[2]
+    shutil.copy(new, src / new.name)
+    args = ["extract", str(src), "--out", str(tmp_path / "f"), "--num-workers", "0", "--no-progress"]
+    refused = runner.invoke(app, args)
+    assert refused.exit_code != 0 and "lacks 1 of the input's images (it holds the other 1)" in refused.output
+    assert "Add them with --update" in refused.output and "Traceback" not in refused.output
+    grown = runner.invoke(app, [*args, "--update"])
+    assert grown.exit_code == 0, grown.output
+    assert "3 embedded, 0 errors (2 done by an earlier run)" in grown.output
+    assert "Added 1 new image as new rows; `embedx index add IDX" in grown.output
+    assert "Kept as they were: 1 row whose images are no longer in the input" in grown.output
 
 
 def test_cli_extract_then_info(tiny_dir, tmp_path):

@@ -51,7 +51,7 @@ def test_update_embeds_only_new_images_into_new_shards(tiny_dir, tmp_path, backb
     later = [n for n in names if n not in first][:7]
     _copy(tiny_dir, src, later)
     (src / first[3]).unlink()
-    with pytest.raises(OutputExistsError, match=r"7 images in the input are not in .* yet \(9 are\).*--update"):
+    with pytest.raises(OutputExistsError, match=r"lacks 7 of the input's images \(it holds the other 9\).*--update"):
         extract(src, out, _cfg(), backbone=backbone)
     assert _shard_bytes(out) == before  # the refusal wrote nothing
 
@@ -73,6 +73,10 @@ def test_update_embeds_only_new_images_into_new_shards(tiny_dir, tmp_path, backb
     at = {p: i for i, p in enumerate(ref.paths)}
     np.testing.assert_allclose(f.embeddings[10:], ref.embeddings[[at[p] for p in new_paths]], rtol=1e-5, atol=1e-5)
     assert embedx.shards.read_manifest(out)["complete"]
+    from embedx.summary import describe
+
+    d = describe(out)
+    assert (d["rows"], d["num_images"], d["updates"], d["shards"], d["complete"]) == (17, 17, 1, 5, True)
 
     # reruns: with or without --update, nothing new, nothing done, no error
     for update in (True, False):
