@@ -122,3 +122,45 @@ def test_several_devices_with_random_weights_build_one_network(tiny_dir, tmp_pat
     two = embedx.read_features(tmp_path / "two")
     assert two.metadata["data_config"]["input_size"] == [3, 96, 96] and two.metadata["pooling"] == "avgmax"
     _same(two, embedx.read_features(tmp_path / "one"))
+
+
+def _grown(tiny_dir, tmp_path, backbone):
+    """A folder with 12 of tiny_dir's images, embedded locally into base/, then grown to all 24;
+    returns (folder, base, the local engine's --update result)."""
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_dir, src)
+    later = sorted(src.rglob("*.*"))[1::2]
+    held = tmp_path / "held"
+    for p in later:
+        (held / p.relative_to(src)).parent.mkdir(parents=True, exist_ok=True)
+        p.rename(held / p.relative_to(src))
+    extract(src, tmp_path / "base", ExtractConfig(**CFG), backbone=backbone)
+    shutil.copytree(held, src, dirs_exist_ok=True)
+    shutil.copytree(tmp_path / "base", tmp_path / "local")
+    r = extract(src, tmp_path / "local", ExtractConfig(**CFG, update=True), backbone=backbone)
+    assert r.num_added == 12 and r.num_embedded == 24
+    return src, tmp_path / "base", embedx.read_features(tmp_path / "local")
+
+
+@pytest.mark.ray
+def test_ray_engine_update_writes_what_the_local_engine_writes(ray_cluster, tiny_dir, tmp_path, backbone):
+    import shutil
+
+    src, base, ref = _grown(tiny_dir, tmp_path, backbone)
+    shutil.copytree(base, tmp_path / "ray")
+    r = extract(src, tmp_path / "ray", ExtractConfig(**CFG, update=True), backbone=backbone, engine="ray")
+    assert (r.num_added, r.num_embedded, r.num_skipped) == (12, 24, 12)
+    _same(embedx.read_features(tmp_path / "ray"), ref)
+    assert ref.row_ids.tolist() == list(range(12)) + list(range(15, 27))  # after shard 2's boundary
+
+
+def test_several_devices_update_writes_what_one_writes(tiny_dir, tmp_path, backbone):
+    import shutil
+
+    src, base, ref = _grown(tiny_dir, tmp_path, backbone)
+    shutil.copytree(base, tmp_path / "dev")
+    r = extract(src, tmp_path / "dev", ExtractConfig(**CFG, update=True), devices=["cpu", "cpu"])
+    assert (r.num_added, r.num_embedded, r.num_skipped) == (12, 24, 12)
+    _same(embedx.read_features(tmp_path / "dev"), ref)
