@@ -447,6 +447,52 @@ def _print_results(results, fmt: str) -> None:
 
 @app.command()
 @_handle_errors
+def serve(
+    index_dir: Path = typer.Argument(..., help="An index directory from `embedx index`."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0: every interface; there is no authentication)."),
+    port: int = typer.Option(8000, help="Port to listen on (0: a free one, printed)."),
+    images: bool = typer.Option(True, "--images/--no-images", help="Load the index's backbone for image queries (--no-images: vectors and ids only)."),
+    weights: Optional[str] = typer.Option(None, help="Where to find the index's backbone weights, if they moved."),
+    device: str = typer.Option("auto", help="Device to embed query images on."),
+):
+    """Serve an index over HTTP: JSON queries by vector, row id or image, with the index and the
+    backbone loaded once. GET / says what is served; POST /search takes {"vectors": [[...]]},
+    {"ids": [...]} or {"images": [base64, ...]} with "k" and "labels"; POST /search/image takes
+    one image file as the body. Answers are JSON, as `embedx search --format json`.
+
+    Examples:
+
+    \b
+        embedx serve idx/ --port 8000
+        curl -s localhost:8000/search -d '{"ids": [42], "k": 5, "labels": ["cat"]}'
+        curl -s --data-binary @query.jpg 'localhost:8000/search/image?k=5'
+    """
+    import logging
+
+    from .serve import SearchService, make_server
+
+    service = SearchService.open(index_dir, weights=weights, device=device, images=images)
+    server = make_server(service, host, port)
+    access = logging.getLogger("embedx.serve")
+    if not access.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        access.addHandler(handler)
+        access.setLevel(logging.INFO)
+    d = service.describe()
+    h, p = server.server_address[:2]
+    typer.echo(f"Serving {index_dir} ({d['rows']} rows, {d['factory']}, {d['model']}; image queries "
+               f"{'on' if d['images'] else 'off'}) on http://{h}:{p}  (Ctrl-C stops)", err=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        typer.echo("stopped", err=True)
+    finally:
+        server.server_close()
+
+
+@app.command()
+@_handle_errors
 def dedup(
     index_dir: Path = typer.Argument(..., help="An index directory from `embedx index`."),
     threshold: float = typer.Option(0.95, help="Similarity at or above which images are duplicates (l2: distance at or below)."),

@@ -210,23 +210,51 @@ def search_ids(idx: SearchIndex, row_ids: list[int], k: int = 10, exclude_self: 
                       labels=labels)
 
 
+class QueryEncoder:
+    """Embeds query images as an index's features were made: its backbone and weights (sha256
+    checked), preprocessing, pooling, precision, normalisation and decode path. Built once, it
+    serves many queries (`embedx serve` keeps one).
+
+    Args:
+        provenance: the index's (or the shards') `embedx` metadata.
+        weights: where the backbone's weights are, if they moved (their sha256 must match).
+        device: where to embed the queries.
+        backbone: an already-loaded backbone as the provenance records it (tests, notebooks).
+    """
+
+    def __init__(self, provenance: dict, *, weights: str | None = None, device: str = "auto", backbone=None):
+        from .backbone import load_backbone_for
+
+        self.provenance = provenance
+        self.backbone = backbone if backbone is not None else load_backbone_for(provenance, weights)
+        self.device = device
+
+    def embed(self, files: list[str]):
+        """An `EmbeddedFiles`: the rows of the files that decoded, and why the others did not."""
+        from .extractor import embed_files
+
+        prov = self.provenance
+        return embed_files(files, self.backbone, device=self.device, precision=_query_precision(prov, self.device),
+                           normalize=bool(prov.get("normalized")),
+                           fast_decode=prov.get("decode", "pil-draft").startswith("pil-draft"))
+
+
 def search_images(idx: SearchIndex, inputs: list[str], k: int = 10, exclude_self: bool = False, *,
-                  weights: str | None = None, device: str = "auto",
-                  labels: Collection[str] | None = None) -> tuple[list[SearchResult], list[tuple[str, str]]]:
+                  weights: str | None = None, device: str = "auto", labels: Collection[str] | None = None,
+                  encoder: QueryEncoder | None = None) -> tuple[list[SearchResult], list[tuple[str, str]]]:
     """Embed query images with the index's own backbone and search them.
+
+    Args:
+        encoder: reuse a loaded `QueryEncoder` (else one is built from `weights` and `device`).
 
     Returns:
         (results, failures): one result per decodable image; (file, reason) per failure.
     """
-    from .backbone import load_backbone_for
-    from .extractor import embed_files
     from .images import list_images
 
     files = [r.file for r in list_images(inputs, labels="none").records]
-    backbone = load_backbone_for(idx.provenance, weights)
-    prov = idx.provenance
-    emb = embed_files(files, backbone, device=device, precision=_query_precision(prov, device),
-                      normalize=bool(prov.get("normalized")), fast_decode=prov.get("decode", "pil-draft").startswith("pil-draft"))
+    encoder = encoder or QueryEncoder(idx.provenance, weights=weights, device=device)
+    emb = encoder.embed(files)
     ok_files = [f for f, ok in zip(files, emb.ok) if ok]
     failures = [(f, f"{e[0]}: {e[1]}") for f, ok, e in zip(files, emb.ok, emb.errors) if not ok]
     if not ok_files:

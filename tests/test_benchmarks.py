@@ -119,3 +119,9 @@ def test_bench_archive_quick(tmp_path):
     assert r["images"] >= 16 and r["archive_bytes"] > 0
     assert set(r["rounds"]) == {"list_folder_us", "list_archive_us", "decode_folder_ms", "decode_archive_ms"}
     assert r["decode_archive_over_folder"] > 0 and r["listing_archive_over_folder"] > 0
+
+
+def test_bench_serve_quick(tmp_path):
+    r = run("bench_serve.py", tmp_path, "--cache", str(tmp_path / "cache"))
+    assert r["images"] >= 16 and len(r["runs"]["serve_image_ms"]) == 5 and len(r["runs"]["cli_image_s"]) == 1
+    assert r["cli_over_serve_image"] > 0 and r["serve_startup_s"] > 0

@@ -1,0 +1,124 @@
+"""Query latency: `embedx serve` (index and backbone loaded once) vs `embedx search` (a fresh
+process per query, as a script calling the CLI runs it), side by side in one run.
+
+On an index (Flat) over real-photo JPEGs (~500x375, scikit-image's photos varied with a fixed
+seed, as bench_extract.py) embedded with the default model, reports:
+
+1. cli_image_s    - `embedx search IDX query.jpg -k 10 --format json`, wall time per call;
+2. serve_image_ms - POST /search/image?k=10 with the same JPEG to a running `embedx serve`,
+                    median over --queries sequential requests (different photos);
+3. serve_id_ms    - POST /search {"ids": [...], "k": 10} likewise (no model);
+
+and cli_image_s / serve_image_ms: how many times faster an image query gets once the server is up.
+The server's own start-up (imports, loading the index and the backbone) is reported apart.
+
+    python benchmarks/bench_serve.py --images 256
+    python benchmarks/bench_serve.py --quick        # a smoke run (the test suite uses it)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from _results import write_result
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _post(url: str, data: bytes) -> dict:
+    with urllib.request.urlopen(urllib.request.Request(url, data=data, method="POST"), timeout=120) as r:
+        return json.loads(r.read())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=256, help="JPEGs in the index")
+    ap.add_argument("--queries", type=int, default=50, help="sequential requests to the server, per kind")
+    ap.add_argument("--cli-calls", type=int, default=3, help="`embedx search` processes")
+    ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "embedx-bench")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    if args.quick:
+        args.images, args.queries, args.cli_calls = 16, 5, 1
+
+    import embedx
+    from bench_extract import photo_folder
+    from embedx.extractor import ExtractConfig, extract
+    from embedx.index import IndexConfig
+    from embedx.indexer import build_index
+
+    folder = photo_folder(args.images, args.cache)
+    work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    extract(folder, work / "f", ExtractConfig(progress=False))
+    build_index(work / "f", work / "idx", IndexConfig(factory="Flat", num_queries=min(100, args.images // 2)))
+    feats = embedx.read_features(work / "f")
+    files = [folder / p for p in feats.paths]
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    embedx_cmd = [sys.executable, "-m", "embedx"]
+
+    cli = []
+    for i in range(args.cli_calls):
+        t = time.perf_counter()
+        subprocess.run([*embedx_cmd, "search", str(work / "idx"), str(files[i % len(files)]), "-k", "10",
+                        "--format", "json"], check=True, env=env, stdout=subprocess.DEVNULL)
+        cli.append(time.perf_counter() - t)
+
+    t = time.perf_counter()
+    proc = subprocess.Popen([*embedx_cmd, "serve", str(work / "idx"), "--port", "0"], env=env,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stderr.readline()
+        startup = time.perf_counter() - t
+        m = re.search(r"on (http://[\d.]+:\d+)", line)
+        if not m:
+            raise SystemExit(f"the server did not start: {line}{proc.stderr.read()}")
+        url = m.group(1)
+        _post(url + "/search/image?k=10", files[0].read_bytes())  # warm-up (first forward pass)
+        image_ms, id_ms = [], []
+        for i in range(args.queries):
+            blob = files[i % len(files)].read_bytes()
+            t = time.perf_counter()
+            got = _post(url + "/search/image?k=10", blob)
+            image_ms.append((time.perf_counter() - t) * 1e3)
+            assert got["results"][0]["results"][0]["path"] == feats.paths[i % len(files)], got
+            body = json.dumps({"ids": [int(feats.row_ids[i % len(files)])], "k": 10}).encode()
+            t = time.perf_counter()
+            _post(url + "/search", body)
+            id_ms.append((time.perf_counter() - t) * 1e3)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+    med = {"cli_image_s": statistics.median(cli), "serve_image_ms": statistics.median(image_ms),
+           "serve_id_ms": statistics.median(id_ms)}
+    result = {
+        "images": len(feats),
+        "medians": med,
+        "cli_over_serve_image": med["cli_image_s"] * 1e3 / med["serve_image_ms"],
+        "serve_startup_s": startup,
+        "runs": {"cli_image_s": cli, "serve_image_ms": image_ms, "serve_id_ms": id_ms},
+        "env": {"python": platform.python_version(), "cpus": os.cpu_count()},
+        "command": "python benchmarks/bench_serve.py" + (" --quick" if args.quick else f" --images {args.images}"),
+    }
+    print(f"{len(feats)} photos, Flat index, default model; image query = one ~500x375 JPEG")
+    print(f"  embedx search (a process per query): {med['cli_image_s']:.2f} s")
+    print(f"  embedx serve, image: {med['serve_image_ms']:.1f} ms   id: {med['serve_id_ms']:.1f} ms   "
+          f"(started in {startup:.1f} s)")
+    print(f"  image query, search/serve: {result['cli_over_serve_image']:.0f}x")
+    write_result(result, "serve", args.quick, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,224 @@
+"""`embedx serve`: an index behind a small HTTP/JSON service (standard library only), with the
+index and the backbone for image queries loaded once instead of on every `embedx search`.
+
+    GET  /              what is served: rows, dim, metric, factory, model, whether images work
+    POST /search        JSON: one of {"vectors": [[...], ...]}, {"ids": [42, ...]} or
+                        {"images": ["<base64 of an image file>", ...]}, plus optional "k" (10),
+                        "labels" (["cat", ...]: neighbours with one of them) and, for ids,
+                        "exclude_self"
+    POST /search/image  one image file as the request body (`curl --data-binary @q.jpg`), with
+                        ?k=5&label=cat in the URL
+
+Answers: {"results": [{"query": ..., "results": [{"rank", "row_id", "path", "score", "label"}]}],
+"failures": [{"query": ..., "error": ...}]} (images that could not be decoded). A bad request
+gets status 400 and {"error": "what is wrong and what to send"}.
+
+Searches run concurrently (one thread per request; FAISS searches are thread-safe); the
+backbone embeds one request's images at a time.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import tempfile
+import threading
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import numpy as np
+
+from .errors import EmbedxError, InputError
+from .query import QueryEncoder, SearchIndex, SearchResult, search_ids
+
+log = logging.getLogger(__name__)
+
+#: request bodies larger than this are refused (413): a few dozen photos, base64-encoded
+MAX_BODY_BYTES = 64 * 2**20
+#: and so are more queries than this in one request
+MAX_QUERIES = 1024
+
+
+class SearchService:
+    """What the server answers with, apart from HTTP: usable on its own.
+
+    Args:
+        idx: a loaded index.
+        encoder: embeds image queries, or None when image queries cannot be served.
+        no_images: why image queries cannot be served (said to whoever sends one).
+    """
+
+    def __init__(self, idx: SearchIndex, encoder: QueryEncoder | None, no_images: str | None = None):
+        self.idx = idx
+        self.encoder = encoder
+        self.no_images = no_images or "image queries are not served here"
+        self._model_lock = threading.Lock()
+
+    @classmethod
+    def open(cls, index_dir, *, weights: str | None = None, device: str = "auto", images: bool = True) -> "SearchService":
+        """Load an index directory and, with `images`, its backbone. A backbone that cannot be
+        rebuilt (weights moved, random weights) leaves image queries off, with the reason
+        logged and given to each image query; vectors and ids are still served."""
+        idx = SearchIndex(index_dir)
+        if not images:
+            return cls(idx, None, "image queries are off on this server (started with --no-images)")
+        try:
+            return cls(idx, QueryEncoder(idx.provenance, weights=weights, device=device))
+        except EmbedxError as e:
+            log.warning("image queries are off: %s", e)
+            return cls(idx, None, f"image queries are off on this server: {e}")
+
+    def describe(self) -> dict:
+        info, prov = self.idx.info, self.idx.provenance
+        return {
+            "index": str(self.idx.directory), "rows": len(self.idx), "dim": info["dim"], "metric": info["metric"],
+            "factory": info["factory"], "model": prov.get("model"), "images": self.encoder is not None,
+            "labels": len({lab for lab in self.idx.rows.labels if lab is not None}),
+        }
+
+    def search(self, request: dict) -> dict:
+        """Answer a /search request (see the module docstring)."""
+        if not isinstance(request, dict):
+            raise InputError('send a JSON object, e.g. {"vectors": [[0.1, ...]], "k": 10}')
+        unknown = set(request) - {"vectors", "ids", "images", "k", "labels", "exclude_self"}
+        if unknown:
+            raise InputError(f"unknown fields {sorted(unknown)}: the request takes vectors, ids or images, "
+                             "and k, labels, exclude_self")
+        kinds = [kind for kind in ("vectors", "ids", "images") if kind in request]
+        if len(kinds) != 1:
+            raise InputError('give exactly one of "vectors", "ids" or "images"')
+        kind, queries = kinds[0], request[kinds[0]]
+        if not isinstance(queries, list) or not queries:
+            raise InputError(f'"{kind}" must be a non-empty list')
+        if len(queries) > MAX_QUERIES:
+            raise InputError(f"at most {MAX_QUERIES} queries a request, not {len(queries)}")
+        k, labels = _k(request.get("k", 10)), _labels(request.get("labels"))
+        exclude_self = request.get("exclude_self", False)
+        if not isinstance(exclude_self, bool):
+            raise InputError('"exclude_self" must be true or false')
+        if exclude_self and kind != "ids":
+            raise InputError('"exclude_self" applies to "ids" queries (a vector or an upload is in no row)')
+        if kind == "vectors":
+            try:
+                xq = np.asarray(queries, dtype=np.float32)
+            except (TypeError, ValueError):
+                raise InputError('"vectors" must be a list of lists of numbers, all of the same length') from None
+            if xq.ndim != 2:
+                raise InputError('"vectors" must be a list of lists of numbers, all of the same length')
+            return _answer(self.idx.search(xq, k, names=[f"vector:{i}" for i in range(len(xq))], labels=labels))
+        if kind == "ids":
+            if not all(isinstance(i, int) and not isinstance(i, bool) for i in queries):
+                raise InputError('"ids" must be a list of integer row ids')
+            return _answer(search_ids(self.idx, queries, k, exclude_self, labels=labels))
+        blobs = []
+        for i, text in enumerate(queries):
+            try:
+                blobs.append(base64.b64decode(text, validate=True))
+            except (binascii.Error, TypeError, ValueError):
+                raise InputError(f'"images"[{i}] is not base64 (send each image file base64-encoded)') from None
+        return self.search_images(blobs, k, labels)
+
+    def search_images(self, blobs: list[bytes], k: int = 10, labels: list[str] | None = None) -> dict:
+        """Embed image files given as bytes with the index's backbone and search them."""
+        if self.encoder is None:
+            raise InputError(self.no_images + "; query by vectors or ids")
+        with tempfile.TemporaryDirectory(prefix="embedx-serve-") as tmp:
+            files = []
+            for i, blob in enumerate(blobs):
+                f = Path(tmp) / f"image-{i}"
+                f.write_bytes(blob)
+                files.append(str(f))
+            with self._model_lock:
+                emb = self.encoder.embed(files)
+        names = [f"image:{i}" for i in range(len(blobs))]
+        ok = [n for n, good in zip(names, emb.ok) if good]
+        failures = [{"query": n, "error": f"{e[0]}: {e[1]}"} for n, good, e in zip(names, emb.ok, emb.errors) if not good]
+        results = self.idx.search(emb.embeddings, k, names=ok, labels=labels) if ok else []
+        return _answer(results, failures)
+
+
+def _k(value) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise InputError(f'"k" must be a positive integer, not {value!r}')
+    return value
+
+
+def _labels(value) -> list[str] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise InputError('"labels" must be a list of strings')
+    return value or None
+
+
+def _answer(results: list[SearchResult], failures: list[dict] | None = None) -> dict:
+    return {"results": [r.to_dict() for r in results], "failures": failures or []}
+
+
+def make_server(service: SearchService, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
+    """An HTTP server for `service` (not started: call `serve_forever`; port 0 picks a free one,
+    see `server.server_address`)."""
+
+    class Handler(BaseHTTPRequestHandler):
+        server_version = "embedx"
+
+        def do_GET(self):
+            if urlsplit(self.path).path in ("/", "/health"):
+                return self._reply(HTTPStatus.OK, service.describe())
+            self._reply(HTTPStatus.NOT_FOUND, {"error": "GET / says what is served; queries go to POST /search"})
+
+        def do_POST(self):
+            url = urlsplit(self.path)
+            if url.path not in ("/search", "/search/image"):
+                return self._reply(HTTPStatus.NOT_FOUND, {"error": "POST /search (JSON) or /search/image (an image file)"})
+            try:
+                length = int(self.headers.get("Content-Length") or -1)
+            except ValueError:
+                length = -1
+            if length < 0:
+                return self._reply(HTTPStatus.LENGTH_REQUIRED, {"error": "send a Content-Length header"})
+            if length > MAX_BODY_BYTES:
+                return self._reply(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                                   {"error": f"the body is {length} bytes; at most {MAX_BODY_BYTES} a request"})
+            body = self.rfile.read(length)
+            try:
+                if url.path == "/search":
+                    try:
+                        request = json.loads(body)
+                    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                        raise InputError(f"the body is not JSON ({e})") from None
+                    answer = service.search(request)
+                else:
+                    if not body:
+                        raise InputError("send the image file as the request body (curl --data-binary @query.jpg)")
+                    params = parse_qs(url.query)
+                    try:
+                        k = int(params.get("k", ["10"])[-1])
+                    except ValueError:
+                        raise InputError(f"k must be an integer, not {params['k'][-1]!r}") from None
+                    answer = service.search_images([body], _k(k), params.get("label"))
+            except EmbedxError as e:
+                return self._reply(HTTPStatus.BAD_REQUEST, {"error": str(e)})
+            except Exception as e:  # a bug: keep serving, say so, log the traceback
+                log.exception("error answering %s", self.path)
+                return self._reply(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"internal error: {e!r}"})
+            self._reply(HTTPStatus.OK, answer)
+
+        def _reply(self, status: HTTPStatus, payload: dict) -> None:
+            data = json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, format, *args):  # noqa: A002 (the base class's name)
+            log.info("%s %s", self.address_string(), format % args)
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    server.daemon_threads = True
+    return server

@@ -1,0 +1,145 @@
+"""`embedx serve`: the HTTP service answers as the library does, on real photos and weights."""
+
+import base64
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+import embedx
+from embedx.extractor import ExtractConfig, extract
+from embedx.index import IndexConfig
+from embedx.indexer import build_index
+from embedx.query import QueryEncoder, SearchIndex, search_ids, search_images
+from embedx.serve import SearchService, make_server
+
+
+@pytest.fixture(scope="module")
+def served(photo_dir, tmp_path_factory, backbone):
+    tmp = tmp_path_factory.mktemp("serve")
+    extract(photo_dir, tmp / "f", ExtractConfig(progress=False, num_workers=0), backbone=backbone)
+    build_index(tmp / "f", tmp / "idx", IndexConfig(factory="Flat", num_queries=5))
+    idx = SearchIndex(tmp / "idx")
+    service = SearchService(idx, QueryEncoder(idx.provenance, backbone=backbone, device="cpu"))
+    server = make_server(service, "127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    host, port = server.server_address[:2]
+    yield f"http://{host}:{port}", idx, embedx.read_features(tmp / "f")
+    server.shutdown()
+    server.server_close()
+
+
+def _call(url, body=None, *, raw=False):
+    data = body if raw or body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET")
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_vectors_ids_and_labels_answer_as_the_library(served):
+    url, idx, feats = served
+    status, info = _call(url + "/")
+    assert status == 200 and info["rows"] == len(feats) and info["images"] and info["model"] == "tf_efficientnet_lite0"
+    status, got = _call(url + "/search", {"vectors": feats.embeddings[:2].tolist(), "k": 3})
+    assert status == 200 and got["failures"] == []
+    want = [r.to_dict() for r in idx.search(feats.embeddings[:2], 3, names=["vector:0", "vector:1"])]
+    assert got["results"] == want and got["results"][0]["results"][0]["row_id"] == int(feats.row_ids[0])
+    label = feats.labels[3]
+    status, got = _call(url + "/search", {"ids": [int(feats.row_ids[0])], "k": 2, "exclude_self": True, "labels": [label]})
+    want = [r.to_dict() for r in search_ids(idx, [int(feats.row_ids[0])], 2, True, labels=[label])]
+    assert status == 200 and got["results"] == want
+    assert {n["label"] for n in got["results"][0]["results"]} == {label}
+
+
+def test_image_queries_find_their_own_photo(served, photo_dir):
+    url, idx, feats = served
+    path = feats.paths[1]
+    blob = (photo_dir / path).read_bytes()
+    status, got = _call(url + "/search/image?k=2", blob, raw=True)
+    assert status == 200, got
+    [result] = got["results"]
+    assert result["query"] == "image:0" and result["results"][0]["path"] == path
+    assert result["results"][0]["score"] > 0.999  # the photo itself, embedded as the index was
+    lib, _ = search_images(idx, [str(photo_dir / path)], k=2, device="cpu")
+    assert [n["row_id"] for n in result["results"]] == [n.row_id for n in lib[0].neighbors]
+    # several at once, base64 in JSON; one is not an image: it is a failure, the others answer
+    other = (photo_dir / feats.paths[2]).read_bytes()
+    images = [base64.b64encode(b).decode() for b in (blob, b"not an image", other)]
+    status, got = _call(url + "/search", {"images": images, "k": 1})
+    assert status == 200
+    assert [r["query"] for r in got["results"]] == ["image:0", "image:2"]
+    assert [r["results"][0]["path"] for r in got["results"]] == [path, feats.paths[2]]
+    assert [f["query"] for f in got["failures"]] == ["image:1"] and got["failures"][0]["error"]
+
+
+def test_bad_requests_get_400_with_what_to_send(served):
+    url, idx, feats = served
+    cases = [
+        (b"{not json", "not JSON"),
+        ({"vectors": [[0.1, 0.2]]}, "dimension 2"),
+        ({"ids": [10**9]}, "not in this index"),
+        ({"ids": [0], "vector": [1]}, "unknown fields"),
+        ({"ids": [0], "vectors": [[1.0]]}, "exactly one of"),
+        ({"ids": [0], "k": 0}, "positive integer"),
+        ({"ids": ["a"]}, "integer row ids"),
+        ({"images": ["%%%"]}, "not base64"),
+        ({"vectors": feats.embeddings[:1].tolist(), "exclude_self": True}, "applies to \"ids\""),
+        ({"ids": [0], "labels": ["no-such-label"]}, "No indexed row has the label"),
+    ]
+    for body, message in cases:
+        status, got = _call(url + "/search", body, raw=isinstance(body, bytes))
+        assert status == 400 and message in got["error"], (body, got)
+    status, got = _call(url + "/search/image", b"", raw=True)
+    assert status == 400 and "--data-binary" in got["error"]
+    status, got = _call(url + "/nowhere")
+    assert status == 404 and "POST /search" in got["error"]
+
+
+def test_concurrent_requests_each_get_their_own_answer(served):
+    url, idx, feats = served
+    n = len(feats)
+
+    def ask(i):
+        return _call(url + "/search", {"vectors": [feats.embeddings[i % n].tolist()], "k": 1})
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(ask, range(32)))
+    assert all(status == 200 for status, _ in answers)
+    assert [got["results"][0]["results"][0]["row_id"] for _, got in answers] == [int(feats.row_ids[i % n]) for i in range(32)]
+
+
+def test_service_without_a_backbone_says_why_image_queries_fail(served):
+    _, idx, _ = served
+    service = SearchService(idx, None, "image queries are off on this server (started with --no-images)")
+    with pytest.raises(embedx.errors.InputError, match="--no-images.*query by vectors or ids"):
+        service.search({"images": [base64.b64encode(b"x").decode()]})
+
+
+def test_cli_serve_starts_answers_and_stops(served):
+    _, idx, feats = served
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen([sys.executable, "-m", "embedx", "serve", str(idx.directory), "--port", "0", "--no-images"],
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = proc.stderr.readline()
+        m = re.search(r"on (http://[\d.]+:\d+)", line)
+        assert m and "image queries off" in line, line
+        status, info = _call(m.group(1) + "/")
+        assert status == 200 and info["rows"] == len(feats) and not info["images"]
+        status, got = _call(m.group(1) + "/search", {"ids": [int(feats.row_ids[0])], "k": 1})
+        assert status == 200 and got["results"][0]["results"][0]["row_id"] == int(feats.row_ids[0])
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
