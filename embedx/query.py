@@ -99,16 +99,18 @@ class SearchIndex:
         return found[0]
 
     def vectors_for(self, positions: list[int]) -> np.ndarray:
-        """Stored vectors of indexed rows, read back from their feature shards."""
+        """Stored vectors of indexed rows, read back from their feature shards (only the shards
+        that hold them, where the directory says which)."""
         from . import shards
 
         out = np.empty((len(positions), self.info["dim"]), np.float32)
+        found = np.zeros(len(positions), bool)
         want: dict[int, dict[int, list[int]]] = {}
         for i, pos in enumerate(positions):
             want.setdefault(int(self.rows.sources[pos]), {}).setdefault(int(self.rows.row_ids[pos]), []).append(i)
         for source, by_id in want.items():
             features = self.info["sources"][source]["features"]
-            for table in shards.iter_shards(features, columns=["row_id", "embedding"]):
+            for table in shards.iter_shards(features, columns=["row_id", "embedding"], row_ids=by_id):
                 ids = table.column("row_id").to_numpy()
                 hit = np.nonzero(np.isin(ids, list(by_id)))[0]
                 if len(hit):
@@ -116,6 +118,11 @@ class SearchIndex:
                     for h in hit:
                         for i in by_id[int(ids[h])]:
                             out[i] = emb[h]
+                            found[i] = True
+        if not found.all():
+            missing = [int(self.rows.row_ids[positions[i]]) for i in np.nonzero(~found)[0][:5]]
+            raise SearchIndexError(f"Row ids {missing} are no longer in their feature shards (they changed after the "
+                                   "index was built): rebuild the index.")
         return fx.prepare(out, self.metric)
 
     def check_vectors(self, xq: np.ndarray) -> np.ndarray:

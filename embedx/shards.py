@@ -280,6 +280,18 @@ def shard_files(directory: str | os.PathLike) -> list[Path]:
     return sorted(directory.glob("part-*.parquet"))
 
 
+def files_for_rows(directory: str | os.PathLike, row_ids) -> list[Path]:
+    """The completed shards that can hold these row ids: row id // shard_size names the shard in
+    a directory `extract` wrote (updates included); every shard where that is unknown."""
+    manifest = read_manifest(directory)
+    size = ((manifest or {}).get("config") or {}).get("shard_size")
+    if not size:
+        return shard_files(directory)
+    wanted = {int(r) // size for r in row_ids}
+    return [Path(directory) / s["file"] for s in sorted(manifest.get("shards", []), key=lambda s: s["index"])
+            if s["index"] in wanted]
+
+
 def count_rows(directory: str | os.PathLike) -> int:
     """Rows of the completed shards, from the Parquet footers (no data read)."""
     import pyarrow.parquet as pq
@@ -313,11 +325,12 @@ def _metadata_of(sch) -> dict:
     return json.loads(raw) if raw else {}
 
 
-def iter_shards(directory: str | os.PathLike, columns: list[str] | None = None):
-    """Yield one pyarrow Table per completed shard (bounded memory for streaming consumers)."""
+def iter_shards(directory: str | os.PathLike, columns: list[str] | None = None, row_ids=None):
+    """Yield one pyarrow Table per completed shard (bounded memory for streaming consumers);
+    with `row_ids`, only the shards that can hold them (`files_for_rows`)."""
     import pyarrow.parquet as pq
 
-    for f in shard_files(directory):
+    for f in shard_files(directory) if row_ids is None else files_for_rows(directory, row_ids):
         yield pq.read_table(f, columns=columns)
 
 

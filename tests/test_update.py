@@ -8,7 +8,7 @@ import pytest
 
 import embedx
 from embedx import shards
-from embedx.errors import EmbedxError, InputError, OutputExistsError
+from embedx.errors import EmbedxError, InputError, OutputExistsError, SearchIndexError
 from embedx.extractor import ExtractConfig, extract
 
 FAST = dict(progress=False, num_workers=0, batch_size=8, shard_size=4)
@@ -90,10 +90,16 @@ def test_update_embeds_only_new_images_into_new_shards(tiny_dir, tmp_path, backb
     [hit] = search_ids(SearchIndex(tmp_path / "idx"), [15], k=1)
     assert hit.neighbors[0].row_id == 15 and hit.neighbors[0].path == f.paths[f.row_ids.tolist().index(15)]
     assert add_to_index(tmp_path / "idx", out)["added"] == 0
+    # an id query reads back only the shard that holds the row
+    assert shards.files_for_rows(out, [15]) == [out / "part-00003.parquet"]
+    assert shards.files_for_rows(out, [1, 16]) == [out / "part-00000.parquet", out / "part-00004.parquet"]
     # --overwrite starts over: one segment, the updates' plans gone
     r = extract(src, out, _cfg(overwrite=True), backbone=backbone)
     assert r.num_images == 16 and not list((out / "segments").glob("*.parquet"))
     assert "segments" not in shards.read_manifest(out)
+    # the index over the old rows now names a row the shards lack: said, not answered with garbage
+    with pytest.raises(SearchIndexError, match=r"Row ids \[17\] are no longer in their feature shards"):
+        search_ids(SearchIndex(tmp_path / "idx"), [17], k=1)
 
 
 def test_interrupted_update_resumes_its_planned_rows(tiny_dir, tmp_path, backbone, monkeypatch):
