@@ -454,11 +454,13 @@ def serve(
     images: bool = typer.Option(True, "--images/--no-images", help="Load the index's backbone for image queries (--no-images: vectors and ids only)."),
     weights: Optional[str] = typer.Option(None, help="Where to find the index's backbone weights, if they moved."),
     device: str = typer.Option("auto", help="Device to embed query images on."),
+    cors: Optional[str] = typer.Option(None, help="Answer Access-Control-Allow-Origin with this (e.g. '*'), so that web pages elsewhere may call the API."),
 ):
     """Serve an index over HTTP: JSON queries by vector, row id or image, with the index and the
     backbone loaded once. GET / says what is served; POST /search takes {"vectors": [[...]]},
     {"ids": [...]} or {"images": [base64, ...]} with "k" and "labels"; POST /search/image takes
-    one image file as the body. Answers are JSON, as `embedx search --format json`.
+    one image file as the body; GET /image/ROW_ID returns a result's image as a JPEG. Answers are
+    JSON, as `embedx search --format json`.
 
     Examples:
 
@@ -472,7 +474,7 @@ def serve(
     from .serve import SearchService, make_server
 
     service = SearchService.open(index_dir, weights=weights, device=device, images=images)
-    server = make_server(service, host, port)
+    server = make_server(service, host, port, cors=cors)
     access = logging.getLogger("embedx.serve")
     if not access.handlers:
         handler = logging.StreamHandler()

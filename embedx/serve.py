@@ -8,6 +8,7 @@ index and the backbone for image queries loaded once instead of on every `embedx
                         "exclude_self"
     POST /search/image  one image file as the request body (`curl --data-binary @q.jpg`), with
                         ?k=5&label=cat in the URL
+    GET  /image/ROW_ID  that indexed image as a JPEG within ?size=256 pixels (for showing results)
 
 Answers: {"results": [{"query": ..., "results": [{"rank", "row_id", "path", "score", "label"}]}],
 "failures": [{"query": ..., "error": ...}]} (images that could not be decoded). A bad request
@@ -32,7 +33,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 
-from .errors import EmbedxError, InputError
+from .errors import EmbedxError, InputError, SearchIndexError
 from .query import QueryEncoder, SearchIndex, SearchResult, search_ids
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,18 @@ class SearchService:
         except EmbedxError as e:
             log.warning("image queries are off: %s", e)
             return cls(idx, None, f"image queries are off on this server: {e}")
+
+    def image(self, row_id: int, size: int = 256) -> bytes:
+        """An indexed image as a JPEG thumbnail, by row id."""
+        from .sheet import thumbnail_jpeg
+
+        if not 16 <= size <= 4096:
+            raise InputError(f"size must be 16 to 4096 pixels, not {size}")
+        path = self.idx.absolute_path(self.idx.position_of(row_id))
+        data = thumbnail_jpeg(path, size)
+        if data is None:
+            raise InputError(f"row {row_id}'s image ({path}) cannot be read any more")
+        return data
 
     def describe(self) -> dict:
         info, prov = self.idx.info, self.idx.provenance
@@ -159,17 +172,43 @@ def _answer(results: list[SearchResult], failures: list[dict] | None = None) -> 
     return {"results": [r.to_dict() for r in results], "failures": failures or []}
 
 
-def make_server(service: SearchService, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
+def make_server(service: SearchService, host: str = "127.0.0.1", port: int = 8000,
+                cors: str | None = None) -> ThreadingHTTPServer:
     """An HTTP server for `service` (not started: call `serve_forever`; port 0 picks a free one,
-    see `server.server_address`)."""
+    see `server.server_address`). `cors`: the Access-Control-Allow-Origin answered (a web page
+    elsewhere may then call the API), e.g. "*"."""
 
     class Handler(BaseHTTPRequestHandler):
         server_version = "embedx"
 
         def do_GET(self):
-            if urlsplit(self.path).path in ("/", "/health"):
+            url = urlsplit(self.path)
+            if url.path in ("/", "/health"):
                 return self._reply(HTTPStatus.OK, service.describe())
-            self._reply(HTTPStatus.NOT_FOUND, {"error": "GET / says what is served; queries go to POST /search"})
+            if url.path.startswith("/image/"):
+                try:
+                    try:
+                        row_id = int(url.path[len("/image/"):])
+                        size = int(parse_qs(url.query).get("size", ["256"])[-1])
+                    except ValueError:
+                        raise InputError("GET /image/ROW_ID?size=PIXELS takes integers") from None
+                    data = service.image(row_id, size)
+                except SearchIndexError as e:  # no such row
+                    return self._reply(HTTPStatus.NOT_FOUND, {"error": str(e)})
+                except EmbedxError as e:
+                    return self._reply(HTTPStatus.BAD_REQUEST, {"error": str(e)})
+                return self._send(HTTPStatus.OK, data, "image/jpeg")
+            self._reply(HTTPStatus.NOT_FOUND, {"error": "GET / says what is served, GET /image/ROW_ID shows a row; "
+                                                        "queries go to POST /search"})
+
+        def do_OPTIONS(self):  # a browser's CORS preflight
+            self.send_response(HTTPStatus.NO_CONTENT if cors else HTTPStatus.METHOD_NOT_ALLOWED)
+            if cors:
+                self.send_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
+                self.send_header("Access-Control-Allow-Headers", "Content-Type")
+            self._cors()
+            self.send_header("Content-Length", "0")
+            self.end_headers()
 
         def do_POST(self):
             url = urlsplit(self.path)
@@ -209,12 +248,19 @@ def make_server(service: SearchService, host: str = "127.0.0.1", port: int = 800
             self._reply(HTTPStatus.OK, answer)
 
         def _reply(self, status: HTTPStatus, payload: dict) -> None:
-            data = json.dumps(payload).encode()
+            self._send(status, json.dumps(payload).encode(), "application/json")
+
+        def _send(self, status: HTTPStatus, data: bytes, content_type: str) -> None:
             self.send_response(status)
-            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(data)))
+            self._cors()
             self.end_headers()
             self.wfile.write(data)
+
+        def _cors(self) -> None:
+            if cors:
+                self.send_header("Access-Control-Allow-Origin", cors)
 
         def log_message(self, format, *args):  # noqa: A002 (the base class's name)
             log.info("%s %s", self.address_string(), format % args)

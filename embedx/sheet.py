@@ -11,8 +11,8 @@ from pathlib import Path
 THUMB = 160
 
 
-def thumbnail_data_uri(file: str, size: int = THUMB) -> str | None:
-    """A small inline JPEG of an image file, or None when it cannot be read."""
+def thumbnail_jpeg(file: str, size: int = THUMB) -> bytes | None:
+    """A JPEG of an image file (or archive member) within size x size, or None when it cannot be read."""
     from .images import ImageDecodeError, decode_image
 
     try:
@@ -23,7 +23,13 @@ def thumbnail_data_uri(file: str, size: int = THUMB) -> str | None:
     img.thumbnail((size, size))
     buf = io.BytesIO()
     img.save(buf, "JPEG", quality=80)
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+    return buf.getvalue()
+
+
+def thumbnail_data_uri(file: str, size: int = THUMB) -> str | None:
+    """A small inline JPEG of an image file, or None when it cannot be read."""
+    data = thumbnail_jpeg(file, size)
+    return None if data is None else "data:image/jpeg;base64," + base64.b64encode(data).decode()
 
 
 def _figure(file: str | None, caption: str, css: str = "") -> str:

@@ -29,7 +29,7 @@ def served(photo_dir, tmp_path_factory, backbone):
     build_index(tmp / "f", tmp / "idx", IndexConfig(factory="Flat", num_queries=5))
     idx = SearchIndex(tmp / "idx")
     service = SearchService(idx, QueryEncoder(idx.provenance, backbone=backbone, device="cpu"))
-    server = make_server(service, "127.0.0.1", 0)
+    server = make_server(service, "127.0.0.1", 0, cors="*")
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     host, port = server.server_address[:2]
@@ -38,12 +38,12 @@ def served(photo_dir, tmp_path_factory, backbone):
     server.server_close()
 
 
-def _call(url, body=None, *, raw=False):
+def _call(url, body=None, *, raw=False, json_answer=True, method=None):
     data = body if raw or body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET")
+    req = urllib.request.Request(url, data=data, method=method or ("POST" if data is not None else "GET"))
     try:
         with urllib.request.urlopen(req, timeout=60) as r:
-            return r.status, json.loads(r.read())
+            return r.status, json.loads(r.read()) if json_answer else (r.read(), dict(r.headers))
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
 
@@ -82,6 +82,25 @@ def test_image_queries_find_their_own_photo(served, photo_dir):
     assert [r["query"] for r in got["results"]] == ["image:0", "image:2"]
     assert [r["results"][0]["path"] for r in got["results"]] == [path, feats.paths[2]]
     assert [f["query"] for f in got["failures"]] == ["image:1"] and got["failures"][0]["error"]
+
+
+def test_result_images_are_served_as_jpegs_for_browsers(served, photo_dir):
+    from PIL import Image
+
+    url, idx, feats = served
+    status, (data, headers) = _call(url + f"/image/{int(feats.row_ids[1])}?size=64", json_answer=False)
+    assert status == 200 and headers["Content-Type"] == "image/jpeg" and headers["Access-Control-Allow-Origin"] == "*"
+    import io
+
+    thumb = Image.open(io.BytesIO(data))
+    with Image.open(photo_dir / feats.paths[1]) as orig:
+        assert max(thumb.size) == 64 and abs(thumb.size[0] / thumb.size[1] - orig.size[0] / orig.size[1]) < 0.05
+    status, got = _call(url + "/image/999999")
+    assert status == 404 and "not in this index" in got["error"]
+    status, got = _call(url + "/image/1?size=1")
+    assert status == 400 and "16 to 4096" in got["error"]
+    status, (_, headers) = _call(url + "/search", method="OPTIONS", json_answer=False)
+    assert status == 204 and "POST" in headers["Access-Control-Allow-Methods"]
 
 
 def test_bad_requests_get_400_with_what_to_send(served):
