@@ -501,6 +501,7 @@ def dedup(
     k: int = typer.Option(10, "-k", help="Neighbours examined per image."),
     out: Path = typer.Option(Path("duplicates.parquet"), "--out", "-o", help="Parquet file of the groups."),
     html_out: Optional[Path] = typer.Option(None, "--html", help="Also write a contact sheet of the groups."),
+    across_sources: bool = typer.Option(False, "--across-sources", help="Only pairs from two different shard directories of the index (train/test leakage)."),
 ):
     """List groups of near-duplicate images, in bounded memory.
 
@@ -508,12 +509,13 @@ def dedup(
 
     \b
         embedx dedup idx/ --threshold 0.95 --out dups.parquet --html dups.html
+        embedx dedup idx/ --across-sources --out leaks.parquet     # idx = train, + index add test
     """
     from .dedup import find_duplicates, write_groups
     from .query import SearchIndex
 
     idx = SearchIndex(index_dir)
-    groups = find_duplicates(idx, threshold, k)
+    groups = find_duplicates(idx, threshold, k, across_sources=across_sources)
     write_groups(groups, out)
     typer.echo(f"{groups.num_groups} groups, {len(groups.positions)} images -> {out}")
     if html_out is not None:

@@ -42,29 +42,43 @@ def _find(parent: np.ndarray, i: int) -> int:
     return root
 
 
-def find_duplicates(idx: SearchIndex, threshold: float, k: int = 10, batch_size: int = 4096) -> DuplicateGroups:
+def find_duplicates(idx: SearchIndex, threshold: float, k: int = 10, batch_size: int = 4096,
+                    across_sources: bool = False) -> DuplicateGroups:
     """Group indexed vectors whose similarity (cosine/ip) is >= threshold, or whose squared
-    L2 distance is <= threshold for l2 indexes."""
+    L2 distance is <= threshold for l2 indexes. With `across_sources`, only pairs from two
+    different shard directories of the index count (a test set's near-copies of training
+    images, say: the index built over one, the other added with `embedx index add`)."""
     if k < 2:
         raise InputError("-k must be at least 2 to find duplicates.")
     n = len(idx)
+    if across_sources and len(idx.info["sources"]) < 2:
+        raise InputError("--across-sources needs an index over two or more shard directories "
+                         "(add one with `embedx index add INDEX_DIR FEATURES`).")
     higher_is_closer = idx.metric in ("cosine", "ip")
     parent = np.arange(n, dtype=np.int64)
     best = np.full(n, -np.inf if higher_is_closer else np.inf, dtype=np.float32)
-    start = 0
-    for source in idx.info["sources"]:
-        for x, *_ in fx.iter_vectors(source["features"], idx.metric, batch_size):
+    for s, source in enumerate(idx.info["sources"]):
+        for x, ids, *_ in fx.iter_vectors(source["features"], idx.metric, batch_size):
+            # where each row sits in the index: a directory's rows are not necessarily one run of
+            # positions (rows added by a catch-up `index add` come last), and rows it gained
+            # since are not indexed at all
+            pos = idx.positions_in_source(s, ids)
+            indexed = pos >= 0
+            if not indexed.all():
+                x, pos = x[indexed], pos[indexed]
+            if not len(pos):
+                continue
             D, I = idx.index.search(x, min(k, n))
-            selfpos = start + np.arange(len(x))[:, None]
-            hit = (I >= 0) & (I != selfpos) & ((D >= threshold) if higher_is_closer else (D <= threshold))
+            hit = (I >= 0) & (I != pos[:, None]) & ((D >= threshold) if higher_is_closer else (D <= threshold))
+            if across_sources:
+                hit &= idx.rows.sources[np.maximum(I, 0)] != s
             for qi, j in zip(*np.nonzero(hit)):  # only the pairs past the threshold
-                p, q, d = start + int(qi), int(I[qi, j]), D[qi, j]
+                p, q, d = int(pos[qi]), int(I[qi, j]), D[qi, j]
                 a, b = _find(parent, p), _find(parent, q)
                 if a != b:
                     parent[max(a, b)] = min(a, b)
                 for m in (p, q):
                     best[m] = max(best[m], d) if higher_is_closer else min(best[m], d)
-            start += len(x)
     roots = np.array([_find(parent, i) for i in range(n)], dtype=np.int64)
     counts = np.bincount(roots, minlength=n)
     members = np.nonzero(counts[roots] > 1)[0]

@@ -308,3 +308,49 @@ def test_label_filter_bounds_what_it_asks_the_index_for(tmp_path, monkeypatch):
     sparse = np.nonzero(labels == "sparse")[0]
     assert asked == [] and exact == [1]
     assert [n.row_id for n in r.neighbors] == sparse[brute_force(x[sparse], x[7:8], 5, "cosine")[0]].tolist()
+
+
+def test_dedup_across_sources_and_after_a_catch_up_add(tmp_path):
+    """A "test set" with near-copies of "training" rows, added to the training index: --across
+    keeps only the pairs between the two; and after a directory grew and the index caught up
+    (its new rows sit after the other directory's), pairs involving them are found where they are."""
+    import shutil
+
+    from embedx.dedup import find_duplicates
+
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((1200, 32)).astype(np.float32)
+    near = lambda i: x[i] + 0.01 * rng.standard_normal(32).astype(np.float32)  # noqa: E731
+    x[11] = near(10)  # a duplicate inside the training set
+    test = rng.standard_normal((200, 32)).astype(np.float32)
+    test[5], test[150] = near(300), near(700)  # test images that are training images
+    train = write_features(tmp_path / "train", x[:1000], shard_size=400)
+    build_index(train, tmp_path / "i", fx.IndexConfig(factory="Flat", num_queries=50))
+    add_to_index(tmp_path / "i", write_features(tmp_path / "test", test, start_id=0))
+
+    def pairs(groups):
+        found = {}
+        for g, p in zip(groups.group, groups.positions):
+            found.setdefault(int(g), set()).add(int(p))
+        return sorted(map(sorted, found.values()))
+
+    idx = SearchIndex(tmp_path / "i")
+    assert pairs(find_duplicates(idx, 0.99, k=5)) == [[10, 11], [300, 1005], [700, 1150]]
+    assert pairs(find_duplicates(idx, 0.99, k=5, across_sources=True)) == [[300, 1005], [700, 1150]]
+    with pytest.raises(InputError, match="two or more shard directories"):
+        find_duplicates(_one_source_index(tmp_path, train), 0.99, across_sources=True)
+
+    # the training directory grows by 200 rows (one a copy of training row 20, one of test row 7);
+    # the index catches up: those rows land at positions 1200.., after the test set's
+    x[1100], x[1101] = near(20), test[7] + 0.01 * rng.standard_normal(32).astype(np.float32)
+    shutil.rmtree(train)
+    write_features(train, x[:1200], shard_size=400)
+    assert add_to_index(tmp_path / "i", train)["added"] == 200
+    idx = SearchIndex(tmp_path / "i")
+    assert idx.rows.row_ids[1300] == 1100 and idx.rows.sources[1300] == 0
+    assert pairs(find_duplicates(idx, 0.99, k=5)) == [[10, 11], [20, 1300], [300, 1005], [700, 1150], [1007, 1301]]
+
+
+def _one_source_index(tmp_path, feats):
+    build_index(feats, tmp_path / "one", fx.IndexConfig(factory="Flat", num_queries=20))
+    return SearchIndex(tmp_path / "one")
