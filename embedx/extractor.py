@@ -342,10 +342,9 @@ def _plan_update(out: Path, manifest: dict, listing: ImageListing, config: Extra
     input may differ from its first run's: the rest of an unfinished update, plus (with
     --update) the images that are new, appended as a new segment. A rerun of an unchanged
     input finds nothing new; new images without --update are refused with that advice."""
-    segs = segments.segments(manifest)
     unfinished: list[ImageRecord] = []
     if not manifest.get("complete"):
-        if len(segs) == 1:
+        if len(segments.segments(manifest)) == 1:
             if manifest.get("fingerprint") != fingerprint:
                 raise OutputExistsError(
                     f"{out} holds a run that has not finished, and its input has changed since. Finish it "
@@ -353,7 +352,7 @@ def _plan_update(out: Path, manifest: dict, listing: ImageListing, config: Extra
                     "--overwrite to start over."
                 )
             return listing.records, None  # resume the first run: nothing can be new
-        unfinished = segments.planned(out, manifest)
+        unfinished = segments.unfinished(out, manifest, config.shard_size)
     change = segments.diff(out, listing.records, unfinished)
     if change.new and not config.update:
         raise OutputExistsError(

@@ -63,16 +63,20 @@ def append(out: Path, manifest: dict, records: list[ImageRecord], shard_size: in
     return planned
 
 
-def planned(out: Path, manifest: dict) -> list[ImageRecord]:
-    """The records of the last segment, as planned by `append` (the last one is the only one
-    that can be unfinished)."""
-    segs = segments(manifest)
-    if len(segs) == 1:
-        raise ValueError("segment 0 is planned from the listing, not from a file")
-    path = _plan_path(out, len(segs) - 1)
-    if not path.exists():
-        raise FeaturesError(f"{path} is missing: the unfinished update cannot be resumed. Rerun with --overwrite.")
-    return [ImageRecord(*row) for row in zip(*shards.read_plan(path))]
+def unfinished(out: Path, manifest: dict, shard_size: int) -> list[ImageRecord]:
+    """The planned records (by `append`) of every update with shards still missing, in row-id
+    order: an interrupted update that was resumed with more new images may leave two."""
+    done = {s["index"] for s in manifest["shards"]}
+    records: list[ImageRecord] = []
+    for i, seg in enumerate(segments(manifest)[1:], start=1):
+        first, end = seg["first_row"] // shard_size, -(-(seg["first_row"] + seg["num_images"]) // shard_size)
+        if all(index in done for index in range(first, end)):
+            continue
+        path = _plan_path(out, i)
+        if not path.exists():
+            raise FeaturesError(f"{path} is missing: the unfinished update cannot be resumed. Rerun with --overwrite.")
+        records += [ImageRecord(*row) for row in zip(*shards.read_plan(path))]
+    return records
 
 
 @dataclass(frozen=True)

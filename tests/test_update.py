@@ -126,10 +126,18 @@ def test_interrupted_update_resumes_its_planned_rows(tiny_dir, tmp_path, backbon
     assert m["segments"] == [{"first_row": 0, "num_images": 6}, {"first_row": 8, "num_images": 10}]
 
     # more images arrive before the rerun: the unfinished update keeps its rows, the newer
-    # images get a segment of their own after it
+    # images get a segment of their own after it; that rerun is interrupted too, before any
+    # shard: two unfinished updates
     _copy(tiny_dir, src, names[16:20])
+    calls.clear()
+    monkeypatch.setattr(shards, "write_shard", lambda *a, **k: (_ for _ in ()).throw(OSError("simulated")))
+    with pytest.raises((EmbedxError, OSError)):
+        extract(src, out, _cfg(update=True), backbone=backbone)
+    monkeypatch.setattr(shards, "write_shard", real_write)
+    m = shards.read_manifest(out)
+    assert m["segments"][2] == {"first_row": 20, "num_images": 4} and sorted(s["index"] for s in m["shards"]) == [0, 1, 2]
     r = extract(src, out, _cfg(update=True), backbone=backbone)
-    assert (r.num_added, r.num_images, r.num_embedded, r.num_skipped) == (4, 20, 20, 10)
+    assert (r.num_added, r.num_images, r.num_embedded, r.num_skipped) == (0, 20, 20, 10)
     f = embedx.read_features(out)
     assert f.row_ids.tolist() == list(range(6)) + list(range(8, 18)) + list(range(20, 24))
     assert f.paths == sorted(f.paths[:6]) + sorted(f.paths[6:16]) + sorted(f.paths[16:])
