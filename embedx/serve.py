@@ -33,6 +33,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 
+from . import index as fx
 from .errors import EmbedxError, InputError, SearchIndexError
 from .query import QueryEncoder, SearchIndex, SearchResult, search_ids
 
@@ -48,16 +49,53 @@ class SearchService:
     """What the server answers with, apart from HTTP: usable on its own.
 
     Args:
-        idx: a loaded index.
+        idx: a loaded index. When its index.json changes on disk (`embedx index add`, a rebuild),
+            the next request loads it again.
         encoder: embeds image queries, or None when image queries cannot be served.
         no_images: why image queries cannot be served (said to whoever sends one).
+        weights: where the encoder's weights are, if they moved (for an index rebuilt over
+            features of another backbone).
     """
 
-    def __init__(self, idx: SearchIndex, encoder: QueryEncoder | None, no_images: str | None = None):
-        self.idx = idx
+    def __init__(self, idx: SearchIndex, encoder: QueryEncoder | None, no_images: str | None = None,
+                 weights: str | None = None):
+        self._idx = idx
+        self.weights = weights  # where the encoder's weights came from, for a rebuilt index
+        self._stamp = _stamp(idx.directory)
+        self._reload_lock = threading.Lock()
         self.encoder = encoder
         self.no_images = no_images or "image queries are not served here"
         self._model_lock = threading.Lock()
+
+    @property
+    def idx(self) -> SearchIndex:
+        """The index as it is on disk now: after `embedx index add` (which writes index.json
+        last) the next request loads the grown index; requests under way keep the one they had."""
+        stamp = _stamp(self._idx.directory)
+        if stamp is not None and stamp != self._stamp:
+            with self._reload_lock:
+                if stamp != self._stamp:
+                    try:
+                        idx = SearchIndex(self._idx.directory)
+                    except (EmbedxError, OSError, RuntimeError) as e:  # caught mid-rewrite: keep the one loaded
+                        log.warning("%s changed but cannot be loaded yet (%s); still serving the index loaded before",
+                                    self._idx.directory, e)
+                        return self._idx
+                    log.info("reloaded %s: %d rows (was %d)", idx.directory, len(idx), len(self._idx))
+                    if idx.provenance != self._idx.provenance and self.encoder is not None:
+                        # rebuilt over other features (`index --overwrite`): queries must be embedded
+                        # as those were, or they land in another space
+                        self._new_encoder(idx.provenance)
+                    self._idx, self._stamp = idx, stamp
+        return self._idx
+
+    def _new_encoder(self, provenance: dict) -> None:
+        try:
+            with self._model_lock:
+                self.encoder = QueryEncoder(provenance, weights=self.weights, device=self.encoder.device)
+        except EmbedxError as e:
+            log.warning("image queries are off: %s", e)
+            self.encoder, self.no_images = None, f"image queries are off on this server: {e}"
 
     @classmethod
     def open(cls, index_dir, *, weights: str | None = None, device: str = "auto", images: bool = True) -> "SearchService":
@@ -68,7 +106,7 @@ class SearchService:
         if not images:
             return cls(idx, None, "image queries are off on this server (started with --no-images)")
         try:
-            return cls(idx, QueryEncoder(idx.provenance, weights=weights, device=device))
+            return cls(idx, QueryEncoder(idx.provenance, weights=weights, device=device), weights=weights)
         except EmbedxError as e:
             log.warning("image queries are off: %s", e)
             return cls(idx, None, f"image queries are off on this server: {e}")
@@ -79,18 +117,20 @@ class SearchService:
 
         if not 16 <= size <= 4096:
             raise InputError(f"size must be 16 to 4096 pixels, not {size}")
-        path = self.idx.absolute_path(self.idx.position_of(row_id))
+        idx = self.idx
+        path = idx.absolute_path(idx.position_of(row_id))
         data = thumbnail_jpeg(path, size)
         if data is None:
             raise InputError(f"row {row_id}'s image ({path}) cannot be read any more")
         return data
 
     def describe(self) -> dict:
-        info, prov = self.idx.info, self.idx.provenance
+        idx = self.idx
+        info, prov = idx.info, idx.provenance
         return {
-            "index": str(self.idx.directory), "rows": len(self.idx), "dim": info["dim"], "metric": info["metric"],
+            "index": str(idx.directory), "rows": len(idx), "dim": info["dim"], "metric": info["metric"],
             "factory": info["factory"], "model": prov.get("model"), "images": self.encoder is not None,
-            "labels": len({lab for lab in self.idx.rows.labels if lab is not None}),
+            "labels": len({lab for lab in idx.rows.labels if lab is not None}),
         }
 
     def search(self, request: dict) -> dict:
@@ -152,6 +192,15 @@ class SearchService:
         failures = [{"query": n, "error": f"{e[0]}: {e[1]}"} for n, good, e in zip(names, emb.ok, emb.errors) if not good]
         results = self.idx.search(emb.embeddings, k, names=ok, labels=labels) if ok else []
         return _answer(results, failures)
+
+
+def _stamp(directory: Path) -> tuple[int, int] | None:
+    """When index.json was last written (None while it is missing: an index being rebuilt)."""
+    try:
+        st = (Path(directory) / fx.INFO_FILE).stat()
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
 
 
 def _k(value) -> int:

@@ -162,3 +162,62 @@ def test_cli_serve_starts_answers_and_stops(served):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_server_follows_the_index_as_it_grows_and_is_rebuilt(tmp_path):
+    """index add while serving: the next request sees the new rows; a rebuild over features of
+    another backbone makes the server embed image queries with that backbone."""
+    from embedx import index as fx
+
+    from .test_index import write_features
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((300, 16)).astype(np.float32)
+    build_index(write_features(tmp_path / "a", x[:200]), tmp_path / "i", IndexConfig(factory="Flat", num_queries=20))
+    service = SearchService(SearchIndex(tmp_path / "i"), None)
+    server = make_server(service, "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = "http://%s:%d" % server.server_address[:2]
+    try:
+        assert _call(url + "/")[1]["rows"] == 200
+        status, got = _call(url + "/search", {"ids": [250]})
+        assert status == 400 and "not in this index" in got["error"]
+        from embedx.indexer import add_to_index
+
+        add_to_index(tmp_path / "i", write_features(tmp_path / "b", x[200:], start_id=200))
+        assert _call(url + "/")[1]["rows"] == 300
+        status, got = _call(url + "/search", {"ids": [250], "k": 1})
+        assert status == 200 and got["results"][0]["results"][0]["row_id"] == 250
+        # a half-written index (index.json missing for a moment) keeps the loaded one in service
+        info = (tmp_path / "i" / fx.INFO_FILE).read_bytes()
+        (tmp_path / "i" / fx.INFO_FILE).unlink()
+        assert _call(url + "/")[1]["rows"] == 300
+        (tmp_path / "i" / fx.INFO_FILE).write_bytes(info)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_rebuilt_index_of_another_backbone_gets_its_encoder(served, tmp_path, monkeypatch):
+    import embedx.serve as serve_mod
+
+    url, idx, feats = served
+    built = []
+
+    class FakeEncoder:  # records which provenance the service asked for, loads nothing
+        def __init__(self, provenance, *, weights=None, device="auto"):
+            built.append((provenance["model"], weights, device))
+            self.device = device
+
+    service = SearchService(SearchIndex(idx.directory), FakeEncoder(idx.provenance, device="cpu"), weights="w.pth")
+    built.clear()
+    monkeypatch.setattr(serve_mod, "QueryEncoder", FakeEncoder)
+    info = json.loads((idx.directory / "index.json").read_text())
+    try:
+        service.idx  # unchanged: no new encoder
+        assert built == []
+        changed = dict(info, provenance=dict(info["provenance"], model="resnet18"))
+        (idx.directory / "index.json").write_text(json.dumps(changed))
+        assert service.idx.provenance["model"] == "resnet18" and built == [("resnet18", "w.pth", "cpu")]
+    finally:
+        (idx.directory / "index.json").write_text(json.dumps(info))
