@@ -82,6 +82,7 @@ def extract(
     dtype: str = typer.Option("float32", help="Stored embedding type: float32 | float16."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run with another configuration in --out."),
     update: bool = typer.Option(False, "--update", help="--out holds this run already: embed only the images new since (paths in no shard), appended as new shards; nothing there is rewritten."),
+    retry_errors: bool = typer.Option(False, "--retry-errors", help="--out holds this run already: embed again the inputs errors.parquet lists (after a storage hiccup, or files mended), as new shards."),
     max_pixels: int = typer.Option(178_956_970, help="Refuse images with more pixels than this (decompression bombs)."),
     fast_decode: bool = typer.Option(True, "--fast-decode/--exact-decode", help="Fast path: JPEGs decoded by simplejpeg (PIL's pixels) at a reduced DCT scale when the model "
                                      "needs fewer pixels, resize + crop on uint8 tensors (cosine >= 0.999 of timm's exact "
@@ -116,7 +117,7 @@ def extract(
         model=model, weights=weights, batch_size=batch_size, num_workers=num_workers, device=device,
         precision=precision, labels=labels, img_size=img_size, crop_pct=crop_pct, crop_mode=crop_mode,
         interpolation=interpolation, pool=pool, shard_size=shard_size, normalize=normalize, dtype=dtype,
-        overwrite=overwrite, update=update, max_pixels=max_pixels, fast_decode=fast_decode, decode=decode, device_share=device_share,
+        overwrite=overwrite, update=update, retry_errors=retry_errors, max_pixels=max_pixels, fast_decode=fast_decode, decode=decode, device_share=device_share,
         device_decoder=device_decoder, prefetch=prefetch,
         compile=compile, heap=heap, progress=progress,
     )
@@ -134,6 +135,8 @@ def extract(
             f"start-up (imports, model loading) on {r.device}, {r.precision}; "
             f"{_human_bytes(r.bytes_written)} in {r.out_dir}"
         )
+    if r.num_retried:
+        typer.echo(f"Retried {_count(r.num_retried, 'input')} recorded as errors before; {r.num_errors} errors now.", err=True)
     if r.num_added:
         typer.echo(f"Added {_count(r.num_added, 'new image')} as new rows; `embedx index add IDX {r.out_dir}` adds "
                    "them to an index built over it.", err=True)

@@ -63,6 +63,7 @@ class ExtractConfig:
     interpolation: str | None = None  # bilinear | bicubic | …
     pool: str | None = None  # global pooling instead of the model's own (timm's global_pool: avg, max, avgmax, …)
     update: bool = False  # out holds this run already: embed the images new since, as new shards (see segments)
+    retry_errors: bool = False  # out holds this run already: embed again the inputs errors.parquet lists
 
 
 #: torch.compile costs ~60 s on 2 CPU cores (EfficientNet-Lite0) and gains ~1.4x there; it pays
@@ -105,6 +106,7 @@ class ExtractResult:
     num_added: int = 0
     num_gone: int = 0
     num_relabelled: int = 0
+    num_retried: int = 0  # --retry-errors: inputs recorded as errors, embedded again by this call
 
     @property
     def num_done(self) -> int:
@@ -201,8 +203,8 @@ def extract(inputs: list[str | os.PathLike] | str | os.PathLike, out: str | os.P
 
 
 def _check_config(config: ExtractConfig) -> None:
-    if config.update and config.overwrite:
-        raise InputError("--update adds the new images to the run in --out; --overwrite replaces that run. Pick one.")
+    if (config.update or config.retry_errors) and config.overwrite:
+        raise InputError("--update / --retry-errors add to the run in --out; --overwrite replaces that run. Pick one.")
     if config.dtype not in ("float32", "float16"):
         raise InputError(f"--dtype must be float32 or float16, not {config.dtype!r}.")
     if config.shard_size < 1:
@@ -303,7 +305,7 @@ def _plan(listing: ImageListing, out: Path, config: ExtractConfig, backbone: Bac
             raise OutputExistsError(f"{out} holds shards but no manifest.json. Use --overwrite to replace them.")
         _clear(out)
     change = None
-    if manifest is not None and (config.update or manifest.get("fingerprint") != fingerprint
+    if manifest is not None and (config.update or config.retry_errors or manifest.get("fingerprint") != fingerprint
                                  or len(segments.segments(manifest)) > 1):
         diffs = _config_diffs(manifest, metadata, config)
         if diffs:
@@ -337,21 +339,23 @@ def _plan(listing: ImageListing, out: Path, config: ExtractConfig, backbone: Bac
 
 
 def _plan_update(out: Path, manifest: dict, listing: ImageListing, config: ExtractConfig,
-                 fingerprint: str) -> tuple[list[ImageRecord], "segments.Diff | None"]:
+                 fingerprint: str) -> tuple[list[ImageRecord], "segments.Diff"]:
     """The records to run into a directory that holds this configuration already, when the
-    input may differ from its first run's: the rest of an unfinished update, plus (with
-    --update) the images that are new, appended as a new segment. A rerun of an unchanged
-    input finds nothing new; new images without --update are refused with that advice."""
-    unfinished: list[ImageRecord] = []
-    if not manifest.get("complete"):
-        if len(segments.segments(manifest)) == 1:
-            if manifest.get("fingerprint") != fingerprint:
-                raise OutputExistsError(
-                    f"{out} holds a run that has not finished, and its input has changed since. Finish it "
-                    "first (rerun it with the input it had), then add the new images with --update; or use "
-                    "--overwrite to start over."
-                )
-            return listing.records, None  # resume the first run: nothing can be new
+    input may differ from its first run's: what is unfinished, plus, appended as a new
+    segment, the images that are new (with --update) and the inputs recorded as errors (with
+    --retry-errors). A rerun of an unchanged input finds nothing new; new images without
+    --update are refused with that advice."""
+    if manifest.get("complete"):
+        unfinished: list[ImageRecord] = []
+    elif len(segments.segments(manifest)) == 1:
+        if manifest.get("fingerprint") != fingerprint:
+            raise OutputExistsError(
+                f"{out} holds a run that has not finished, and its input has changed since. Finish it "
+                "first (rerun it with the input it had), then add the new images with --update; or use "
+                "--overwrite to start over."
+            )
+        unfinished = listing.records  # the first run, resumed
+    else:
         unfinished = segments.unfinished(out, manifest, config.shard_size)
     change = segments.diff(out, listing.records, unfinished)
     if change.new and not config.update:
@@ -359,11 +363,18 @@ def _plan_update(out: Path, manifest: dict, listing: ImageListing, config: Extra
             f"{out} lacks {len(change.new)} of the input's images (it holds the other {change.known}). Add them with "
             "--update (appended as new shards; the rows there stay as they are), or use --overwrite to start over."
         )
+    retry = segments.errored_paths(manifest) & {r.path for r in listing.records} if config.retry_errors else set()
+    wanted = {r.path for r in change.new} | retry
+    todo = [r for r in listing.records if r.path in wanted]  # in listing order
     added = []
-    if change.new:
-        added = segments.append(out, manifest, change.new, config.shard_size)
+    if todo:
+        if retry:  # their error rows give way to what the retry makes of them
+            segments.forget_errors(manifest, retry)
+        added = segments.append(out, manifest, todo, config.shard_size)
         shards.write_manifest(out, manifest)
-    return unfinished + added, change
+        if retry:
+            shards.write_errors(out, [shards.ErrorRow(**e) for s in manifest["shards"] for e in s["errors"]])
+    return list(unfinished) + added, replace(change, retried=len(retry))
 
 
 def _finalize(out: Path, plan: _Plan, embedded: int, errors: int, t0: float, timer: "_StageTimer") -> ExtractResult:
@@ -382,7 +393,8 @@ def _finalize(out: Path, plan: _Plan, embedded: int, errors: int, t0: float, tim
     return ExtractResult(str(out), manifest["num_images"], num_embedded, num_errors, plan.skipped, seconds, size,
                          plan.precision, plan.device, stage_seconds=dict(timer.seconds),
                          num_added=len(change.new) if change else 0, num_gone=change.gone if change else 0,
-                         num_relabelled=change.relabelled if change else 0)
+                         num_relabelled=change.relabelled if change else 0,
+                         num_retried=change.retried if change else 0)
 
 
 def _run_local(plan: _Plan, out: Path, config: ExtractConfig, timer: "_StageTimer",
@@ -515,7 +527,7 @@ def _config_diffs(manifest: dict, metadata: dict, config: ExtractConfig) -> list
 
 def _config_for_manifest(config: ExtractConfig) -> dict:
     d = asdict(config)
-    for action in ("overwrite", "update", "progress"):
+    for action in ("overwrite", "update", "retry_errors", "progress"):
         d.pop(action)
     return d
 

@@ -10,7 +10,9 @@ interrupted update resumes the same rows with the same ids, whatever the input h
 
 An image is new when its path (as the shards write it: relative to the input root) is in no
 shard and not in `errors.parquet`. Rows whose images have gone, or whose label has changed
-since, stay as they are; `diff` counts them so that the caller can say so.
+since, stay as they are; `diff` counts them so that the caller can say so. With
+`--retry-errors`, the inputs recorded as errors are planned again in the new segment, and their
+old error rows are dropped (`forget_errors`): each path then has one row or one error row.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import shards
-from .errors import FeaturesError
+from .errors import EmbedxError, FeaturesError
 from .images import ImageRecord
 
 SEGMENTS_DIR = "segments"
@@ -54,10 +56,14 @@ def append(out: Path, manifest: dict, records: list[ImageRecord], shard_size: in
     records with their new row ids."""
     segs = segments(manifest)
     first = num_shards(manifest, shard_size) * shard_size
+    done = [s["index"] for s in manifest["shards"]]
+    if done and first // shard_size <= max(done):  # would write into shards that exist: rows lost
+        raise EmbedxError(f"internal error: an update planned from row {first}, but shard {max(done)} exists")
     planned = [ImageRecord(first + i, r.path, r.file, r.label) for i, r in enumerate(records)]
     _write_plan(out, len(segs), planned)
     manifest["segments"] = [*segs, {"first_row": first, "num_images": len(planned)}]
-    manifest["num_images"] = sum(s["num_images"] for s in manifest["segments"])
+    manifest["num_images"] = (sum(s["num_images"] for s in manifest["segments"])
+                              - manifest.get("superseded_errors", 0))
     manifest["num_shards"] = num_shards(manifest, shard_size)
     manifest["complete"] = False
     return planned
@@ -79,6 +85,27 @@ def unfinished(out: Path, manifest: dict, shard_size: int) -> list[ImageRecord]:
     return records
 
 
+def errored_paths(manifest: dict) -> set[str]:
+    """The paths of the inputs recorded as errors (errors.parquet is made from these)."""
+    return {e["path"] for s in manifest["shards"] for e in s.get("errors", [])}
+
+
+def forget_errors(manifest: dict, paths: set[str]) -> int:
+    """Drop the error rows of `paths` from `manifest` (not written here): they are planned again
+    (`--retry-errors`), and the retry's row or error row replaces them. Their row ids stay
+    unused. Returns how many were dropped."""
+    # segment 0's size is read from num_images while "segments" is absent: pin it first
+    manifest["segments"] = segments(manifest)
+    dropped = 0
+    for s in manifest["shards"]:
+        keep = [e for e in s.get("errors", []) if e["path"] not in paths]
+        dropped += len(s.get("errors", [])) - len(keep)
+        s["errors"] = keep
+    manifest["superseded_errors"] = manifest.get("superseded_errors", 0) + dropped
+    manifest["num_images"] -= dropped
+    return dropped
+
+
 @dataclass(frozen=True)
 class Diff:
     """The input against what a shard directory holds already."""
@@ -87,6 +114,7 @@ class Diff:
     known: int  # input images with a row (or an error row) in the directory
     gone: int  # rows of the directory whose path is no longer in the input
     relabelled: int  # input images whose label differs from their row's
+    retried: int = 0  # inputs recorded as errors, planned again (--retry-errors)
 
 
 def diff(out: Path, records: list[ImageRecord], also_known: list[ImageRecord] = ()) -> Diff:

@@ -172,3 +172,41 @@ def test_update_refusals(tiny_dir, tmp_path, backbone, monkeypatch):
     with pytest.raises(OutputExistsError, match="has not finished.*Finish it first"):
         extract(src, out2, _cfg(update=True), backbone=backbone)
     assert extract(src, out2, _cfg(overwrite=True), backbone=backbone).num_embedded == 13
+
+
+def test_retry_errors_embeds_mended_inputs_and_keeps_one_record_per_path(tiny_dir, tmp_path, backbone):
+    names = _names(tiny_dir)
+    src, out = tmp_path / "src", tmp_path / "feats"
+    _copy(tiny_dir, src, names[:9])
+    good = {n: (src / n).read_bytes() for n in names[:9]}
+    broken = [n for n in names[:9] if n.endswith(".jpg")][:3]
+    for n in broken:
+        (src / n).write_bytes(good[n][:40])  # truncated: an error row each
+    r = extract(src, out, _cfg(), backbone=backbone)
+    assert (r.num_embedded, r.num_errors) == (6, 3)
+
+    # two are mended (the storage hiccup is over), one stays broken; one new image arrives
+    for n in broken[:2]:
+        (src / n).write_bytes(good[n])
+    _copy(tiny_dir, src, names[9:10])
+    with pytest.raises(OutputExistsError, match="--update"):  # a new image still needs --update
+        extract(src, out, _cfg(retry_errors=True), backbone=backbone)
+    r = extract(src, out, _cfg(retry_errors=True, update=True), backbone=backbone)
+    assert (r.num_retried, r.num_added) == (3, 1)
+    assert (r.num_images, r.num_embedded, r.num_errors, r.num_done) == (10, 9, 1, 4)
+    f = embedx.read_features(out)
+    errors = shards.read_errors(out).to_pydict()
+    assert errors["path"] == [broken[2]] and errors["row_id"][0] >= 12  # the retry's error row, in the new segment
+    assert sorted(f.paths) == sorted(set(names[:10]) - {broken[2]})
+    assert sorted(f.paths + errors["path"]) == sorted(names[:10])  # one record per path
+    ref = embedx.read_features(extract(src, tmp_path / "ref", _cfg(), backbone=backbone).out_dir)
+    at = {p: i for i, p in enumerate(ref.paths)}
+    np.testing.assert_allclose(f.embeddings, ref.embeddings[[at[p] for p in f.paths]], rtol=1e-5, atol=1e-5)
+    from embedx.summary import describe
+
+    d = describe(out)
+    assert (d["rows"], d["errors"], d["num_images"]) == (9, 1, 10)
+    # nothing left to retry but the broken one: it is tried again, and stays an error
+    again = extract(src, out, _cfg(retry_errors=True), backbone=backbone)
+    assert (again.num_retried, again.num_done, again.num_errors) == (1, 1, 1)
+    assert shards.read_errors(out).num_rows == 1 and len(embedx.read_features(out)) == 9
