@@ -221,9 +221,12 @@ folder, model, weights, bs, heap = Path(sys.argv[1]), sys.argv[2], sys.argv[3] o
 if sys.argv[6] == "pil":  # JPEGs decoded by PIL, as where simplejpeg is not installed
     import embedx.images
     embedx.images.use_simplejpeg(False)
+workers, prefetch = (None, None) if sys.argv[7] == "auto" else map(int, sys.argv[7].split(":"))
+precision = sys.argv[8]
 backbone = load_backbone(model, weights)
 tmp = Path(tempfile.mkdtemp())
-cfg = ExtractConfig(model=model, batch_size=bs, progress=False, compile="no", heap=heap)
+cfg = ExtractConfig(model=model, batch_size=bs, progress=False, compile="no", heap=heap, num_workers=workers,
+                    prefetch=prefetch, precision=precision)
 extract(sorted(folder.rglob("*.jpg"))[:32], tmp / "warm-up", cfg, backbone=backbone)
 t = time.perf_counter()
 r = extract(folder, tmp / "out", cfg, backbone=backbone)
@@ -233,17 +236,21 @@ shutil.rmtree(tmp)
 
 
 def bench_batch_sizes(folder: Path, model: str, weights: str | None, sizes: list[int], rounds: int,
-                      heaps: list[str] = ("auto",), jpegs: list[str] = ("simplejpeg",)) -> dict:
-    """`extract` end to end per batch size (and --heap choice, and JPEG decoder), each run in a
-    fresh process (as a user's run is, and the heap switch is one-way), after a 32-image warm-up;
-    rounds interleave the variants so drifts of a shared machine hit all."""
-    variants = [(bs, heap, jpeg) for bs in sizes for heap in heaps for jpeg in jpegs]
+                      heaps: list[str] = ("auto",), jpegs: list[str] = ("simplejpeg",),
+                      loaders: list[str] = ("auto",), precisions: list[str] = ("auto",)) -> dict:
+    """`extract` end to end per batch size (and --heap choice, JPEG decoder, decoder
+    processes:prefetch depth, and precision), each run in a fresh process (as a user's run is, and the heap
+    switch is one-way), after a 32-image warm-up; rounds interleave the variants so drifts of a
+    shared machine hit all."""
+    variants = [(bs, heap, jpeg, loader, precision) for bs in sizes for heap in heaps for jpeg in jpegs
+                for loader in loaders for precision in precisions]
     out = {v: [] for v in variants}
     for _ in range(rounds):
-        for bs, heap, jpeg in variants:
-            proc = subprocess.run([sys.executable, "-c", _ONE_RUN, str(folder), model, weights or "", str(bs), heap, jpeg],
-                                  capture_output=True, text=True, check=True)
-            out[bs, heap, jpeg].append(json.loads(proc.stdout.strip().splitlines()[-1])["images_per_second"])
+        for v in variants:
+            bs, heap, jpeg, loader, precision = v
+            proc = subprocess.run([sys.executable, "-c", _ONE_RUN, str(folder), model, weights or "", str(bs), heap, jpeg,
+                                   loader, precision], capture_output=True, text=True, check=True)
+            out[v].append(json.loads(proc.stdout.strip().splitlines()[-1])["images_per_second"])
     return out
 
 
@@ -265,6 +272,9 @@ def main() -> None:
     ap.add_argument("--heaps", default="auto", help="with --batch-sizes: --heap choices to compare, e.g. release,keep")
     ap.add_argument("--jpeg-decoders", default="simplejpeg",
                     help="with --batch-sizes: JPEG decoders to compare, e.g. pil,simplejpeg")
+    ap.add_argument("--loaders", default="auto",
+                    help="with --batch-sizes: decoder processes:prefetch depths to compare, e.g. 0:0,1:2,0:2 (auto: the defaults)")
+    ap.add_argument("--precisions", default="auto", help="with --batch-sizes: precisions to compare, e.g. fp32,bf16")
     ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "embedx-bench")
     ap.add_argument("--quick", action="store_true", help="tiny sizes: checks the benchmark runs")
     ap.add_argument("--out", type=Path, default=None)
@@ -298,10 +308,13 @@ def main() -> None:
         sizes = [int(x) for x in args.batch_sizes.split(",")]
         model = "test_efficientnet" if args.quick else args.model
         folder = photo_folder(16 if args.quick else args.images, cache)
-        heaps, jpegs = args.heaps.split(","), args.jpeg_decoders.split(",")
+        heaps, jpegs, loaders = args.heaps.split(","), args.jpeg_decoders.split(","), args.loaders.split(",")
+        precisions = args.precisions.split(",")
         runs = bench_batch_sizes(folder, model, "random" if args.quick else None, sizes, 1 if args.quick else args.rounds,
-                                 heaps, jpegs)
-        key = {v: "/".join([str(v[0])] + ([v[1]] if heaps != ["auto"] else []) + ([v[2]] if len(jpegs) > 1 else []))
+                                 heaps, jpegs, loaders, precisions)
+        key = {v: "/".join([str(v[0])] + ([v[1]] if heaps != ["auto"] else []) + ([v[2]] if len(jpegs) > 1 else [])
+                           + ([f"workers:prefetch={v[3]}"] if loaders != ["auto"] else [])
+                           + ([v[4]] if precisions != ["auto"] else []))
                for v in runs}
         for v, ips in runs.items():
             print(f"batch {key[v]:>12}: " + ", ".join(f"{x:.1f}" for x in ips) + " img/s")

@@ -67,7 +67,7 @@ def extract(
     out: Path = typer.Option(..., "--out", "-o", help="Output directory for the Parquet shards."),
     model: str = typer.Option("tf_efficientnet_lite0", help="Any timm model name."),
     weights: Optional[str] = typer.Option(None, help="auto (default: bundled, else hub) | bundled | hub | random | PATH to .pth/.safetensors."),
-    batch_size: Optional[int] = typer.Option(None, help="Images per batch [default: 256 on GPU; on CPU 2 per thread, 4 to 32]."),
+    batch_size: Optional[int] = typer.Option(None, help="Images per batch [default: 256 on GPU; on CPU 2 per thread, 8 with AVX-512, 4 to 32]."),
     num_workers: Optional[int] = typer.Option(None, help="Decoder processes; 0: decode in this process between batches [default: from the cores present; 0 on 2-core CPUs]."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
     precision: str = typer.Option("auto", help="auto (bf16 on GPU and bf16-capable CPUs) | fp32 | bf16 | fp16."),

@@ -133,19 +133,22 @@ class ExtractResult:
 
 
 def default_batch_size(device: str) -> int:
-    """256 on GPUs; on CPUs two images per intra-op thread (4 to 32).
+    """256 on GPUs; on CPUs, per intra-op thread, 8 images with AVX-512 and 2 without (4 to 32).
 
-    On CPUs small batches stay in cache. Measured on 2 cores (AVX2), EfficientNet-Lite0, end to
-    end, a fresh process per run (`bench_extract.py --batch-sizes 16,8,4`, two sessions of three
-    interleaved rounds): batch 4 26.7-29.4 and 25.9-27.1 img/s, batch 8 24.6-25.8 and 24.7-25.7,
-    batch 16 25.7-26.7 and 24.3-24.7. Scaling with the thread count (so that many-core CPUs
-    still have work for every thread) is an assumption, not measured here.
+    On CPUs small batches stay in cache; how small depends on the CPU. EfficientNet-Lite0 on 2
+    cores, end to end, a fresh process per run, interleaved rounds (`bench_extract.py
+    --batch-sizes`): on an AVX2 CPU batch 4 won (26.7-29.4 and 25.9-27.1 img/s vs 24.3-26.7 for
+    16, two sessions); on an AVX-512 CPU (with bf16) batch 16 won in both precisions (bf16
+    233-261 vs 180-206 img/s for 4; fp32 154-176 vs 141-156; session 9). Scaling with the
+    thread count (so that many-core CPUs still have work for every thread) is an assumption,
+    not measured here.
     """
     if device.startswith("cuda"):
         return 256
     import torch
 
-    return int(min(32, max(4, 2 * torch.get_num_threads())))
+    per_thread = 8 if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else 2
+    return int(min(32, max(4, per_thread * torch.get_num_threads())))
 
 
 def default_num_workers(device: str) -> int:

@@ -367,3 +367,17 @@ def test_decode_options_that_do_not_fit_are_refused_before_any_work(tiny_dir, tm
     with pytest.raises(InputError, match=message):
         extract(tiny_dir, tmp_path / "out", _cfg(**kwargs), engine=engine)
     assert not (tmp_path / "out").exists()
+
+
+def test_default_cpu_batch_follows_the_cpu(monkeypatch):
+    """2 images a thread on AVX2 CPUs, 8 with AVX-512 (measured: see default_batch_size)."""
+    import torch
+
+    from embedx.extractor import default_batch_size
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    for capability, want in (("AVX2", 4), ("DEFAULT", 4), ("AVX512", 16)):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
+        assert default_batch_size("cpu") == want, capability
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 16)
+    assert default_batch_size("cpu") == 32 and default_batch_size("cuda") == 256
