@@ -360,7 +360,7 @@ def _plan_update(out: Path, manifest: dict, listing: ImageListing, config: Extra
         unfinished = listing.records  # the first run, resumed
     else:
         unfinished = segments.unfinished(out, manifest, config.shard_size)
-    change = segments.diff(out, listing.records, unfinished)
+    change = segments.diff(out, manifest, listing.records, unfinished)
     if change.new and not config.update:
         raise OutputExistsError(
             f"{out} lacks {len(change.new)} of the input's images (it holds the other {change.known}). Add them with "

@@ -9,7 +9,7 @@ to `segments/NNNN.parquet` (row_id, path, file, label) before any of them is emb
 interrupted update resumes the same rows with the same ids, whatever the input holds by then.
 
 An image is new when its path (as the shards write it: relative to the input root) is in no
-shard and not in `errors.parquet`. Rows whose images have gone, or whose label has changed
+shard and has no error row (`errors.parquet`, made from the manifest's). Rows whose images have gone, or whose label has changed
 since, stay as they are; `diff` counts them so that the caller can say so. With
 `--retry-errors`, the inputs recorded as errors are planned again in the new segment, and their
 old error rows are dropped (`forget_errors`): each path then has one row or one error row.
@@ -117,14 +117,14 @@ class Diff:
     retried: int = 0  # inputs recorded as errors, planned again (--retry-errors)
 
 
-def diff(out: Path, records: list[ImageRecord], also_known: list[ImageRecord] = ()) -> Diff:
-    """Compare the listing with the rows in `out`'s shards and errors (plus `also_known`:
-    the planned rows of an unfinished update). Reads the path and label columns only."""
+def diff(out: Path, manifest: dict, records: list[ImageRecord], also_known: list[ImageRecord] = ()) -> Diff:
+    """Compare the listing with the rows in `out`'s shards and the error rows of its manifest
+    (plus `also_known`: the planned rows of unfinished updates). Reads the path and label
+    columns only."""
     rows: dict[str, str | None] = {}
     for table in shards.iter_shards(out, columns=["path", "label"]):
         rows.update(zip(table.column("path").to_pylist(), table.column("label").to_pylist()))
-    errors = shards.read_errors(out)
-    errored = set(errors.column("path").to_pylist()) if errors is not None else set()
+    errored = errored_paths(manifest)
     for r in also_known:
         rows.setdefault(r.path, r.label)
     new, relabelled, seen = [], 0, set()

@@ -177,7 +177,8 @@ class SearchService:
 
     def search_images(self, blobs: list[bytes], k: int = 10, labels: list[str] | None = None) -> dict:
         """Embed image files given as bytes with the index's backbone and search them."""
-        if self.encoder is None:
+        encoder = self.encoder  # (a reload may swap it meanwhile)
+        if encoder is None:
             raise InputError(self.no_images + "; query by vectors or ids")
         with tempfile.TemporaryDirectory(prefix="embedx-serve-") as tmp:
             files = []
@@ -186,7 +187,7 @@ class SearchService:
                 f.write_bytes(blob)
                 files.append(str(f))
             with self._model_lock:
-                emb = self.encoder.embed(files)
+                emb = encoder.embed(files)
         names = [f"image:{i}" for i in range(len(blobs))]
         ok = [n for n, good in zip(names, emb.ok) if good]
         failures = [{"query": n, "error": f"{e[0]}: {e[1]}"} for n, good, e in zip(names, emb.ok, emb.errors) if not good]
