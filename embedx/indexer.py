@@ -154,7 +154,7 @@ def build_index(features_dir, out_dir, config: fx.IndexConfig = fx.IndexConfig()
         "gpus": ngpu,
         "on_disk": bool(config.on_disk),
         "provenance": meta,
-        "sources": [{"features": str(features_dir), "root": (shards.read_manifest(features_dir) or {}).get("root"), "rows": n}],
+        "sources": [_source(features_dir, n)],
         "config": fx.config_dict(config),
     }
     fx.write_info(out_dir, info)
@@ -184,6 +184,12 @@ def add_to_index(index_dir, features_dir, *, batch_size: int = 65_536, progress:
     known = [i for i, s in enumerate(info["sources"]) if s["features"] == str(features_dir)]
     if known:  # catch up with what the directory gained since; its rows already in stay as they are
         source = known[0]
+        was, now = info["sources"][source].get("fingerprint"), _source(features_dir, 0)["fingerprint"]
+        if was and now != was:
+            raise SearchIndexError(
+                f"{features_dir} was extracted again (--overwrite) since it went into this index: its row ids "
+                "may name other images now. Rebuild the index (embedx index ... --overwrite)."
+            )
         skip = np.unique(rows.row_ids[rows.sources == source])
     else:
         source, skip = len(info["sources"]), None
@@ -214,12 +220,20 @@ def add_to_index(index_dir, features_dir, *, batch_size: int = 65_536, progress:
     if known:
         info["sources"][source]["rows"] += added
     else:
-        info["sources"].append({"features": str(features_dir), "root": (shards.read_manifest(features_dir) or {}).get("root"),
-                                "rows": added})
+        info["sources"].append(_source(features_dir, added))
     info["num_vectors"] = int(index.ntotal)
     info["index_bytes"] = (index_dir / fx.INDEX_FILE).stat().st_size
     fx.write_info(index_dir, info)
     return {**info, "added": added}
+
+
+def _source(features_dir: Path, rows: int) -> dict:
+    """A shard directory as an index records it; `fingerprint` (the first run's: --update keeps
+    it, a re-extraction with other input or settings changes it) tells a catch-up whether the
+    row ids it holds still mean what they meant."""
+    manifest = shards.read_manifest(features_dir) or {}
+    return {"features": str(features_dir), "root": manifest.get("root"), "rows": rows,
+            "fingerprint": manifest.get("fingerprint")}
 
 
 def _add(index, x: np.ndarray, bar, step: int = 16_384) -> None:

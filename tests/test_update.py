@@ -100,6 +100,9 @@ def test_update_embeds_only_new_images_into_new_shards(tiny_dir, tmp_path, backb
     # the index over the old rows now names a row the shards lack: said, not answered with garbage
     with pytest.raises(SearchIndexError, match=r"Row ids \[17\] are no longer in their feature shards"):
         search_ids(SearchIndex(tmp_path / "idx"), [17], k=1)
+    # and a catch-up would add rows whose ids meant other images: refused
+    with pytest.raises(SearchIndexError, match="extracted again"):
+        add_to_index(tmp_path / "idx", out)
 
 
 def test_interrupted_update_resumes_its_planned_rows(tiny_dir, tmp_path, backbone, monkeypatch):
