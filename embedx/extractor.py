@@ -361,6 +361,16 @@ def _plan_update(out: Path, manifest: dict, listing: ImageListing, config: Extra
     else:
         unfinished = segments.unfinished(out, manifest, config.shard_size)
     change = segments.diff(out, manifest, listing.records, unfinished)
+    held = sum(s["rows"] + len(s.get("errors", [])) for s in manifest["shards"])
+    if change.new and change.known == 0 and held:
+        # nothing in common: another collection, or the same one named from another root (paths
+        # are relative to the input root): "adding" it would embed every image a second time
+        raise OutputExistsError(
+            f"None of the input's {len(listing.records)} images is in {out}, which holds {held}. Its paths are "
+            f"named from {manifest.get('root')}, this input's from {listing.root} (paths are relative to the input "
+            "root: adding a folder beside the first changes it). Extract this input into another --out (and "
+            "`embedx index add` both to one index), or use --overwrite to start over."
+        )
     if change.new and not config.update:
         raise OutputExistsError(
             f"{out} lacks {len(change.new)} of the input's images (it holds the other {change.known}). Add them with "

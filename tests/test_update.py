@@ -176,6 +176,15 @@ def test_update_refusals(tiny_dir, tmp_path, backbone, monkeypatch):
         extract(src, out2, _cfg(update=True), backbone=backbone)
     assert extract(src, out2, _cfg(overwrite=True), backbone=backbone).num_embedded == 13
 
+    # a second folder passed beside the first moves the root up: every path is named anew, so
+    # nothing matches, and "adding" would embed everything twice: refused
+    more = tmp_path / "more"
+    _copy(tiny_dir, more, names[20:22])
+    with pytest.raises(OutputExistsError, match=r"None of the input's 15 images is in .* which holds 13"):
+        extract([src, more], out2, _cfg(update=True), backbone=backbone)
+    # extracting that folder into its own --out is the way (and index add both)
+    assert extract(more, tmp_path / "more-feats", _cfg(), backbone=backbone).num_embedded == 2
+
 
 def test_retry_errors_embeds_mended_inputs_and_keeps_one_record_per_path(tiny_dir, tmp_path, backbone):
     names = _names(tiny_dir)
