@@ -41,8 +41,11 @@ log = logging.getLogger(__name__)
 
 #: request bodies larger than this are refused (413): a few dozen photos, base64-encoded
 MAX_BODY_BYTES = 64 * 2**20
-#: and so are more queries than this in one request
+#: and so are more queries than this in one request, and more neighbours than this a query
 MAX_QUERIES = 1024
+MAX_K = 10_000
+#: seconds a client may take to send its request (a stalled one would hold a thread forever)
+REQUEST_TIMEOUT = 60
 
 
 class SearchService:
@@ -205,8 +208,8 @@ def _stamp(directory: Path) -> tuple[int, int] | None:
 
 
 def _k(value) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise InputError(f'"k" must be a positive integer, not {value!r}')
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_K:
+        raise InputError(f'"k" must be an integer from 1 to {MAX_K}, not {value!r}')
     return value
 
 
@@ -230,6 +233,7 @@ def make_server(service: SearchService, host: str = "127.0.0.1", port: int = 800
 
     class Handler(BaseHTTPRequestHandler):
         server_version = "embedx"
+        timeout = REQUEST_TIMEOUT
 
         def do_GET(self):
             url = urlsplit(self.path)

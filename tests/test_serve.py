@@ -111,7 +111,8 @@ def test_bad_requests_get_400_with_what_to_send(served):
         ({"ids": [10**9]}, "not in this index"),
         ({"ids": [0], "vector": [1]}, "unknown fields"),
         ({"ids": [0], "vectors": [[1.0]]}, "exactly one of"),
-        ({"ids": [0], "k": 0}, "positive integer"),
+        ({"ids": [0], "k": 0}, "integer from 1 to 10000"),
+        ({"ids": [0], "k": 10**6}, "integer from 1 to 10000"),
         ({"ids": ["a"]}, "integer row ids"),
         ({"images": ["%%%"]}, "not base64"),
         ({"vectors": feats.embeddings[:1].tolist(), "exclude_self": True}, "applies to \"ids\""),
@@ -221,3 +222,28 @@ def test_rebuilt_index_of_another_backbone_gets_its_encoder(served, tmp_path, mo
         assert service.idx.provenance["model"] == "resnet18" and built == [("resnet18", "w.pth", "cpu")]
     finally:
         (idx.directory / "index.json").write_text(json.dumps(info))
+
+
+def test_a_stalled_client_does_not_hold_the_server(served, monkeypatch):
+    """A client that announces a body and never sends it is dropped after the request timeout;
+    other requests are answered meanwhile."""
+    import socket
+
+    import embedx.serve as serve_mod
+
+    url, idx, feats = served
+    monkeypatch.setattr(serve_mod, "REQUEST_TIMEOUT", 1)
+    service = SearchService(SearchIndex(idx.directory), None)
+    server = make_server(service, "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    host, port = server.server_address[:2]
+    try:
+        stalled = socket.create_connection((host, port))
+        stalled.sendall(b"POST /search HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")  # 99 bytes short
+        assert _call(f"http://{host}:{port}/")[0] == 200  # answered while the other waits
+        stalled.settimeout(10)
+        assert stalled.recv(1024) == b""  # closed by the server once its timeout passed
+        stalled.close()
+    finally:
+        server.shutdown()
+        server.server_close()
