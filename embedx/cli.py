@@ -159,19 +159,22 @@ def extract(
 @app.command()
 @_handle_errors
 def info(
-    features: Path = typer.Argument(..., help="A shard directory written by `embedx extract`."),
+    features: Path = typer.Argument(..., help="A shard directory written by `embedx extract`, or an index directory."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ):
-    """Show what a shard directory holds: rows, dimension, model, errors.
+    """Show what a shard directory holds (rows, dimension, model, errors), or an index directory
+    (vectors, index type, measured recall and queries/s, sources).
 
     Examples:
 
     \b
         embedx info feats/
+        embedx info idx/ --json
     """
-    from .summary import describe
+    from .index import INFO_FILE
+    from .summary import describe, describe_index
 
-    d = describe(features)
+    d = describe_index(features) if (features / INFO_FILE).exists() else describe(features)
     if as_json:
         typer.echo(json.dumps(d, indent=2))
         return

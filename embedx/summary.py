@@ -1,4 +1,4 @@
-"""`embedx info`: a plain summary of a shard directory."""
+"""`embedx info`: a plain summary of a shard directory or of an index directory."""
 
 from __future__ import annotations
 
@@ -51,3 +51,32 @@ def _preprocess(dc: dict) -> str | None:
         return None
     _, h, w = dc["input_size"]
     return f"{h}x{w}, crop {dc.get('crop_pct')} ({dc.get('crop_mode')}), {dc.get('interpolation')}"
+
+
+def describe_index(directory: str | os.PathLike) -> dict:
+    """Vectors, index type, measured recall and speed, provenance and sources of an index directory."""
+    from . import index as fx
+
+    info = fx.read_info(Path(directory))
+    prov = info.get("provenance") or {}
+    param = info.get("search_param")
+    return {
+        "directory": str(directory),
+        "vectors": info["num_vectors"],
+        "dim": info["dim"],
+        "metric": info["metric"],
+        "factory": info["factory"],
+        "search": f"{param}={info.get('search_value')}" if param else "exact",
+        "k": info.get("k"),
+        "recall_at_k": info.get("recall_at_k"),  # measured against exact search on held-out queries
+        "target_recall": info.get("target_recall"),
+        "target_reached": info.get("target_reached"),
+        "qps": round(info.get("qps") or 0),
+        "exact_qps": round(info.get("exact_qps") or 0),
+        "bytes": info.get("index_bytes"),
+        "on_disk": info.get("on_disk"),
+        "model": prov.get("model"),
+        "pooling": prov.get("pooling"),
+        "normalized": prov.get("normalized"),
+        "sources": {s["features"]: s["rows"] for s in info.get("sources", [])},
+    }

@@ -354,3 +354,15 @@ def test_dedup_across_sources_and_after_a_catch_up_add(tmp_path):
 def _one_source_index(tmp_path, feats):
     build_index(feats, tmp_path / "one", fx.IndexConfig(factory="Flat", num_queries=20))
     return SearchIndex(tmp_path / "one")
+
+
+def test_cli_info_describes_an_index_directory(photo_index):
+    r = CliRunner().invoke(app, ["info", str(photo_index / "i"), "--json"])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    info = json.loads((photo_index / "i" / "index.json").read_text())
+    assert d["vectors"] == info["num_vectors"] == len(embedx.read_features(photo_index / "f"))
+    assert d["factory"] == info["factory"] and (d["k"], d["recall_at_k"]) == (info["k"], info["recall_at_k"])
+    assert d["model"] == "tf_efficientnet_lite0" and d["sources"] == {str((photo_index / "f").resolve()): d["vectors"]}
+    table = CliRunner().invoke(app, ["info", str(photo_index / "i")]).stdout
+    assert re.search(r"recall_at_k: [\d.]+", table) and re.search(r"exact_qps: \d+", table)
