@@ -386,7 +386,7 @@ def _plan_update(out: Path, manifest: dict, listing: ImageListing, config: Extra
         added = segments.append(out, manifest, todo, config.shard_size)
         shards.write_manifest(out, manifest)
         if retry:
-            shards.write_errors(out, [shards.ErrorRow(**e) for s in manifest["shards"] for e in s["errors"]])
+            shards.write_errors_of(out, manifest)
     return list(unfinished) + added, replace(change, retried=len(retry))
 
 
@@ -853,7 +853,7 @@ class _ShardWriter:
         updated["shards"] = sorted(self.manifest["shards"] + [entry], key=lambda s: s["index"])
         # errors.parquet first, then the manifest: a crash in between only means the
         # errors file lists a shard the manifest does not yet name, and is rewritten on resume
-        shards.write_errors(self.out, [shards.ErrorRow(**e) for s in updated["shards"] for e in s["errors"]])
+        shards.write_errors_of(self.out, updated)
         shards.write_manifest(self.out, updated)
         # the caller's manifest dict is updated in place only once the shard is on disk
         self.manifest.clear()

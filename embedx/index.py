@@ -145,17 +145,7 @@ def prepare(x: np.ndarray, metric: str) -> np.ndarray:
 def iter_vectors(features_dir, metric: str, batch_size: int, skip_row_ids: np.ndarray | None = None):
     """Yield (embeddings, row_ids, paths, labels) batches streamed shard by shard; rows whose
     id is in `skip_row_ids` are left out (a shard holding only such rows is not read)."""
-    import pyarrow.parquet as pq
-
-    for f in shards.shard_files(features_dir):
-        keep = None
-        if skip_row_ids is not None and len(skip_row_ids):
-            keep = ~np.isin(pq.read_table(f, columns=["row_id"]).column("row_id").to_numpy(), skip_row_ids)
-            if not keep.any():
-                continue
-        table = pq.read_table(f)
-        if keep is not None and not keep.all():
-            table = table.filter(keep)
+    for table in shards.iter_shards(features_dir, skip_row_ids=skip_row_ids):
         emb = shards.embeddings_of(table)
         ids = table.column("row_id").to_numpy()
         paths = table.column("path").to_pylist()

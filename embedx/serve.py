@@ -93,12 +93,9 @@ class SearchService:
         return self._idx
 
     def _new_encoder(self, provenance: dict) -> None:
-        try:
-            with self._model_lock:
-                self.encoder = QueryEncoder(provenance, weights=self.weights, device=self.encoder.device)
-        except EmbedxError as e:
-            log.warning("image queries are off: %s", e)
-            self.encoder, self.no_images = None, f"image queries are off on this server: {e}"
+        with self._model_lock:
+            encoder, why = _encoder(provenance, self.weights, self.encoder.device)
+        self.encoder, self.no_images = encoder, why or self.no_images
 
     @classmethod
     def open(cls, index_dir, *, weights: str | None = None, device: str = "auto", images: bool = True) -> "SearchService":
@@ -108,11 +105,8 @@ class SearchService:
         idx = SearchIndex(index_dir)
         if not images:
             return cls(idx, None, "image queries are off on this server (started with --no-images)")
-        try:
-            return cls(idx, QueryEncoder(idx.provenance, weights=weights, device=device), weights=weights)
-        except EmbedxError as e:
-            log.warning("image queries are off: %s", e)
-            return cls(idx, None, f"image queries are off on this server: {e}")
+        encoder, why = _encoder(idx.provenance, weights, device)
+        return cls(idx, encoder, why, weights=weights)
 
     def image(self, row_id: int, size: int = 256) -> bytes:
         """An indexed image as a JPEG thumbnail, by row id."""
@@ -196,6 +190,15 @@ class SearchService:
         failures = [{"query": n, "error": f"{e[0]}: {e[1]}"} for n, good, e in zip(names, emb.ok, emb.errors) if not good]
         results = self.idx.search(emb.embeddings, k, names=ok, labels=labels) if ok else []
         return _answer(results, failures)
+
+
+def _encoder(provenance: dict, weights: str | None, device: str) -> tuple[QueryEncoder | None, str | None]:
+    """The backbone for image queries, or None and why not (logged: the server runs on without)."""
+    try:
+        return QueryEncoder(provenance, weights=weights, device=device), None
+    except EmbedxError as e:
+        log.warning("image queries are off: %s", e)
+        return None, f"image queries are off on this server: {e}"
 
 
 def _stamp(directory: Path) -> tuple[int, int] | None:

@@ -167,6 +167,11 @@ def write_errors(directory: Path, errors: list[ErrorRow]) -> None:
     _atomic_write_table(Path(directory) / ERRORS, table)
 
 
+def write_errors_of(directory: Path, manifest: dict) -> None:
+    """errors.parquet as the manifest's shard entries list the errors (it is made from them)."""
+    write_errors(directory, [ErrorRow(**e) for s in manifest["shards"] for e in s.get("errors", [])])
+
+
 def read_errors(directory: str | os.PathLike):
     """The errors table (pyarrow) of a shard directory; empty if there were none."""
     import pyarrow.parquet as pq
@@ -325,13 +330,21 @@ def _metadata_of(sch) -> dict:
     return json.loads(raw) if raw else {}
 
 
-def iter_shards(directory: str | os.PathLike, columns: list[str] | None = None, row_ids=None):
+def iter_shards(directory: str | os.PathLike, columns: list[str] | None = None, row_ids=None,
+                skip_row_ids: np.ndarray | None = None):
     """Yield one pyarrow Table per completed shard (bounded memory for streaming consumers);
-    with `row_ids`, only the shards that can hold them (`files_for_rows`)."""
+    with `row_ids`, only the shards that can hold them (`files_for_rows`); with `skip_row_ids`,
+    without those rows (a shard holding only such rows is not read past its row ids)."""
     import pyarrow.parquet as pq
 
     for f in shard_files(directory) if row_ids is None else files_for_rows(directory, row_ids):
-        yield pq.read_table(f, columns=columns)
+        keep = None
+        if skip_row_ids is not None and len(skip_row_ids):
+            keep = ~np.isin(pq.read_table(f, columns=["row_id"]).column("row_id").to_numpy(), skip_row_ids)
+            if not keep.any():
+                continue
+        table = pq.read_table(f, columns=columns)
+        yield table if keep is None or keep.all() else table.filter(keep)
 
 
 def embeddings_of(table) -> np.ndarray:
