@@ -46,6 +46,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 
+from embedx._openmp import shorten_spin_wait  # noqa: E402
+
+# as the CLI does, before torch loads: every figure here is the engine as `embedx extract` runs it
+shorten_spin_wait()
+
 
 
 def photo_folder(n: int, cache: Path) -> Path:
@@ -221,36 +226,50 @@ folder, model, weights, bs, heap = Path(sys.argv[1]), sys.argv[2], sys.argv[3] o
 if sys.argv[6] == "pil":  # JPEGs decoded by PIL, as where simplejpeg is not installed
     import embedx.images
     embedx.images.use_simplejpeg(False)
-workers, prefetch = (None, None) if sys.argv[7] == "auto" else map(int, sys.argv[7].split(":"))
+loader = [None, None, None] if sys.argv[7] == "auto" else [int(x) for x in sys.argv[7].split(":")] + [None]
+workers, prefetch, threads = loader[:3]
 precision = sys.argv[8]
 backbone = load_backbone(model, weights)
 tmp = Path(tempfile.mkdtemp())
 cfg = ExtractConfig(model=model, batch_size=bs, progress=False, compile="no", heap=heap, num_workers=workers,
-                    prefetch=prefetch, precision=precision)
+                    prefetch=prefetch, precision=precision, decode_threads=threads)
 extract(sorted(folder.rglob("*.jpg"))[:32], tmp / "warm-up", cfg, backbone=backbone)
 t = time.perf_counter()
 r = extract(folder, tmp / "out", cfg, backbone=backbone)
-print(json.dumps({"images_per_second": r.num_embedded / (time.perf_counter() - t)}))
+ips = r.num_embedded / (time.perf_counter() - t)
+sys.path.insert(0, sys.argv[9])
+from bench_extract import bench_ceiling
+ceiling = bench_ceiling(backbone, r.num_embedded, bs, r.device, r.precision)
+print(json.dumps({"images_per_second": ips, "ceiling": ceiling, "stage_seconds": r.stage_seconds}))
 shutil.rmtree(tmp)
 """
 
 
 def bench_batch_sizes(folder: Path, model: str, weights: str | None, sizes: list[int], rounds: int,
                       heaps: list[str] = ("auto",), jpegs: list[str] = ("simplejpeg",),
-                      loaders: list[str] = ("auto",), precisions: list[str] = ("auto",)) -> dict:
+                      loaders: list[str] = ("auto",), precisions: list[str] = ("auto",),
+                      spins: list[str] = ("auto",)) -> dict:
     """`extract` end to end per batch size (and --heap choice, JPEG decoder, decoder
-    processes:prefetch depth, and precision), each run in a fresh process (as a user's run is, and the heap
-    switch is one-way), after a 32-image warm-up; rounds interleave the variants so drifts of a
-    shared machine hit all."""
-    variants = [(bs, heap, jpeg, loader, precision) for bs in sizes for heap in heaps for jpeg in jpegs
-                for loader in loaders for precision in precisions]
+    processes:prefetch depth[:decode threads], precision, and GOMP_SPINCOUNT: "default" unsets it),
+    each run in a fresh process (as a user's run is, and the heap switch is one-way), after a
+    32-image warm-up, followed by the model-only ceiling in the same process; rounds interleave
+    the variants so drifts of a shared machine hit all. Returns {variant: [run, ...]}, each run
+    {"images_per_second", "ceiling", "stage_seconds"}."""
+    variants = [(bs, heap, jpeg, loader, precision, spin) for bs in sizes for heap in heaps for jpeg in jpegs
+                for loader in loaders for precision in precisions for spin in spins]
     out = {v: [] for v in variants}
     for _ in range(rounds):
         for v in variants:
-            bs, heap, jpeg, loader, precision = v
+            bs, heap, jpeg, loader, precision, spin = v
+            env = dict(os.environ)
+            if spin == "default":
+                env.pop("GOMP_SPINCOUNT", None)
+            elif spin != "auto":
+                env["GOMP_SPINCOUNT"] = spin
             proc = subprocess.run([sys.executable, "-c", _ONE_RUN, str(folder), model, weights or "", str(bs), heap, jpeg,
-                                   loader, precision], capture_output=True, text=True, check=True)
-            out[v].append(json.loads(proc.stdout.strip().splitlines()[-1])["images_per_second"])
+                                   loader, precision, str(Path(__file__).resolve().parent)],
+                                  capture_output=True, text=True, check=True, env=env)
+            out[v].append(json.loads(proc.stdout.strip().splitlines()[-1]))
     return out
 
 
@@ -273,8 +292,12 @@ def main() -> None:
     ap.add_argument("--jpeg-decoders", default="simplejpeg",
                     help="with --batch-sizes: JPEG decoders to compare, e.g. pil,simplejpeg")
     ap.add_argument("--loaders", default="auto",
-                    help="with --batch-sizes: decoder processes:prefetch depths to compare, e.g. 0:0,1:2,0:2 (auto: the defaults)")
+                    help="with --batch-sizes: decoder processes:prefetch depth[:decode threads] to compare, e.g. "
+                         "0:0,1:2,0:2 or 0:0:1,0:0:2 (auto: the defaults)")
     ap.add_argument("--precisions", default="auto", help="with --batch-sizes: precisions to compare, e.g. fp32,bf16")
+    ap.add_argument("--spin-counts", default="auto",
+                    help="with --batch-sizes: GOMP_SPINCOUNT values to compare, e.g. default,30000 (default: libgomp's own; "
+                         "auto: as the CLI sets it)")
     ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "embedx-bench")
     ap.add_argument("--quick", action="store_true", help="tiny sizes: checks the benchmark runs")
     ap.add_argument("--out", type=Path, default=None)
@@ -309,17 +332,21 @@ def main() -> None:
         model = "test_efficientnet" if args.quick else args.model
         folder = photo_folder(16 if args.quick else args.images, cache)
         heaps, jpegs, loaders = args.heaps.split(","), args.jpeg_decoders.split(","), args.loaders.split(",")
-        precisions = args.precisions.split(",")
+        precisions, spins = args.precisions.split(","), args.spin_counts.split(",")
         runs = bench_batch_sizes(folder, model, "random" if args.quick else None, sizes, 1 if args.quick else args.rounds,
-                                 heaps, jpegs, loaders, precisions)
+                                 heaps, jpegs, loaders, precisions, spins)
         key = {v: "/".join([str(v[0])] + ([v[1]] if heaps != ["auto"] else []) + ([v[2]] if len(jpegs) > 1 else [])
-                           + ([f"workers:prefetch={v[3]}"] if loaders != ["auto"] else [])
-                           + ([v[4]] if precisions != ["auto"] else []))
+                           + ([f"workers:prefetch{':threads' if v[3].count(':') == 2 else ''}={v[3]}"] if loaders != ["auto"] else [])
+                           + ([v[4]] if precisions != ["auto"] else []) + ([f"spin={v[5]}"] if spins != ["auto"] else []))
                for v in runs}
-        for v, ips in runs.items():
-            print(f"batch {key[v]:>12}: " + ", ".join(f"{x:.1f}" for x in ips) + " img/s")
+        for v, rs in runs.items():
+            print(f"batch {key[v]:>12}: " + ", ".join(f"{r['images_per_second']:.1f}" for r in rs) + " img/s; ceiling "
+                  + ", ".join(f"{r['ceiling']:.1f}" for r in rs) + "; embedx/ceiling "
+                  + ", ".join(f"{r['images_per_second'] / r['ceiling']:.2f}" for r in rs))
         result = {"benchmark": "extract-batch-sizes", "model": model, "env": env, "images": len(files_of(folder)),
-                  "images_per_second": {key[v]: ips for v, ips in runs.items()}}
+                  "images_per_second": {key[v]: [r["images_per_second"] for r in rs] for v, rs in runs.items()},
+                  "ceiling": {key[v]: [r["ceiling"] for r in rs] for v, rs in runs.items()},
+                  "stage_seconds": {key[v]: [r["stage_seconds"] for r in rs] for v, rs in runs.items()}}
         write_result(result, "extract_batch_sizes", args.quick, args.out)
         return
 

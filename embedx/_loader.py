@@ -171,8 +171,58 @@ def worker_init(_worker_id: int) -> None:
     torch.set_num_threads(1)
 
 
-def make_loader(dataset: ImageDataset, batch_size: int, num_workers: int, pin_memory: bool):
+def _decode_range(dataset: ImageDataset, start: int, stop: int) -> list:
+    return [dataset[i] for i in range(start, stop)]
+
+
+def _one_torch_thread() -> None:
+    import torch
+
+    torch.set_num_threads(1)  # this thread's own OpenMP setting: the model's threads keep theirs
+
+
+class ThreadedBatches:
+    """Batches decoded in this process, each split into `threads` contiguous shares decoded at
+    the same time: one by the calling thread, the others by a thread pool. For a CPU that runs the
+    model on every core and decodes between batches (no decoder processes): the decode, which
+    is serial there, gets every core too instead of one, while the model waits as before.
+    simplejpeg, PIL's decoders and torch's resize release the GIL, so the threads run in
+    parallel. Each item is `ImageDataset`'s, so batches hold exactly what the serial loop gives.
+    """
+
+    def __init__(self, dataset: ImageDataset, batch_size: int, threads: int):
+        if threads < 2:
+            raise ValueError(f"ThreadedBatches needs 2 threads or more, not {threads}")
+        self.dataset, self.batch_size, self.threads = dataset, batch_size, threads
+
+    def __len__(self) -> int:
+        return -(-len(self.dataset) // self.batch_size)
+
+    def __iter__(self):
+        from concurrent.futures import ThreadPoolExecutor
+
+        n = len(self.dataset)
+        with ThreadPoolExecutor(self.threads - 1, thread_name_prefix="embedx-decode",
+                                initializer=_one_torch_thread) as pool:
+            for start in range(0, n, self.batch_size):
+                stop = min(n, start + self.batch_size)
+                bounds = np.linspace(start, stop, self.threads + 1).round().astype(int).tolist()
+                others = [pool.submit(_decode_range, self.dataset, lo, hi)
+                          for lo, hi in zip(bounds[1:-1], bounds[2:]) if hi > lo]
+                items = _decode_range(self.dataset, bounds[0], bounds[1])
+                for future in others:
+                    items += future.result()
+                yield collate(items)
+
+
+def make_loader(dataset: ImageDataset, batch_size: int, num_workers: int, pin_memory: bool,
+                decode_threads: int = 1):
+    """Batches of `dataset`: from `num_workers` decoder processes (torch's DataLoader), or, with
+    none, decoded in this process by `decode_threads` threads (`ThreadedBatches`) or one."""
     from torch.utils.data import DataLoader
+
+    if num_workers == 0 and decode_threads > 1:
+        return ThreadedBatches(dataset, batch_size, decode_threads)
 
     kwargs = {}
     if num_workers > 0:

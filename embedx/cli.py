@@ -16,7 +16,12 @@ from typing import List, Optional
 
 import typer
 
+from ._openmp import shorten_spin_wait
 from .errors import EmbedxError
+
+# before anything loads torch (and its OpenMP runtime, which reads this once): lets the extract
+# engine's decode threads use the cores the model has just left (see _openmp)
+shorten_spin_wait()
 
 app = typer.Typer(
     add_completion=False,
@@ -69,6 +74,7 @@ def extract(
     weights: Optional[str] = typer.Option(None, help="auto (default: bundled, else hub) | bundled | hub | random | PATH to .pth/.safetensors."),
     batch_size: Optional[int] = typer.Option(None, help="Images per batch [default: 256 on GPU; on CPU 2 per thread, 8 with AVX-512, 4 to 32]."),
     num_workers: Optional[int] = typer.Option(None, help="Decoder processes; 0: decode in this process between batches [default: from the cores present; 0 on 2-core CPUs]."),
+    decode_threads: Optional[int] = typer.Option(None, help="With 0 decoder processes: threads that decode each batch while the model waits [default: the cores present, at most 8, where OpenMP's idle workers sleep soon (the CLI sets GOMP_SPINCOUNT=30000 unless set), else 1]."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
     precision: str = typer.Option("auto", help="auto (bf16 on GPU and bf16-capable CPUs) | fp32 | bf16 | fp16."),
     labels: str = typer.Option("folder", help="folder (parent directory name; in .tar archives a WebDataset .cls file first) | none."),
@@ -114,8 +120,8 @@ def extract(
     from .extractor import ExtractConfig, extract as run_extract
 
     config = ExtractConfig(
-        model=model, weights=weights, batch_size=batch_size, num_workers=num_workers, device=device,
-        precision=precision, labels=labels, img_size=img_size, crop_pct=crop_pct, crop_mode=crop_mode,
+        model=model, weights=weights, batch_size=batch_size, num_workers=num_workers, decode_threads=decode_threads,
+        device=device, precision=precision, labels=labels, img_size=img_size, crop_pct=crop_pct, crop_mode=crop_mode,
         interpolation=interpolation, pool=pool, shard_size=shard_size, normalize=normalize, dtype=dtype,
         overwrite=overwrite, update=update, retry_errors=retry_errors, max_pixels=max_pixels, fast_decode=fast_decode, decode=decode, device_share=device_share,
         device_decoder=device_decoder, prefetch=prefetch,

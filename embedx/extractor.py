@@ -64,6 +64,7 @@ class ExtractConfig:
     pool: str | None = None  # global pooling instead of the model's own (timm's global_pool: avg, max, avgmax, …)
     update: bool = False  # out holds this run already: embed the images new since, as new shards (see segments)
     retry_errors: bool = False  # out holds this run already: embed again the inputs errors.parquet lists
+    decode_threads: int | None = None  # with 0 decoder processes: threads decoding each batch (model waiting); None: default_decode_threads
 
 
 #: torch.compile costs ~60 s on 2 CPU cores (EfficientNet-Lite0) and gains ~1.4x there; it pays
@@ -165,6 +166,20 @@ def default_num_workers(device: str) -> int:
     return max(1, cpus // 4)
 
 
+def default_decode_threads(num_workers: int) -> int:
+    """Threads that decode each batch in this process when there are no decoder processes. The
+    model waits for the decode there, so the decode may use the cores the model has just left:
+    every core (at most 8), where idle OpenMP workers leave them soon (`_openmp`; the CLI sees to
+    it), else 1: behind workers that still spin, more threads only contended (2 threads made
+    the decode ~1.6x faster with the short spin wait, no faster without: benchmarks/README.md,
+    "decode threads")."""
+    from ._openmp import spin_wait_is_short
+
+    if num_workers != 0 or not spin_wait_is_short():
+        return 1
+    return min(usable_cpus(), 8)
+
+
 def default_prefetch(device: str, num_workers: int) -> int:
     """Batches prepared ahead on the prefetch thread: 2; but 0 (inline) on a CPU that decodes in
     this process, where that thread would decode while the model runs, the contention that
@@ -216,6 +231,8 @@ def _check_config(config: ExtractConfig) -> None:
         raise InputError("--batch-size must be at least 1.")
     if config.num_workers is not None and config.num_workers < 0:
         raise InputError("--num-workers must be 0 or more.")
+    if config.decode_threads is not None and config.decode_threads < 1:
+        raise InputError(f"--decode-threads must be 1 (decode serially) or more, not {config.decode_threads}.")
     if config.decode not in ("pil", "device"):
         raise InputError(f"--decode must be pil or device, not {config.decode!r}.")
     if not 0.0 < config.device_share <= 1.0:
@@ -428,7 +445,8 @@ def _run_local(plan: _Plan, out: Path, config: ExtractConfig, timer: "_StageTime
     num_workers = default_num_workers(device) if config.num_workers is None else config.num_workers
     writer = _ShardWriter(out, plan.manifest, config, backbone.dim, plan.metadata, shared=shared_manifest)
     dataset = ImageDataset(pending, _decode_spec(backbone, config))
-    loader = make_loader(dataset, batch_size, num_workers, pin_memory=device.startswith("cuda"))
+    threads = default_decode_threads(num_workers) if config.decode_threads is None else config.decode_threads
+    loader = make_loader(dataset, batch_size, num_workers, pin_memory=device.startswith("cuda"), decode_threads=threads)
     with timer("startup"):
         # start the decoder processes before CUDA is initialised here: forking a process
         # that holds a CUDA context is slower and not safe

@@ -1,0 +1,45 @@
+"""How long OpenMP's idle worker threads busy-wait, and so whether decode threads can run.
+
+After each parallel region (every op of a forward pass), GNU libgomp's workers (torch's intra-op
+threads on Linux) spin GOMP_SPINCOUNT times before they sleep: 300,000 by default, which on
+the 2-core machine here outlasted a whole batch's decode between two forward passes. A thread
+decoding there shares its core with a spinning worker, so a second decode thread gained
+nothing (loader_wait 0.39-0.43 s for 512 photos with 2 threads, 0.41 s with one). With 30,000
+spins the workers sleep soon after the forward pass and 2 threads decode the same photos in
+0.25 s, while the model's own time stays within the noise (benchmarks/README.md, "decode
+threads"); fewer spins (3,000) or none (OMP_WAIT_POLICY=passive) slowed the model.
+
+libgomp reads the variable once, when torch loads it: `shorten_spin_wait` sets it only before
+torch is imported and only where the user has not set it. The CLI calls it first thing; a
+program using the library sets `GOMP_SPINCOUNT=30000` itself before importing torch.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+SPIN_COUNT = 30_000
+#: at most this many spins counts as "idle workers leave the cores soon"
+_SHORT = 100_000
+
+
+def shorten_spin_wait() -> bool:
+    """Set GOMP_SPINCOUNT to `SPIN_COUNT` if torch is not loaded yet and the variable is unset.
+    Returns whether the spin wait in effect is a short one (`spin_wait_is_short`)."""
+    if "torch" not in sys.modules:
+        os.environ.setdefault("GOMP_SPINCOUNT", str(SPIN_COUNT))
+    return spin_wait_is_short()
+
+
+def spin_wait_is_short(environ=os.environ) -> bool:
+    """Whether idle OpenMP workers leave their cores soon after a parallel region: OMP_WAIT_POLICY
+    is passive, or GOMP_SPINCOUNT is at most 100,000 (as the environment says; it must have
+    said so when torch loaded)."""
+    if environ.get("OMP_WAIT_POLICY", "").strip().lower() == "passive":
+        return True
+    value = environ.get("GOMP_SPINCOUNT", "").strip()
+    try:
+        return int(value) <= _SHORT
+    except ValueError:  # unset (300,000), "infinite", or a form we do not parse
+        return False
