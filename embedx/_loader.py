@@ -1,4 +1,5 @@
-"""Decode-and-resize in worker processes; uint8 batches that carry their own indices.
+"""Decode-and-resize in worker processes (or, with none, in threads of this process:
+`ThreadedBatches`); uint8 batches that carry their own indices.
 
 Workers decode (plain JPEGs straight into arrays by simplejpeg, the rest with PIL), run the
 model's resize + crop (on uint8 tensors by default, `UInt8ResizeCrop`; timm's own PIL
