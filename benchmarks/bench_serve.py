@@ -12,6 +12,11 @@ seed, as bench_extract.py) embedded with the default model, reports:
 and cli_image_s / serve_image_ms: how many times faster an image query gets once the server is up.
 The server's own start-up (imports, loading the index and the backbone) is reported apart.
 
+Then, under concurrent load (--clients threads, each sending one-image requests, --concurrent
+in all), image queries/s and latency of the server with dynamic batching (--max-batch 64, the
+default) vs one request at a time (--max-batch 1), a fresh server each, alternating --rounds
+times: the gain of embedding the requests that queue up together.
+
     python benchmarks/bench_serve.py --images 256
     python benchmarks/bench_serve.py --quick        # a smoke run (the test suite uses it)
 """
@@ -41,17 +46,62 @@ def _post(url: str, data: bytes) -> dict:
         return json.loads(r.read())
 
 
+def _start_server(embedx_cmd, idx, env, *extra):
+    """A running `embedx serve` on a free port, warmed up (its first forward pass): (process, url)."""
+    proc = subprocess.Popen([*embedx_cmd, "serve", str(idx), "--port", "0", *extra], env=env,
+                            stderr=subprocess.PIPE, text=True)
+    line = proc.stderr.readline()
+    m = re.search(r"on (http://[\d.]+:\d+)", line)
+    if not m:
+        proc.kill()
+        raise SystemExit(f"the server did not start: {line}{proc.stderr.read()}")
+    url = m.group(1)
+    return proc, url
+
+
+def _concurrent(url: str, blobs: list[bytes], paths: list[str], clients: int, requests: int) -> dict:
+    """`requests` one-image queries from `clients` threads at once: queries/s, latency, and the
+    server's images per backbone call (from GET /)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    _post(url + "/search/image?k=10", blobs[0])  # warm-up (first forward pass)
+    before = _get(url + "/")["image_batches"]
+
+    def one(i):
+        t = time.perf_counter()
+        got = _post(url + "/search/image?k=10", blobs[i % len(blobs)])
+        assert got["results"][0]["results"][0]["path"] == paths[i % len(blobs)], got
+        return (time.perf_counter() - t) * 1e3
+
+    t = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        ms = sorted(pool.map(one, range(requests)))
+    seconds = time.perf_counter() - t
+    after = _get(url + "/")["image_batches"]
+    calls, images = after["calls"] - before["calls"], after["images"] - before["images"]
+    return {"qps": requests / seconds, "p50_ms": ms[len(ms) // 2], "p95_ms": ms[int(len(ms) * 0.95)],
+            "images_per_call": images / max(1, calls)}
+
+
+def _get(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=120) as r:
+        return json.loads(r.read())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=256, help="JPEGs in the index")
     ap.add_argument("--queries", type=int, default=50, help="sequential requests to the server, per kind")
     ap.add_argument("--cli-calls", type=int, default=3, help="`embedx search` processes")
+    ap.add_argument("--clients", type=int, default=8, help="concurrent clients for the batching comparison")
+    ap.add_argument("--concurrent", type=int, default=256, help="image requests in all, per server, under concurrency")
+    ap.add_argument("--rounds", type=int, default=2, help="servers per --max-batch setting, alternating")
     ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "embedx-bench")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     if args.quick:
-        args.images, args.queries, args.cli_calls = 16, 5, 1
+        args.images, args.queries, args.cli_calls, args.clients, args.concurrent, args.rounds = 16, 5, 1, 2, 8, 1
 
     import embedx
     from bench_extract import photo_folder
@@ -76,15 +126,9 @@ def main() -> None:
         cli.append(time.perf_counter() - t)
 
     t = time.perf_counter()
-    proc = subprocess.Popen([*embedx_cmd, "serve", str(work / "idx"), "--port", "0"], env=env,
-                            stderr=subprocess.PIPE, text=True)
+    proc, url = _start_server(embedx_cmd, work / "idx", env)
+    startup = time.perf_counter() - t
     try:
-        line = proc.stderr.readline()
-        startup = time.perf_counter() - t
-        m = re.search(r"on (http://[\d.]+:\d+)", line)
-        if not m:
-            raise SystemExit(f"the server did not start: {line}{proc.stderr.read()}")
-        url = m.group(1)
         _post(url + "/search/image?k=10", files[0].read_bytes())  # warm-up (first forward pass)
         image_ms, id_ms = [], []
         for i in range(args.queries):
@@ -101,6 +145,18 @@ def main() -> None:
         proc.terminate()
         proc.wait(timeout=30)
 
+    # under concurrent load: dynamic batching vs one request at a time, alternating fresh servers
+    blobs = [f.read_bytes() for f in files]
+    load = {1: [], 64: []}
+    for _ in range(args.rounds):
+        for max_batch in (1, 64):
+            proc, url = _start_server(embedx_cmd, work / "idx", env, "--max-batch", str(max_batch))
+            try:
+                load[max_batch].append(_concurrent(url, blobs, feats.paths, args.clients, args.concurrent))
+            finally:
+                proc.terminate()
+                proc.wait(timeout=30)
+
     med = {"cli_image_s": statistics.median(cli), "serve_image_ms": statistics.median(image_ms),
            "serve_id_ms": statistics.median(id_ms)}
     result = {
@@ -108,6 +164,10 @@ def main() -> None:
         "medians": med,
         "cli_over_serve_image": med["cli_image_s"] * 1e3 / med["serve_image_ms"],
         "serve_startup_s": startup,
+        "concurrent": {"clients": args.clients, "requests": args.concurrent,
+                       "one_at_a_time": load[1], "batched": load[64],
+                       "batched_over_one_at_a_time_qps": statistics.median(r["qps"] for r in load[64])
+                       / statistics.median(r["qps"] for r in load[1])},
         "runs": {"cli_image_s": cli, "serve_image_ms": image_ms, "serve_id_ms": id_ms},
         "env": {"python": platform.python_version(), "cpus": os.cpu_count()},
         "command": "python benchmarks/bench_serve.py" + (" --quick" if args.quick else f" --images {args.images}"),
@@ -117,6 +177,11 @@ def main() -> None:
     print(f"  embedx serve, image: {med['serve_image_ms']:.1f} ms   id: {med['serve_id_ms']:.1f} ms   "
           f"(started in {startup:.1f} s)")
     print(f"  image query, search/serve: {result['cli_over_serve_image']:.0f}x")
+    for name, key in (("one request at a time (--max-batch 1)", 1), ("dynamic batching (--max-batch 64)", 64)):
+        print(f"  {args.clients} clients, {name}: " + ", ".join(
+            f"{r['qps']:.1f} img queries/s (p50 {r['p50_ms']:.0f} ms, p95 {r['p95_ms']:.0f} ms, "
+            f"{r['images_per_call']:.1f} images a backbone call)" for r in load[key]))
+    print(f"  batched / one at a time: {result['concurrent']['batched_over_one_at_a_time_qps']:.2f}x queries/s")
     write_result(result, "serve", args.quick, args.out)
 
 

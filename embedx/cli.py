@@ -467,6 +467,7 @@ def serve(
     weights: Optional[str] = typer.Option(None, help="Where to find the index's backbone weights, if they moved."),
     device: str = typer.Option("auto", help="Device to embed query images on."),
     cors: Optional[str] = typer.Option(None, help="Answer Access-Control-Allow-Origin with this (e.g. '*'), so that web pages elsewhere may call the API."),
+    max_batch: int = typer.Option(64, help="Most query images embedded in one backbone call, gathered from the requests that arrive while it is busy (1: one request at a time)."),
 ):
     """Serve an index over HTTP: JSON queries by vector, row id or image, with the index and the
     backbone loaded once. GET / says what is served; POST /search takes {"vectors": [[...]]},
@@ -485,7 +486,7 @@ def serve(
 
     from .serve import SearchService, make_server
 
-    service = SearchService.open(index_dir, weights=weights, device=device, images=images)
+    service = SearchService.open(index_dir, weights=weights, device=device, images=images, max_batch=max_batch)
     server = make_server(service, host, port, cors=cors)
     access = logging.getLogger("embedx.serve")
     if not access.handlers:

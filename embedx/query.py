@@ -247,9 +247,13 @@ class QueryEncoder:
     def __init__(self, provenance: dict, *, weights: str | None = None, device: str = "auto", backbone=None):
         from .backbone import load_backbone_for
 
+        from .backbone import resolve_device
+        from .extractor import prepare_model
+
         self.provenance = provenance
         self.backbone = backbone if backbone is not None else load_backbone_for(provenance, weights)
         self.device = device
+        self._model = prepare_model(self.backbone, resolve_device(device))  # once, not per query
 
     def embed(self, files: list[str]):
         """An `EmbeddedFiles`: the rows of the files that decoded, and why the others did not."""
@@ -258,7 +262,7 @@ class QueryEncoder:
         prov = self.provenance
         return embed_files(files, self.backbone, device=self.device, precision=_query_precision(prov, self.device),
                            normalize=bool(prov.get("normalized")),
-                           fast_decode=prov.get("decode", "pil-draft").startswith("pil-draft"))
+                           fast_decode=prov.get("decode", "pil-draft").startswith("pil-draft"), model=self._model)
 
 
 def search_images(idx: SearchIndex, inputs: list[str], k: int = 10, exclude_self: bool = False, *,

@@ -14,8 +14,9 @@ Answers: {"results": [{"query": ..., "results": [{"rank", "row_id", "path", "sco
 "failures": [{"query": ..., "error": ...}]} (images that could not be decoded). A bad request
 gets status 400 and {"error": "what is wrong and what to send"}.
 
-Searches run concurrently (one thread per request; FAISS searches are thread-safe); the
-backbone embeds one request's images at a time.
+Searches run concurrently (one thread per request; FAISS searches are thread-safe). Image
+queries are batched dynamically: the images of requests that arrive while the backbone is busy
+are embedded together in its next call (up to --max-batch images; `embedx.microbatch`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import numpy as np
 
 from . import index as fx
 from .errors import EmbedxError, InputError, SearchIndexError
+from .microbatch import BatcherClosed, MicroBatcher
 from .query import QueryEncoder, SearchIndex, SearchResult, search_ids
 
 log = logging.getLogger(__name__)
@@ -46,6 +48,8 @@ MAX_QUERIES = 1024
 MAX_K = 10_000
 #: seconds a client may take to send its request (a stalled one would hold a thread forever)
 REQUEST_TIMEOUT = 60
+#: most query images embedded in one call of the backbone, from the requests queued meanwhile
+MAX_BATCH = 64
 
 
 class SearchService:
@@ -58,17 +62,38 @@ class SearchService:
         no_images: why image queries cannot be served (said to whoever sends one).
         weights: where the encoder's weights are, if they moved (for an index rebuilt over
             features of another backbone).
+        max_batch: most query images embedded together, from requests that arrive while the
+            backbone is busy (1: one request at a time).
     """
 
     def __init__(self, idx: SearchIndex, encoder: QueryEncoder | None, no_images: str | None = None,
-                 weights: str | None = None):
+                 weights: str | None = None, max_batch: int = MAX_BATCH):
+        if max_batch < 1:
+            raise InputError(f"--max-batch must be 1 or more, not {max_batch}")
         self._idx = idx
         self.weights = weights  # where the encoder's weights came from, for a rebuilt index
         self._stamp = _stamp(idx.directory)
         self._reload_lock = threading.Lock()
-        self.encoder = encoder
+        self.max_batch = max_batch
+        self._embedding: tuple[QueryEncoder | None, MicroBatcher | None] = (None, None)
+        self._set_encoder(encoder)
         self.no_images = no_images or "image queries are not served here"
-        self._model_lock = threading.Lock()
+        self._encoder_lock = threading.Lock()  # one backbone (re)load at a time
+
+    @property
+    def encoder(self) -> QueryEncoder | None:
+        return self._embedding[0]
+
+    def _set_encoder(self, encoder: QueryEncoder | None) -> None:
+        old = self._embedding[1]
+        batcher = MicroBatcher(_embed_each(encoder), self.max_batch) if encoder is not None else None
+        self._embedding = (encoder, batcher)  # one assignment: requests see both or neither
+        if old is not None:
+            old.close()  # answers what it has queued, then its thread ends
+
+    def close(self) -> None:
+        """Stop the image-embedding thread (after the requests it has queued)."""
+        self._set_encoder(None)
 
     @property
     def idx(self) -> SearchIndex:
@@ -93,20 +118,22 @@ class SearchService:
         return self._idx
 
     def _new_encoder(self, provenance: dict) -> None:
-        with self._model_lock:
+        with self._encoder_lock:
             encoder, why = _encoder(provenance, self.weights, self.encoder.device)
-        self.encoder, self.no_images = encoder, why or self.no_images
+        self._set_encoder(encoder)
+        self.no_images = why or self.no_images
 
     @classmethod
-    def open(cls, index_dir, *, weights: str | None = None, device: str = "auto", images: bool = True) -> "SearchService":
+    def open(cls, index_dir, *, weights: str | None = None, device: str = "auto", images: bool = True,
+             max_batch: int = MAX_BATCH) -> "SearchService":
         """Load an index directory and, with `images`, its backbone. A backbone that cannot be
         rebuilt (weights moved, random weights) leaves image queries off, with the reason
         logged and given to each image query; vectors and ids are still served."""
         idx = SearchIndex(index_dir)
         if not images:
-            return cls(idx, None, "image queries are off on this server (started with --no-images)")
+            return cls(idx, None, "image queries are off on this server (started with --no-images)", max_batch=max_batch)
         encoder, why = _encoder(idx.provenance, weights, device)
-        return cls(idx, encoder, why, weights=weights)
+        return cls(idx, encoder, why, weights=weights, max_batch=max_batch)
 
     def image(self, row_id: int, size: int = 256) -> bytes:
         """An indexed image as a JPEG thumbnail, by row id."""
@@ -124,10 +151,15 @@ class SearchService:
     def describe(self) -> dict:
         idx = self.idx
         info, prov = idx.info, idx.provenance
+        batcher = self._embedding[1]
         return {
             "index": str(idx.directory), "rows": len(idx), "dim": info["dim"], "metric": info["metric"],
             "factory": info["factory"], "model": prov.get("model"), "images": self.encoder is not None,
             "labels": len({lab for lab in idx.rows.labels if lab is not None}),
+            # image queries so far (since the backbone was last loaded): backbone calls and the
+            # images they embedded (images / calls: how much the dynamic batching gathers)
+            "image_batches": {"calls": batcher.calls, "images": batcher.items, "max_batch": self.max_batch}
+            if batcher is not None else None,
         }
 
     def search(self, request: dict) -> dict:
@@ -174,22 +206,46 @@ class SearchService:
 
     def search_images(self, blobs: list[bytes], k: int = 10, labels: list[str] | None = None) -> dict:
         """Embed image files given as bytes with the index's backbone and search them."""
-        encoder = self.encoder  # (a reload may swap it meanwhile)
-        if encoder is None:
-            raise InputError(self.no_images + "; query by vectors or ids")
         with tempfile.TemporaryDirectory(prefix="embedx-serve-") as tmp:
             files = []
             for i, blob in enumerate(blobs):
                 f = Path(tmp) / f"image-{i}"
                 f.write_bytes(blob)
                 files.append(str(f))
-            with self._model_lock:
-                emb = encoder.embed(files)
+            while True:
+                encoder, batcher = self._embedding  # (a reload may swap them meanwhile)
+                if encoder is None:
+                    raise InputError(self.no_images + "; query by vectors or ids")
+                try:
+                    outs = batcher.submit(files)  # embedded with the images of requests queued meanwhile
+                    break
+                except BatcherClosed:  # swapped for a rebuilt index's backbone: use the new one
+                    continue
         names = [f"image:{i}" for i in range(len(blobs))]
-        ok = [n for n, good in zip(names, emb.ok) if good]
-        failures = [{"query": n, "error": f"{e[0]}: {e[1]}"} for n, good, e in zip(names, emb.ok, emb.errors) if not good]
-        results = self.idx.search(emb.embeddings, k, names=ok, labels=labels) if ok else []
-        return _answer(results, failures)
+        ok = [n for n, (e, _) in zip(names, outs) if e is not None]
+        failures = [{"query": n, "error": f"{err[0]}: {err[1]}"} for n, (e, err) in zip(names, outs) if e is None]
+        if not ok:
+            return _answer([], failures)
+        emb = np.stack([e for e, _ in outs if e is not None])
+        return _answer(self.idx.search(emb, k, names=ok, labels=labels), failures)
+
+
+def _embed_each(encoder: QueryEncoder):
+    """The batched function of a MicroBatcher: files -> per file (embedding, None) or (None,
+    (error kind, message))."""
+
+    def embed(files: list[str]) -> list:
+        emb = encoder.embed(files)
+        out, row = [], 0
+        for good, err in zip(emb.ok, emb.errors):
+            if good:
+                out.append((emb.embeddings[row], None))
+                row += 1
+            else:
+                out.append((None, err))
+        return out
+
+    return embed
 
 
 def _encoder(provenance: dict, weights: str | None, device: str) -> tuple[QueryEncoder | None, str | None]:

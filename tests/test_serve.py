@@ -247,3 +247,60 @@ def test_a_stalled_client_does_not_hold_the_server(served, monkeypatch):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_concurrent_image_queries_are_embedded_together_and_answered_apart(served, photo_dir, backbone):
+    """Image requests that arrive while the backbone is busy share its next call; each answer
+    is still its own photo's, as the library finds it."""
+    import time
+
+    _, idx, feats = served
+    service = SearchService(SearchIndex(idx.directory), QueryEncoder(idx.provenance, backbone=backbone, device="cpu"))
+    batcher = service._embedding[1]
+    photos = sorted(photo_dir.rglob("*.jpg"))
+    blobs = [p.read_bytes() for p in photos]
+    entered, gate, real = threading.Event(), threading.Event(), service.encoder.embed
+    calls = []
+
+    def held_embed(files):  # the first call waits until every other request has queued
+        calls.append(len(files))
+        entered.set()
+        gate.wait(30)
+        return real(files)
+
+    service.encoder.embed = held_embed
+    try:
+        with ThreadPoolExecutor(len(blobs) + 1) as pool:
+            first = pool.submit(service.search_images, [blobs[0]], 1)
+            assert entered.wait(30)
+            others = [pool.submit(service.search_images, [b, b"not an image"], 1) for b in blobs[1:]]
+            deadline = time.monotonic() + 30
+            while batcher.pending() < len(others) and time.monotonic() < deadline:
+                time.sleep(0.005)
+            assert batcher.pending() == len(others)
+            gate.set()
+            answers = [first.result()] + [f.result() for f in others]
+    finally:
+        service.close()
+    assert calls == [1, 2 * len(others)]  # the first request alone, then all the others in one call
+    assert service.describe()["image_batches"] is None  # closed
+    want, _ = search_images(idx, [str(p) for p in photos], 1,
+                            encoder=QueryEncoder(idx.provenance, backbone=backbone, device="cpu"))
+    for photo, got, lib in zip(photos, answers, want):
+        top = got["results"][0]["results"][0]
+        assert top["path"].endswith(photo.name) and top["score"] > 0.999
+        assert top["row_id"] == lib.neighbors[0].row_id and abs(top["score"] - lib.neighbors[0].score) < 1e-3
+    for got in answers[1:]:  # the broken blob is that request's own failure
+        assert [f["query"] for f in got["failures"]] == ["image:1"]
+
+
+def test_image_batches_are_counted_in_the_description(served, photo_dir, backbone):
+    _, idx, _ = served
+    service = SearchService(SearchIndex(idx.directory), QueryEncoder(idx.provenance, backbone=backbone, device="cpu"),
+                            max_batch=8)
+    blob = sorted(photo_dir.rglob("*.jpg"))[0].read_bytes()
+    service.search_images([blob, blob], 1)
+    assert service.describe()["image_batches"] == {"calls": 1, "images": 2, "max_batch": 8}
+    service.close()
+    with pytest.raises(embedx.errors.InputError, match="--max-batch"):
+        SearchService(SearchIndex(idx.directory), None, max_batch=0)
