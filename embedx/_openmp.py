@@ -24,20 +24,36 @@ SPIN_COUNT = 30_000
 _SHORT = 100_000
 
 
-def shorten_spin_wait() -> bool:
-    """Set GOMP_SPINCOUNT to `SPIN_COUNT` if torch is not loaded yet and the variable is unset.
-    Returns whether the spin wait in effect is a short one (`spin_wait_is_short`)."""
+def shorten_spin_wait() -> None:
+    """Set GOMP_SPINCOUNT to `SPIN_COUNT` if torch is not loaded yet and the variable is unset."""
     if "torch" not in sys.modules:
         os.environ.setdefault("GOMP_SPINCOUNT", str(SPIN_COUNT))
-    return spin_wait_is_short()
 
 
-def spin_wait_is_short(environ=os.environ) -> bool:
+def runtime(maps: str = "/proc/self/maps") -> str | None:
+    """The OpenMP runtime loaded in this process: "gnu" (libgomp: torch's pip wheels on Linux),
+    "intel" (libiomp5), "llvm" (libomp), or None when none is loaded or it cannot be told (no
+    /proc: macOS, Windows)."""
+    try:
+        with open(maps) as fh:
+            names = {line.rsplit("/", 1)[-1].strip() for line in fh if "omp" in line}
+    except OSError:
+        return None
+    for prefix, name in (("libgomp", "gnu"), ("libiomp", "intel"), ("libomp", "llvm")):
+        if any(n.startswith(prefix) for n in names):
+            return name
+    return None
+
+
+def spin_wait_is_short(environ=os.environ, openmp: str | None = "gnu") -> bool:
     """Whether idle OpenMP workers leave their cores soon after a parallel region: OMP_WAIT_POLICY
-    is passive, or GOMP_SPINCOUNT is at most 100,000 (as the environment says; it must have
-    said so when torch loaded)."""
+    is passive, or, under GNU libgomp (`openmp`, see `runtime`), GOMP_SPINCOUNT is at most 100,000
+    (as the environment says; it must have said so when torch loaded). Intel's and LLVM's runtimes
+    keep their workers awake for KMP_BLOCKTIME (200 ms by default), not measured here: not short."""
     if environ.get("OMP_WAIT_POLICY", "").strip().lower() == "passive":
         return True
+    if openmp != "gnu":
+        return False
     value = environ.get("GOMP_SPINCOUNT", "").strip()
     try:
         return int(value) <= _SHORT

@@ -173,9 +173,9 @@ def default_decode_threads(num_workers: int) -> int:
     it), else 1: behind workers that still spin, more threads only contended (2 threads made
     the decode ~1.6x faster with the short spin wait, no faster without: benchmarks/README.md,
     "decode threads")."""
-    from ._openmp import spin_wait_is_short
+    from ._openmp import runtime, spin_wait_is_short
 
-    if num_workers != 0 or not spin_wait_is_short():
+    if num_workers != 0 or not spin_wait_is_short(openmp=runtime()):
         return 1
     return min(usable_cpus(), 8)
 

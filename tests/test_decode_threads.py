@@ -123,9 +123,47 @@ def test_spin_wait_is_short(environ, short):
     assert spin_wait_is_short(environ) is short
 
 
-def test_default_decode_threads_follow_the_spin_wait_and_the_decoder_processes(monkeypatch):
-    from embedx import extractor
+def test_an_intel_or_llvm_runtime_is_not_short_whatever_gomp_spincount_says():
+    from embedx._openmp import spin_wait_is_short
 
+    assert not spin_wait_is_short({"GOMP_SPINCOUNT": "30000"}, openmp="intel")
+    assert not spin_wait_is_short({"GOMP_SPINCOUNT": "30000"}, openmp=None)
+    assert spin_wait_is_short({"OMP_WAIT_POLICY": "passive"}, openmp="llvm")
+
+
+@pytest.mark.parametrize("libs,want", [
+    (["/x/torch/lib/libgomp.so.1", "/usr/lib/libc.so.6"], "gnu"),
+    (["/opt/conda/lib/libiomp5.so"], "intel"),
+    (["/usr/lib/libomp.so.5"], "llvm"),
+    (["/usr/lib/libc.so.6"], None),
+])
+def test_the_openmp_runtime_is_told_from_the_loaded_libraries(tmp_path, libs, want):
+    from embedx._openmp import runtime
+
+    maps = tmp_path / "maps"
+    maps.write_text("".join(f"7f00-7f01 r-xp 00000000 08:01 1 {lib}\n" for lib in libs))
+    assert runtime(str(maps)) == want
+    assert runtime(str(tmp_path / "missing")) is None
+
+
+def test_this_process_runs_torch_with_libgomp():
+    """The rule above is measured for libgomp: torch's Linux wheels load it (else the default
+    decode-thread rule falls back to one thread, and this says the environment changed)."""
+    import sys
+
+    import torch
+
+    from embedx._openmp import runtime
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("/proc/self/maps is Linux's")
+    assert runtime() == "gnu", f"torch {torch.__version__} loads another OpenMP runtime"
+
+
+def test_default_decode_threads_follow_the_spin_wait_and_the_decoder_processes(monkeypatch):
+    from embedx import _openmp, extractor
+
+    monkeypatch.setattr(_openmp, "runtime", lambda: "gnu")
     monkeypatch.setattr(extractor, "usable_cpus", lambda: 2)
     monkeypatch.setenv("GOMP_SPINCOUNT", "30000")
     assert extractor.default_decode_threads(0) == 2
@@ -135,6 +173,9 @@ def test_default_decode_threads_follow_the_spin_wait_and_the_decoder_processes(m
     monkeypatch.delenv("GOMP_SPINCOUNT")
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     assert extractor.default_decode_threads(0) == 1  # workers that spin would take the threads' cores
+    monkeypatch.setenv("GOMP_SPINCOUNT", "30000")
+    monkeypatch.setattr(_openmp, "runtime", lambda: "intel")
+    assert extractor.default_decode_threads(0) == 1  # KMP_BLOCKTIME's runtime: not measured, not assumed
 
 
 def _spin_count_seen_by_the_cli(env: dict) -> str:
@@ -152,6 +193,6 @@ def test_the_cli_shortens_the_spin_wait_before_torch_loads_unless_the_user_set_i
 def test_the_spin_wait_is_left_alone_once_torch_is_loaded():
     env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
     code = ("import os, torch; from embedx._openmp import shorten_spin_wait; "
-            "print(shorten_spin_wait(), os.environ.get('GOMP_SPINCOUNT'))")
+            "shorten_spin_wait(); print(os.environ.get('GOMP_SPINCOUNT'))")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["False", "None"]
+    assert out.stdout.split() == ["None"]
