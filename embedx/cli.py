@@ -468,6 +468,8 @@ def serve(
     device: str = typer.Option("auto", help="Device to embed query images on."),
     cors: Optional[str] = typer.Option(None, help="Answer Access-Control-Allow-Origin with this (e.g. '*'), so that web pages elsewhere may call the API."),
     max_batch: int = typer.Option(64, help="Most query images embedded in one backbone call, gathered from the requests that arrive while it is busy (1: one request at a time)."),
+    token: Optional[str] = typer.Option(None, envvar="EMBEDX_SERVE_TOKEN", show_envvar=True,
+                                        help="Require 'Authorization: Bearer TOKEN' of every request (best given by the environment variable: a command line shows in `ps`)."),
 ):
     """Serve an index over HTTP: JSON queries by vector, row id or image, with the index and the
     backbone loaded once. GET / says what is served; POST /search takes {"vectors": [[...]]},
@@ -479,6 +481,7 @@ def serve(
 
     \b
         embedx serve idx/ --port 8000
+        EMBEDX_SERVE_TOKEN=s3cret embedx serve idx/ --host 0.0.0.0   # requests must send the token
         curl -s localhost:8000/search -d '{"ids": [42], "k": 5, "labels": ["cat"]}'
         curl -s --data-binary @query.jpg 'localhost:8000/search/image?k=5'
     """
@@ -487,7 +490,7 @@ def serve(
     from .serve import SearchService, make_server
 
     service = SearchService.open(index_dir, weights=weights, device=device, images=images, max_batch=max_batch)
-    server = make_server(service, host, port, cors=cors)
+    server = make_server(service, host, port, cors=cors, token=token)
     access = logging.getLogger("embedx.serve")
     if not access.handlers:
         handler = logging.StreamHandler()
@@ -497,7 +500,11 @@ def serve(
     d = service.describe()
     h, p = server.server_address[:2]
     typer.echo(f"Serving {index_dir} ({d['rows']} rows, {d['factory']}, {d['model']}; image queries "
-               f"{'on' if d['images'] else 'off'}) on http://{h}:{p}  (Ctrl-C stops)", err=True)
+               f"{'on' if d['images'] else 'off'}) on http://{h}:{p}{'; token required' if token else ''}  "
+               "(Ctrl-C stops)", err=True)
+    if token is None and host not in ("127.0.0.1", "localhost", "::1"):
+        typer.echo(f"Warning: listening on {host} with no token: anyone who reaches this port can query the index "
+                   "and fetch its images. Set EMBEDX_SERVE_TOKEN (or --token) to require one.", err=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -10,6 +10,9 @@ index and the backbone for image queries loaded once instead of on every `embedx
                         ?k=5&label=cat in the URL
     GET  /image/ROW_ID  that indexed image as a JPEG within ?size=256 pixels (for showing results)
 
+With a token (`--token`, or EMBEDX_SERVE_TOKEN), every request must carry `Authorization: Bearer
+TOKEN` (or, for GET /image/ROW_ID in an <img> tag, `?token=TOKEN`); others get status 401.
+
 Answers: {"results": [{"query": ..., "results": [{"rank", "row_id", "path", "score", "label"}]}],
 "failures": [{"query": ..., "error": ...}]} (images that could not be decoded). A bad request
 gets status 400 and {"error": "what is wrong and what to send"}.
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hmac
 import json
 import logging
 import tempfile
@@ -285,17 +289,44 @@ def _answer(results: list[SearchResult], failures: list[dict] | None = None) -> 
 
 
 def make_server(service: SearchService, host: str = "127.0.0.1", port: int = 8000,
-                cors: str | None = None) -> ThreadingHTTPServer:
+                cors: str | None = None, token: str | None = None) -> ThreadingHTTPServer:
     """An HTTP server for `service` (not started: call `serve_forever`; port 0 picks a free one,
     see `server.server_address`). `cors`: the Access-Control-Allow-Origin answered (a web page
-    elsewhere may then call the API), e.g. "*"."""
+    elsewhere may then call the API), e.g. "*". `token`: required of every request, as
+    `Authorization: Bearer TOKEN` (or `?token=` on GET /image/ROW_ID)."""
+    if token is not None and not token.strip():
+        raise InputError("the token is empty: give a secret string, or no token")
+    expected = token.encode() if token is not None else None
 
     class Handler(BaseHTTPRequestHandler):
         server_version = "embedx"
         timeout = REQUEST_TIMEOUT
 
+        def _authorised(self, url) -> bool:
+            """With a token: whether the request carries it; if not, the 401 is sent here."""
+            if expected is None:
+                return True
+            header = self.headers.get("Authorization", "")
+            given = header[len("Bearer "):].strip() if header.startswith("Bearer ") else None
+            if given is None and url.path.startswith("/image/"):  # an <img> tag cannot send headers
+                given = parse_qs(url.query).get("token", [None])[-1]
+            if given is not None and hmac.compare_digest(given.encode(), expected):
+                return True
+            self.send_response(HTTPStatus.UNAUTHORIZED)
+            self.send_header("WWW-Authenticate", 'Bearer realm="embedx"')
+            data = json.dumps({"error": "this server needs its token: send the header 'Authorization: Bearer TOKEN'"
+                                        + ("" if given is None else " (the one sent is not it)")}).encode()
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self._cors()
+            self.end_headers()
+            self.wfile.write(data)
+            return False
+
         def do_GET(self):
             url = urlsplit(self.path)
+            if not self._authorised(url):
+                return
             if url.path in ("/", "/health"):
                 return self._reply(HTTPStatus.OK, service.describe())
             if url.path.startswith("/image/"):
@@ -318,13 +349,15 @@ def make_server(service: SearchService, host: str = "127.0.0.1", port: int = 800
             self.send_response(HTTPStatus.NO_CONTENT if cors else HTTPStatus.METHOD_NOT_ALLOWED)
             if cors:
                 self.send_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
-                self.send_header("Access-Control-Allow-Headers", "Content-Type")
+                self.send_header("Access-Control-Allow-Headers", "Content-Type, Authorization")
             self._cors()
             self.send_header("Content-Length", "0")
             self.end_headers()
 
         def do_POST(self):
             url = urlsplit(self.path)
+            if not self._authorised(url):
+                return
             if url.path not in ("/search", "/search/image"):
                 return self._reply(HTTPStatus.NOT_FOUND, {"error": "POST /search (JSON) or /search/image (an image file)"})
             try:

@@ -8,6 +8,9 @@ import os
 # never wait on the network: timm would otherwise spend ~47 s failing to reach the hub
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
+# as the CLI sets it before torch loads (embedx._openmp): every extract here then runs the
+# engine's default, each batch decoded by the decode threads, as `embedx extract` does
+os.environ.setdefault("GOMP_SPINCOUNT", "30000")
 
 from pathlib import Path  # noqa: E402
 

@@ -304,3 +304,75 @@ def test_image_batches_are_counted_in_the_description(served, photo_dir, backbon
     service.close()
     with pytest.raises(embedx.errors.InputError, match="--max-batch"):
         SearchService(SearchIndex(idx.directory), None, max_batch=0)
+
+
+def _call_with(url, body=None, headers=None, method=None):
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers=headers or {},
+                                 method=method or ("POST" if data is not None else "GET"))
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, r.read(), dict(r.headers)
+    except urllib.error.HTTPError as e:
+        return e.code, e.read(), dict(e.headers)
+
+
+def test_a_token_is_required_of_every_request_when_set(served):
+    _, idx, feats = served
+    service = SearchService(SearchIndex(idx.directory), None, "no images here")
+    server = make_server(service, "127.0.0.1", 0, cors="*", token="s3cret")
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    host, port = server.server_address[:2]
+    url = f"http://{host}:{port}"
+    query = {"ids": [int(feats.row_ids[0])], "k": 1}
+    try:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            for path, body in (("/", None), ("/search", query), (f"/image/{int(feats.row_ids[0])}", None)):
+                status, data, hdrs = _call_with(url + path, body, headers)
+                assert status == 401, (path, headers)
+                assert "Authorization: Bearer TOKEN" in json.loads(data)["error"]
+                assert hdrs["WWW-Authenticate"].startswith("Bearer")
+        ok = {"Authorization": "Bearer s3cret"}
+        status, data, _ = _call_with(url + "/search", query, ok)
+        assert status == 200 and json.loads(data)["results"][0]["results"][0]["row_id"] == int(feats.row_ids[0])
+        status, data, hdrs = _call_with(url + f"/image/{int(feats.row_ids[0])}", None, ok)
+        assert status == 200 and hdrs["Content-Type"] == "image/jpeg"
+        # an <img src> cannot send headers: the image route takes ?token= (and only it does)
+        assert _call_with(url + f"/image/{int(feats.row_ids[0])}?token=s3cret")[0] == 200
+        assert _call_with(url + f"/image/{int(feats.row_ids[0])}?token=nope")[0] == 401
+        assert _call_with(url + "/?token=s3cret")[0] == 401
+        # a browser's CORS preflight carries no credentials; it must be let through and allow the header
+        status, _, hdrs = _call_with(url + "/search", None, {"Origin": "http://x", "Access-Control-Request-Method": "POST"},
+                                     method="OPTIONS")
+        assert status == 204 and "Authorization" in hdrs["Access-Control-Allow-Headers"]
+    finally:
+        server.shutdown()
+        server.server_close()
+    with pytest.raises(embedx.errors.InputError, match="token is empty"):
+        make_server(service, "127.0.0.1", 0, token="  ")
+
+
+def test_cli_serve_takes_the_token_from_the_environment_and_warns_without_one(served):
+    _, idx, feats = served
+    env = dict(os.environ, HF_HUB_OFFLINE="1", EMBEDX_SERVE_TOKEN="from-env")
+    proc = subprocess.Popen([sys.executable, "-m", "embedx", "serve", str(idx.directory), "--port", "0", "--no-images"],
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = proc.stderr.readline()
+        m = re.search(r"on (http://[\d.]+:\d+)", line)
+        assert m and "token required" in line, line
+        assert _call_with(m.group(1) + "/")[0] == 401
+        assert _call_with(m.group(1) + "/", None, {"Authorization": "Bearer from-env"})[0] == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    env.pop("EMBEDX_SERVE_TOKEN")
+    proc = subprocess.Popen([sys.executable, "-m", "embedx", "serve", str(idx.directory), "--port", "0", "--no-images",
+                             "--host", "0.0.0.0"], stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        proc.stderr.readline()
+        warning = proc.stderr.readline()
+        assert "no token" in warning and "EMBEDX_SERVE_TOKEN" in warning, warning
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
