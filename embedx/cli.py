@@ -341,12 +341,14 @@ def index_cmd(
     gpu: str = typer.Option("auto", help="auto | yes | no: build and search on GPUs with faiss-gpu."),
     on_disk: bool = typer.Option(False, "--on-disk", help="IVF only: merge per-shard partial indexes into inverted lists on disk (larger than RAM)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing index in --out."),
+    measure: str = typer.Option("auto", help="index add: measure recall again and re-tune nprobe/efSearch: auto (an approximate index grown 10%+ since last measured) | yes | no."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ):
     """Build a FAISS index over feature shards (or `index add` more shards to one).
 
     Recall@10 against exact search is measured on held-out queries and written to
-    INDEX_DIR/index.json with queries/s and memory.
+    INDEX_DIR/index.json with queries/s and memory. `index add` measures it again (queries
+    from the added vectors) once the index has grown by 10%, and re-tunes the search parameter.
 
     Examples:
 
@@ -361,9 +363,21 @@ def index_cmd(
     if args[0] == "add":
         if len(args) != 3:
             raise typer.BadParameter("usage: embedx index add INDEX_DIR FEATURES")
-        info = add_to_index(args[1], args[2], progress=progress)
+        info = add_to_index(args[1], args[2], progress=progress, measure=measure)
         typer.echo(f"added {info['added']} vectors; {info['num_vectors']} in {args[1]}"
                    + ("" if info["added"] else f" ({args[2]} has nothing the index lacks)"))
+        again, param = info.get("remeasured"), info.get("search_param")
+        if again:
+            tuned = (f"; {param} {again['value_before']} -> {info['search_value']}"
+                     if param and again["value_before"] != info["search_value"] else "")
+            typer.echo(f"recall@{info['k']} measured again on {info['num_queries']} added vectors: "
+                       f"{info['recall_at_k']:.3f} (was {again['recall_before']:.3f}){tuned}, "
+                       f"{info['qps']:.0f} queries/s"
+                       + ("" if info["target_reached"] else f"; target {info['target_recall']} not reached: "
+                          "rebuild the index (embedx index ... --overwrite)"))
+        elif info["added"] and param and info.get("measured_at_vectors"):
+            typer.echo(f"recall@{info['k']} {info['recall_at_k']:.3f} as measured at {info['measured_at_vectors']} "
+                       "vectors (--measure yes measures it again)")
         return
     if len(args) != 1 or out is None:
         raise typer.BadParameter("usage: embedx index FEATURES --out INDEX_DIR")

@@ -168,22 +168,35 @@ def sample_vectors(features_dir, positions: np.ndarray, metric: str, batch_size:
 
 
 def exact_knn(features_dirs: list, xq: np.ndarray, k: int, metric: str, batch_size: int):
-    """Exact k-NN of xq over all vectors of the shard directories, streamed (no N x N)."""
+    """Exact k-NN of xq over all vectors of the shard directories, streamed (no N x N); ids are
+    positions in the directories' vectors one after the other."""
+
+    def batches():
+        offset = 0
+        for d in features_dirs:
+            for x, *_ in iter_vectors(d, metric, batch_size):
+                yield x, np.arange(offset, offset + len(x), dtype=np.int64)
+                offset += len(x)
+
+    return exact_knn_of(batches(), xq, k, metric)
+
+
+def exact_knn_of(batches, xq: np.ndarray, k: int, metric: str):
+    """Exact k-NN of xq over streamed (vectors, their ids) batches, prepared for `metric`:
+    (D, I) with the batches' ids, best first; fewer than k columns when fewer vectors came."""
     faiss = import_faiss()
     fm = faiss_metric(metric)
     best_d = np.full((len(xq), 0), 0, np.float32)
     best_i = np.full((len(xq), 0), 0, np.int64)
-    offset = 0
-    for d in features_dirs:
-        for x, *_ in iter_vectors(d, metric, batch_size):
-            kk = min(k, len(x))
-            D, I = knn(xq, x, kk, metric)
-            D_all = np.concatenate([best_d, D], axis=1)
-            I_all = np.concatenate([best_i, I + offset], axis=1)
-            order = np.argsort(-D_all if fm == faiss.METRIC_INNER_PRODUCT else D_all, axis=1, kind="stable")[:, :k]
-            best_d = np.take_along_axis(D_all, order, 1)
-            best_i = np.take_along_axis(I_all, order, 1)
-            offset += len(x)
+    for x, ids in batches:
+        if len(x) == 0:
+            continue
+        D, I = knn(xq, x, min(k, len(x)), metric)
+        D_all = np.concatenate([best_d, D], axis=1)
+        I_all = np.concatenate([best_i, ids[I]], axis=1)
+        order = np.argsort(-D_all if fm == faiss.METRIC_INNER_PRODUCT else D_all, axis=1, kind="stable")[:, :k]
+        best_d = np.take_along_axis(D_all, order, 1)
+        best_i = np.take_along_axis(I_all, order, 1)
     return best_d, best_i
 
 

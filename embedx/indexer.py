@@ -18,12 +18,17 @@ import numpy as np
 from . import index as fx
 from . import shards
 from ._progress import progress_bar
-from .errors import FeaturesError, SearchIndexError
+from .errors import FeaturesError, InputError, SearchIndexError
 
 log = logging.getLogger(__name__)
 
 # provenance keys that must agree between an index and anything added to or searched in it
 PROVENANCE_KEYS = ("model", "weights_sha256", "data_config", "pooling", "dim")
+#: `index add --measure auto` measures recall again (and re-tunes nprobe / efSearch) once the
+#: index holds this much more than when it was last measured: new data may fall where the
+#: quantiser has few lists, or the graph grows denser; small catch-ups do not pay a full scan
+REMEASURE_GROWTH = 0.10
+MEASURE_CHOICES = ("auto", "yes", "no")
 
 
 @dataclass
@@ -145,6 +150,7 @@ def build_index(features_dir, out_dir, config: fx.IndexConfig = fx.IndexConfig()
         "k": k,
         "target_recall": config.target_recall,
         "num_queries": len(xq),
+        "measured_at_vectors": n,
         "qps": quality["qps"],
         "exact_qps": exact_qps,
         "sweep": quality["sweep"],
@@ -161,10 +167,21 @@ def build_index(features_dir, out_dir, config: fx.IndexConfig = fx.IndexConfig()
     return info
 
 
-def add_to_index(index_dir, features_dir, *, batch_size: int = 65_536, progress: bool = False) -> dict:
+def add_to_index(index_dir, features_dir, *, batch_size: int = 65_536, progress: bool = False,
+                 measure: str = "auto") -> dict:
     """Append the rows of another shard directory (same provenance) to an existing index, or
     the rows a directory already in the index has gained since (`extract --update`).
-    Returns the index's info, with "added": the vectors added by this call."""
+
+    Args:
+        measure: measure recall@k again and re-tune the search parameter (nprobe, efSearch) to
+            the index's target, with a sample of the vectors just added as queries against
+            exact search over every source: "yes", "no", or "auto" (an approximate index that
+            has grown by `REMEASURE_GROWTH` since it was last measured).
+
+    Returns the index's info, with "added": the vectors added by this call, and "remeasured":
+    the recall@k measured before (`recall_before`) and the sweep, when it was measured again."""
+    if measure not in MEASURE_CHOICES:
+        raise InputError(f"--measure must be one of {', '.join(MEASURE_CHOICES)}, not {measure!r}.")
     index_dir = Path(index_dir)
     info = fx.read_info(index_dir)
     features_dir = Path(features_dir).resolve()
@@ -203,18 +220,28 @@ def add_to_index(index_dir, features_dir, *, batch_size: int = 65_536, progress:
         new_ids.append(ids)
         new_paths.extend(p)
         new_labels.extend(lab)
-    bar.close()
     added = sum(len(a) for a in new_ids)
     if added == 0:
+        bar.close()
         return {**info, "added": 0}
+    all_ids = np.concatenate([rows.row_ids, *new_ids])
+    all_sources = np.concatenate([rows.sources, np.full(added, source, np.int32)])
+    remeasured = None
+    if _should_measure(measure, info, int(index.ntotal)):
+        dirs = [s["features"] for s in info["sources"]] + ([] if known else [str(features_dir)])
+        bar.set_description_str(f"index add {info['factory']}: measuring recall@{info['k']} against exact search")
+        quality = _measure_again(index, info, dirs, all_ids, all_sources, source, np.concatenate(new_ids), batch_size)
+        if quality is not None:
+            remeasured = {"recall_before": info["recall_at_k"], "value_before": info["search_value"]}
+            info.update(search_value=quality["value"], recall_at_k=quality["recall"], qps=quality["qps"],
+                        target_reached=quality["target_reached"], k_factor=quality["k_factor"], sweep=quality["sweep"],
+                        num_queries=quality["num_queries"], measured_at_vectors=int(index.ntotal))
+    bar.close()
     # write to temporaries, then swap both files in: a crash leaves the old index intact
     tmp_index = index_dir / (fx.INDEX_FILE + ".new")
     fx.save(index, tmp_index)
-    fx.write_rows(
-        index_dir / (fx.ROWS_FILE + ".new"),
-        np.concatenate([rows.row_ids, *new_ids]), rows.paths + new_paths, rows.labels + new_labels,
-        np.concatenate([rows.sources, np.full(added, source, np.int32)]),
-    )
+    fx.write_rows(index_dir / (fx.ROWS_FILE + ".new"), all_ids, rows.paths + new_paths, rows.labels + new_labels,
+                  all_sources)
     os.replace(tmp_index, index_dir / fx.INDEX_FILE)
     os.replace(index_dir / (fx.ROWS_FILE + ".new"), index_dir / fx.ROWS_FILE)
     if known:
@@ -224,7 +251,50 @@ def add_to_index(index_dir, features_dir, *, batch_size: int = 65_536, progress:
     info["num_vectors"] = int(index.ntotal)
     info["index_bytes"] = (index_dir / fx.INDEX_FILE).stat().st_size
     fx.write_info(index_dir, info)
-    return {**info, "added": added}
+    return {**info, "added": added, "remeasured": remeasured}
+
+
+def _should_measure(measure: str, info: dict, ntotal: int) -> bool:
+    if measure != "auto":
+        return measure == "yes"
+    if info.get("search_param") is None:  # exact search (Flat): recall is 1 whatever the size
+        return False
+    measured = info.get("measured_at_vectors")  # absent from indexes built before it was recorded
+    return measured is None or ntotal >= measured * (1 + REMEASURE_GROWTH)
+
+
+def _measure_again(index, info: dict, dirs: list[str], all_ids: np.ndarray, all_sources: np.ndarray, source: int,
+                   new_row_ids: np.ndarray, batch_size: int) -> dict | None:
+    """`fx.tune` of the grown index (the search parameter left at the chosen value): queries are
+    up to `num_queries` of the vectors just added (where the index changed), the truth exact
+    search over the vectors of every source that the index holds, by index position. None (and a
+    warning) when a source directory is gone."""
+    gone = [d for d in dirs if not Path(d).is_dir()]
+    if gone:
+        log.warning("recall not measured again: %s no longer exists", ", ".join(gone))
+        return None
+    metric, k = info["metric"], min(int(info["k"]), int(index.ntotal))
+    rng = np.random.default_rng(0)
+    chosen = np.sort(rng.choice(new_row_ids, size=min(int(info.get("num_queries") or 200), len(new_row_ids)),
+                                replace=False))
+    xq = np.concatenate([x[np.isin(ids, chosen)] for x, ids, *_ in fx.iter_vectors(dirs[source], metric, batch_size)])
+
+    def indexed_vectors():
+        # each source's vectors that the index holds, with their index positions
+        for s, d in enumerate(dirs):
+            positions = np.flatnonzero(all_sources == s)
+            if len(positions) == 0:
+                continue
+            order = np.argsort(all_ids[positions], kind="stable")
+            ids_sorted, positions = all_ids[positions][order], positions[order]
+            for x, ids, *_ in fx.iter_vectors(d, metric, batch_size):
+                at = np.minimum(np.searchsorted(ids_sorted, ids), len(ids_sorted) - 1)
+                held = ids_sorted[at] == ids
+                yield x[held], positions[at[held]]
+
+    _, gt = fx.exact_knn_of(indexed_vectors(), xq, k, metric)
+    quality = fx.tune(index, xq, gt, k, float(info["target_recall"]))
+    return {**quality, "num_queries": len(xq)}
 
 
 def _source(features_dir: Path, rows: int) -> dict:

@@ -71,6 +71,7 @@ def describe_index(directory: str | os.PathLike) -> dict:
         "recall_at_k": info.get("recall_at_k"),  # measured against exact search on held-out queries
         "target_recall": info.get("target_recall"),
         "target_reached": info.get("target_reached"),
+        "recall_measured_at_vectors": info.get("measured_at_vectors"),  # build, or the last `index add` that measured
         "qps": round(info.get("qps") or 0),
         "exact_qps": round(info.get("exact_qps") or 0),
         "bytes": info.get("index_bytes"),

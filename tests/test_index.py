@@ -364,5 +364,82 @@ def test_cli_info_describes_an_index_directory(photo_index):
     assert d["vectors"] == info["num_vectors"] == len(embedx.read_features(photo_index / "f"))
     assert d["factory"] == info["factory"] and (d["k"], d["recall_at_k"]) == (info["k"], info["recall_at_k"])
     assert d["model"] == "tf_efficientnet_lite0" and d["sources"] == {str((photo_index / "f").resolve()): d["vectors"]}
+    assert d["recall_measured_at_vectors"] == d["vectors"]
     table = CliRunner().invoke(app, ["info", str(photo_index / "i")]).stdout
     assert re.search(r"recall_at_k: [\d.]+", table) and re.search(r"exact_qps: \d+", table)
+
+
+def _exact_top(xb, xq, k):
+    xb = xb / np.linalg.norm(xb, axis=1, keepdims=True)
+    xq = xq / np.linalg.norm(xq, axis=1, keepdims=True)
+    return np.argsort(-(xq @ xb.T), axis=1, kind="stable")[:, :k]
+
+
+def test_index_add_measures_recall_again_once_grown_and_retunes(tmp_path):
+    """An IVF index trained on some clusters, then grown 4x with clusters that lie between them
+    (across the quantiser's cells): the nprobe tuned at build no longer reaches the target;
+    `index add` measures recall against exact search by index position and raises nprobe, and
+    the saved index does what index.json says (checked by brute force)."""
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((32, 16)).astype(np.float32)
+    first = centres[rng.integers(0, 32, 2000)] + 0.15 * rng.standard_normal((2000, 16))
+    pairs = rng.integers(0, 32, (20, 2))
+    between = (centres[pairs[:, 0]] + centres[pairs[:, 1]]) / 2
+    later = between[rng.integers(0, 20, 6000)] + 0.3 * rng.standard_normal((6000, 16))
+    x = np.concatenate([first, later]).astype(np.float32)
+    a = write_features(tmp_path / "a", x[:2000])
+    b = write_features(tmp_path / "b", x[2000:], start_id=2000)
+    info = build_index(a, tmp_path / "i", fx.IndexConfig(factory="IVF32,Flat", num_queries=100, target_recall=0.95))
+    assert info["measured_at_vectors"] == 2000 and info["search_param"] == "nprobe" and info["target_reached"]
+    grown = add_to_index(tmp_path / "i", b)
+    again = grown["remeasured"]
+    assert again == {"recall_before": info["recall_at_k"], "value_before": info["search_value"]}
+    at_old = next(s["recall"] for s in grown["sweep"] if s["value"] == info["search_value"])
+    assert at_old < 0.95  # the build's nprobe falls short on the grown index ...
+    assert grown["search_value"] > info["search_value"] and grown["target_reached"]  # ... so it was raised
+    assert grown["measured_at_vectors"] == 8000 and grown["num_queries"] == 100
+    idx = SearchIndex(tmp_path / "i")
+    assert idx.info["search_value"] == grown["search_value"]
+    rows = np.random.default_rng(1).choice(np.arange(2000, 8000), 200, replace=False)
+    want = _exact_top(x, x[rows], 10)
+    got = np.array([[n.row_id for n in r.neighbors] for r in idx.search(x[rows], 10)])
+    recall = np.mean([len(set(g) & set(w)) / 10 for g, w in zip(got, want)])
+    assert recall >= 0.93, recall  # a fresh sample of the added rows, at the saved nprobe
+    on_file = json.loads((tmp_path / "i" / "index.json").read_text())
+    assert on_file["recall_at_k"] == grown["recall_at_k"] and on_file["sweep"] == grown["sweep"]
+
+
+def test_index_add_measures_only_when_asked_or_grown(tmp_path, caplog):
+    x, _ = clustered(3000, 16, 20, seed=12)
+    a = write_features(tmp_path / "a", x[:2000])
+    small = write_features(tmp_path / "s", x[2000:2100], start_id=2000)
+    more = write_features(tmp_path / "m", x[2100:2300], start_id=2100)
+    forced = write_features(tmp_path / "f", x[2300:2400], start_id=2300)
+    build_index(a, tmp_path / "i", fx.IndexConfig(factory="IVF16,Flat", num_queries=50))
+    assert add_to_index(tmp_path / "i", small)["remeasured"] is None  # +5 %: not yet
+    assert add_to_index(tmp_path / "i", more)["remeasured"] is not None  # +15 % since measured
+    assert add_to_index(tmp_path / "i", forced, measure="no")["remeasured"] is None
+    with pytest.raises(InputError, match="--measure"):
+        add_to_index(tmp_path / "i", forced, measure="sometimes")
+    flat = write_features(tmp_path / "fa", x[:500])
+    build_index(flat, tmp_path / "fi", fx.IndexConfig(factory="Flat", num_queries=50))
+    grown = write_features(tmp_path / "fb", x[500:1500], start_id=500)
+    assert add_to_index(tmp_path / "fi", grown)["remeasured"] is None  # exact: recall is 1 at any size
+    # a source that is gone: added, not measured, and said so
+    import shutil
+
+    later = write_features(tmp_path / "l", x[2400:3000], start_id=2400)
+    shutil.rmtree(small)
+    out = add_to_index(tmp_path / "i", later, measure="yes")
+    assert out["added"] == 600 and out["remeasured"] is None
+    assert any("no longer exists" in r.message for r in caplog.records)
+
+
+def test_cli_index_add_says_what_it_measured(tmp_path):
+    x, _ = clustered(3000, 16, 20, seed=13)
+    a = write_features(tmp_path / "a", x[:1000])
+    b = write_features(tmp_path / "b", x[1000:], start_id=1000)
+    build_index(a, tmp_path / "i", fx.IndexConfig(factory="IVF16,Flat", num_queries=50))
+    r = CliRunner().invoke(app, ["index", "add", str(tmp_path / "i"), str(b), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert "added 2000 vectors; 3000 in" in r.output and "recall@10 measured again on 50 added vectors" in r.output
