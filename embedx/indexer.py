@@ -178,8 +178,9 @@ def add_to_index(index_dir, features_dir, *, batch_size: int = 65_536, progress:
             exact search over every source: "yes", "no", or "auto" (an approximate index that
             has grown by `REMEASURE_GROWTH` since it was last measured).
 
-    Returns the index's info, with "added": the vectors added by this call, and "remeasured":
-    the recall@k measured before (`recall_before`) and the sweep, when it was measured again."""
+    Returns the index's info (recall, search value and sweep as measured last), with "added":
+    the vectors added by this call, and "remeasured": None, or, when this call measured again,
+    the recall@k and search value from before (`recall_before`, `value_before`)."""
     if measure not in MEASURE_CHOICES:
         raise InputError(f"--measure must be one of {', '.join(MEASURE_CHOICES)}, not {measure!r}.")
     index_dir = Path(index_dir)

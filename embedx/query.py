@@ -246,14 +246,12 @@ class QueryEncoder:
 
     def __init__(self, provenance: dict, *, weights: str | None = None, device: str = "auto", backbone=None):
         from .backbone import load_backbone_for
-
-        from .backbone import resolve_device
         from .extractor import prepare_model
 
         self.provenance = provenance
         self.backbone = backbone if backbone is not None else load_backbone_for(provenance, weights)
         self.device = device
-        self._model = prepare_model(self.backbone, resolve_device(device))  # once, not per query
+        self._model = prepare_model(self.backbone, device)  # once, not per query
 
     def embed(self, files: list[str]):
         """An `EmbeddedFiles`: the rows of the files that decoded, and why the others did not."""
