@@ -1,6 +1,7 @@
 """`embedx serve`: the HTTP service answers as the library does, on real photos and weights."""
 
 import base64
+import contextlib
 import json
 import os
 import re
@@ -147,22 +148,34 @@ def test_service_without_a_backbone_says_why_image_queries_fail(served):
         service.search({"images": [base64.b64encode(b"x").decode()]})
 
 
+@contextlib.contextmanager
+def _cli_server(index_dir, *options, **env):
+    """`embedx serve INDEX_DIR --port 0 --no-images OPTIONS` in a subprocess (with `env` added to
+    the environment, a None value removing that variable): yields (process, its first line)."""
+    environ = dict(os.environ, HF_HUB_OFFLINE="1")
+    for name, value in env.items():
+        if value is None:
+            environ.pop(name, None)
+        else:
+            environ[name] = value
+    proc = subprocess.Popen([sys.executable, "-m", "embedx", "serve", str(index_dir), "--port", "0", "--no-images",
+                             *options], stderr=subprocess.PIPE, text=True, env=environ)
+    try:
+        yield proc, proc.stderr.readline()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 def test_cli_serve_starts_answers_and_stops(served):
     _, idx, feats = served
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    proc = subprocess.Popen([sys.executable, "-m", "embedx", "serve", str(idx.directory), "--port", "0", "--no-images"],
-                            stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        line = proc.stderr.readline()
+    with _cli_server(idx.directory) as (_, line):
         m = re.search(r"on (http://[\d.]+:\d+)", line)
         assert m and "image queries off" in line, line
         status, info = _call(m.group(1) + "/")
         assert status == 200 and info["rows"] == len(feats) and not info["images"]
         status, got = _call(m.group(1) + "/search", {"ids": [int(feats.row_ids[0])], "k": 1})
         assert status == 200 and got["results"][0]["results"][0]["row_id"] == int(feats.row_ids[0])
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def test_server_follows_the_index_as_it_grows_and_is_rebuilt(tmp_path):
@@ -353,26 +366,12 @@ def test_a_token_is_required_of_every_request_when_set(served):
 
 
 def test_cli_serve_takes_the_token_from_the_environment_and_warns_without_one(served):
-    _, idx, feats = served
-    env = dict(os.environ, HF_HUB_OFFLINE="1", EMBEDX_SERVE_TOKEN="from-env")
-    proc = subprocess.Popen([sys.executable, "-m", "embedx", "serve", str(idx.directory), "--port", "0", "--no-images"],
-                            stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        line = proc.stderr.readline()
+    _, idx, _ = served
+    with _cli_server(idx.directory, EMBEDX_SERVE_TOKEN="from-env") as (_, line):
         m = re.search(r"on (http://[\d.]+:\d+)", line)
         assert m and "token required" in line, line
         assert _call_with(m.group(1) + "/")[0] == 401
         assert _call_with(m.group(1) + "/", None, {"Authorization": "Bearer from-env"})[0] == 200
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-    env.pop("EMBEDX_SERVE_TOKEN")
-    proc = subprocess.Popen([sys.executable, "-m", "embedx", "serve", str(idx.directory), "--port", "0", "--no-images",
-                             "--host", "0.0.0.0"], stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        proc.stderr.readline()
+    with _cli_server(idx.directory, "--host", "0.0.0.0", EMBEDX_SERVE_TOKEN=None) as (proc, _):
         warning = proc.stderr.readline()
         assert "no token" in warning and "EMBEDX_SERVE_TOKEN" in warning, warning
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
