@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -364,6 +365,34 @@ def save(index, path: Path) -> None:
     tmp = path.with_suffix(".tmp")
     faiss.write_index(to_cpu(index), str(tmp))
     os.replace(tmp, path)
+
+
+_DIRECT_MAP_LOCK = threading.Lock()
+
+
+def stored_vectors(index, positions) -> np.ndarray | None:
+    """The vectors at these index positions as the index holds them, where it holds them
+    exactly — Flat, HNSW over Flat storage, a Flat refinement (IndexRefine) — so that a query by
+    row id reads no feature shard (~120 ms for a row of a 10,000-row shard of 1280-d vectors,
+    ad hoc), IVF over Flat lists too (through a direct map); None for indexes that keep only
+    codes (PQ, SQ)."""
+    faiss = import_faiss()
+    base = faiss.downcast_index(index)
+    if isinstance(base, faiss.IndexRefine):
+        base = faiss.downcast_index(base.refine_index)
+    if isinstance(base, faiss.IndexIVFFlat):
+        # vectors in their lists as given: a direct map (position -> list, offset; 8 bytes a
+        # vector, built once from the lists' ids) finds them
+        with _DIRECT_MAP_LOCK:
+            if base.direct_map.type == faiss.DirectMap.NoMap:
+                base.make_direct_map()
+    elif not (isinstance(base, faiss.IndexFlat) or (
+            isinstance(base, faiss.IndexHNSW) and isinstance(faiss.downcast_index(base.storage), faiss.IndexFlat))):
+        return None
+    keys = np.asarray(positions, dtype=np.int64)
+    if len(keys) == 0:
+        return np.empty((0, base.d), np.float32)
+    return base.reconstruct_batch(keys)
 
 
 def load(path: Path, mmap: bool):

@@ -114,10 +114,14 @@ class SearchIndex:
         return np.where(ids[at] == row_ids, pos[at], -1)
 
     def vectors_for(self, positions: list[int]) -> np.ndarray:
-        """Stored vectors of indexed rows, read back from their feature shards (only the shards
-        that hold them, where the directory says which)."""
+        """Stored vectors of indexed rows: from the index itself where it holds them exactly
+        (`fx.stored_vectors`), else read back from their feature shards (only the shards that
+        hold them, where the directory says which)."""
         from . import shards
 
+        stored = fx.stored_vectors(self.index, positions)
+        if stored is not None:
+            return stored
         out = np.empty((len(positions), self.info["dim"]), np.float32)
         found = np.zeros(len(positions), bool)
         want: dict[int, dict[int, list[int]]] = {}

@@ -295,7 +295,8 @@ def test_label_filter_bounds_what_it_asks_the_index_for(tmp_path, monkeypatch):
     build_index(write_features(tmp_path / "f", x, labels=labels), tmp_path / "i", fx.IndexConfig(factory="Flat"))
     idx = SearchIndex(tmp_path / "i")
     asked, exact = [], []
-    real_search, real_knn = idx.index.search, fx.knn
+    real_index, real_search, real_knn, real_stored = idx.index, idx.index.search, fx.knn, fx.stored_vectors
+    monkeypatch.setattr(fx, "stored_vectors", lambda _spy, positions: real_stored(real_index, positions))
     monkeypatch.setattr(idx, "index", type("Spy", (), {
         "search": staticmethod(lambda xq, kk: asked.append(kk) or real_search(xq, kk)),
         "ntotal": idx.index.ntotal})())
@@ -443,3 +444,31 @@ def test_cli_index_add_says_what_it_measured(tmp_path):
     r = CliRunner().invoke(app, ["index", "add", str(tmp_path / "i"), str(b), "--no-progress"])
     assert r.exit_code == 0, r.output
     assert "added 2000 vectors; 3000 in" in r.output and "recall@10 measured again on 50 added vectors" in r.output
+
+
+@pytest.mark.parametrize("factory,on_disk,stored", [
+    ("Flat", False, True), ("HNSW16,Flat", False, True), ("IVF8,Flat", False, True), ("IVF8,Flat", True, True),
+    ("IVF8,PQ4x4fs,Refine(Flat)", False, True), ("IVF8,SQ8", False, False),
+])
+def test_queries_by_row_id_take_stored_vectors_from_the_index_when_it_holds_them(tmp_path, factory, on_disk, stored):
+    """Indexes that keep the vectors themselves answer id queries without reading a feature
+    shard (the shards are deleted to prove it); those that keep only codes read the shards."""
+    import shutil
+
+    x, _ = clustered(1200, 16, 10, seed=14)
+    feats = write_features(tmp_path / "f", x, shard_size=500)
+    build_index(feats, tmp_path / "i", fx.IndexConfig(factory=factory, num_queries=50, on_disk=on_disk))
+    idx = SearchIndex(tmp_path / "i")
+    positions = [idx.position_of(r) for r in (0, 7, 777, 1199)]
+    want = fx.prepare(x[[0, 7, 777, 1199]], "cosine")
+    got = fx.stored_vectors(idx.index, positions)
+    assert (got is not None) == stored
+    np.testing.assert_allclose(idx.vectors_for(positions), want, atol=1e-6)
+    before = [[n.row_id for n in r.neighbors] for r in search_ids(idx, [7, 777], k=5)]
+    shutil.rmtree(feats)
+    if stored:
+        np.testing.assert_allclose(got, want, atol=1e-6)
+        assert [[n.row_id for n in r.neighbors] for r in search_ids(SearchIndex(tmp_path / "i"), [7, 777], k=5)] == before
+    else:
+        with pytest.raises(FeaturesError, match="is not a directory"):  # its vectors are in the shards only
+            search_ids(SearchIndex(tmp_path / "i"), [7], k=5)
