@@ -4,7 +4,10 @@ For each size (default 100k and 1M) of clustered 512-d vectors (structure, not p
 an ANN index cannot be judged on Gaussian noise), writes them as shards, runs
 `build_index` with its automatic choice, and reports build seconds, index bytes, process
 peak RSS, recall@10 on held-out queries, queries/s at the tuned setting, and the exact
-search baselines (in-memory IndexFlat and embedx's streamed exact search).
+search baselines (in-memory IndexFlat and embedx's streamed exact search). Then the cost of
+finding a row's vector for a query by row id, one row at a time: from the index itself (where
+it holds vectors exactly: `SearchIndex.vectors_for`) vs read back from its feature shard
+(`shard_vectors`, embedx extract's default 10,000-row shards).
 
     python benchmarks/bench_search.py                 # 100k and 1M
     python benchmarks/bench_search.py --sizes 100000
@@ -37,7 +40,7 @@ def clustered(n: int, dim: int, n_clusters: int, seed: int = 0, spread: float = 
     return x
 
 
-def write_shards(directory: Path, x: np.ndarray, shard_size: int = 100_000, labels: list[str] | None = None) -> None:
+def write_shards(directory: Path, x: np.ndarray, shard_size: int = 10_000, labels: list[str] | None = None) -> None:
     """A shard directory in embedx's format for synthetic vectors (no model involved)."""
     from embedx import shards
 
@@ -71,6 +74,7 @@ def main() -> None:
 
     from embedx.index import IndexConfig, prepare
     from embedx.indexer import build_index
+    from embedx.query import SearchIndex
 
     sizes = [5000] if args.quick else [int(s) for s in args.sizes.split(",")]
     dim = 32 if args.quick else args.dim
@@ -93,6 +97,18 @@ def main() -> None:
             flat.search(xq, 10)
             flat_qps = len(xq) / (time.perf_counter() - t0)
             del flat, xn
+            idx = SearchIndex(tmp / "i")
+            picks = np.random.default_rng(6).choice(n, 5 if args.quick else 30, replace=False).tolist()
+            id_ms = {}
+            for name, fn in (("index", idx.vectors_for), ("shard", idx.shard_vectors)):
+                fn(picks[:1])  # warm-up (a direct map, where IVF needs one; the Parquet reader)
+                times = []
+                for p in picks:
+                    t0 = time.perf_counter()
+                    fn([p])
+                    times.append((time.perf_counter() - t0) * 1e3)
+                id_ms[name] = float(np.median(times))
+            del idx
             run = {
                 "n": n, "dim": dim, "factory": info["factory"], "search_param": info["search_param"],
                 "search_value": info["search_value"], "recall_at_10": info["recall_at_k"],
@@ -101,12 +117,15 @@ def main() -> None:
                 "speedup_vs_exact_flat": info["qps"] / flat_qps, "build_seconds": info["build_seconds"],
                 "wall_seconds_incl_tuning": wall, "index_bytes": info["index_bytes"],
                 "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "id_vector_ms": id_ms, "id_vector_shard_over_index": id_ms["shard"] / max(id_ms["index"], 1e-9),
             }
             runs.append(run)
             print(f"{n:>9} x {dim}: {run['factory']:<16} recall@10 {run['recall_at_10']:.3f} at "
                   f"{run['search_param']}={run['search_value']}, {run['qps']:9.0f} q/s vs exact {flat_qps:7.0f} q/s "
                   f"({run['speedup_vs_exact_flat']:.1f}x), build {run['build_seconds']:.1f} s, "
                   f"{run['index_bytes'] / 2**20:.0f} MiB index, peak RSS {run['peak_rss_mib']:.0f} MiB")
+            print(f"{'':>13} a row's vector for an id query: {id_ms['index']:.2f} ms from the index vs "
+                  f"{id_ms['shard']:.1f} ms from its shard ({run['id_vector_shard_over_index']:.0f}x)")
             del x
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -117,11 +117,14 @@ class SearchIndex:
         """Stored vectors of indexed rows: from the index itself where it holds them exactly
         (`fx.stored_vectors`), else read back from their feature shards (only the shards that
         hold them, where the directory says which)."""
+        stored = fx.stored_vectors(self.index, positions)
+        return stored if stored is not None else self.shard_vectors(positions)
+
+    def shard_vectors(self, positions: list[int]) -> np.ndarray:
+        """Vectors of indexed rows read back from their feature shards (only the shards that
+        hold them, where the directory says which), prepared for the index's metric."""
         from . import shards
 
-        stored = fx.stored_vectors(self.index, positions)
-        if stored is not None:
-            return stored
         out = np.empty((len(positions), self.info["dim"]), np.float32)
         found = np.zeros(len(positions), bool)
         want: dict[int, dict[int, list[int]]] = {}
