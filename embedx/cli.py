@@ -74,7 +74,7 @@ def extract(
     weights: Optional[str] = typer.Option(None, help="auto (default: bundled, else hub) | bundled | hub | random | PATH to .pth/.safetensors."),
     batch_size: Optional[int] = typer.Option(None, help="Images per batch [default: 256 on GPU; on CPU 2 per thread, 8 with AVX-512, 4 to 32]."),
     num_workers: Optional[int] = typer.Option(None, help="Decoder processes; 0: decode in this process between batches [default: from the cores present; 0 on 2-core CPUs]."),
-    decode_threads: Optional[int] = typer.Option(None, help="With 0 decoder processes: threads that decode each batch while the model waits [default: the cores present, at most 8, where OpenMP's idle workers sleep soon (the CLI sets GOMP_SPINCOUNT=30000 unless set), else 1]."),
+    decode_threads: Optional[int] = typer.Option(None, help="With 0 decoder processes: threads that decode each batch while the model waits [default: as many as the model's threads (every core), at most 8, where OpenMP's idle workers sleep soon (the CLI sets GOMP_SPINCOUNT=30000 unless set), else 1]."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
     precision: str = typer.Option("auto", help="auto (bf16 on GPU and bf16-capable CPUs) | fp32 | bf16 | fp16."),
     labels: str = typer.Option("folder", help="folder (parent directory name; in .tar archives a WebDataset .cls file first) | none."),

@@ -169,15 +169,21 @@ def default_num_workers(device: str) -> int:
 def default_decode_threads(num_workers: int) -> int:
     """Threads that decode each batch in this process when there are no decoder processes. The
     model waits for the decode there, so the decode may use the cores the model has just left:
-    every core (at most 8), where idle OpenMP workers leave them soon (`_openmp`; the CLI sees to
-    it), else 1: behind workers that still spin, more threads only contended (2 threads made
-    the decode ~1.6x faster with the short spin wait, no faster without: benchmarks/README.md,
-    "decode threads")."""
+    as many as the model's threads (every core, unless `--devices` shares them out; at most 8),
+    where idle OpenMP workers leave them soon (`_openmp`; the CLI sees to it), else 1: behind
+    workers that still spin, more threads only contended (2 threads made the decode ~1.6x
+    faster with the short spin wait, no faster without: benchmarks/README.md, "decode threads")."""
     from ._openmp import runtime, spin_wait_is_short
 
     if num_workers != 0 or not spin_wait_is_short(openmp=runtime()):
         return 1
-    return min(usable_cpus(), 8)
+    return max(1, min(_model_threads(), 8))
+
+
+def _model_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def default_prefetch(device: str, num_workers: int) -> int:

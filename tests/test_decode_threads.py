@@ -164,12 +164,15 @@ def test_default_decode_threads_follow_the_spin_wait_and_the_decoder_processes(m
     from embedx import _openmp, extractor
 
     monkeypatch.setattr(_openmp, "runtime", lambda: "gnu")
-    monkeypatch.setattr(extractor, "usable_cpus", lambda: 2)
+    monkeypatch.setattr(extractor, "_model_threads", lambda: 2)
     monkeypatch.setenv("GOMP_SPINCOUNT", "30000")
     assert extractor.default_decode_threads(0) == 2
     assert extractor.default_decode_threads(3) == 1  # decoder processes do the decoding
-    monkeypatch.setattr(extractor, "usable_cpus", lambda: 64)
+    monkeypatch.setattr(extractor, "_model_threads", lambda: 64)
     assert extractor.default_decode_threads(0) == 8
+    monkeypatch.setattr(extractor, "_model_threads", lambda: 1)  # e.g. --devices cpu,cpu on 2 cores
+    assert extractor.default_decode_threads(0) == 1
+    monkeypatch.setattr(extractor, "_model_threads", lambda: 2)
     monkeypatch.delenv("GOMP_SPINCOUNT")
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     assert extractor.default_decode_threads(0) == 1  # workers that spin would take the threads' cores
