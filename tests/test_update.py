@@ -97,9 +97,13 @@ def test_update_embeds_only_new_images_into_new_shards(tiny_dir, tmp_path, backb
     r = extract(src, out, _cfg(overwrite=True), backbone=backbone)
     assert r.num_images == 16 and not list((out / "segments").glob("*.parquet"))
     assert "segments" not in shards.read_manifest(out)
-    # the index over the old rows now names a row the shards lack: said, not answered with garbage
+    # the index over the old rows now names a row the shards lack: a Flat index holds the row's
+    # vector itself and answers from it; read from the shards, it is said, not answered with garbage
+    idx = SearchIndex(tmp_path / "idx")
+    [hit] = search_ids(idx, [17], k=1)
+    assert hit.neighbors[0].row_id == 17 and hit.neighbors[0].score > 0.999
     with pytest.raises(SearchIndexError, match=r"Row ids \[17\] are no longer in their feature shards"):
-        search_ids(SearchIndex(tmp_path / "idx"), [17], k=1)
+        idx.shard_vectors([idx.position_of(17)])
     # and a catch-up would add rows whose ids meant other images: refused
     with pytest.raises(SearchIndexError, match="extracted again"):
         add_to_index(tmp_path / "idx", out)
