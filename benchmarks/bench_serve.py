@@ -7,7 +7,8 @@ seed, as bench_extract.py) embedded with the default model, reports:
 1. cli_image_s    - `embedx search IDX query.jpg -k 10 --format json`, wall time per call;
 2. serve_image_ms - POST /search/image?k=10 with the same JPEG to a running `embedx serve`,
                     median over --queries sequential requests (different photos);
-3. serve_id_ms    - POST /search {"ids": [...], "k": 10} likewise (no model);
+3. serve_id_ms    - POST /search {"ids": [...], "k": 10} likewise (no model), a new connection
+                    each (urllib), and serve_id_kept_ms: the same over one kept connection;
 
 and cli_image_s / serve_image_ms: how many times faster an image query gets once the server is up.
 The server's own start-up (imports, loading the index and the backbone) is reported apart.
@@ -24,6 +25,7 @@ times: the gain of embedding the requests that queue up together.
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import platform
@@ -130,7 +132,9 @@ def main() -> None:
     startup = time.perf_counter() - t
     try:
         _post(url + "/search/image?k=10", files[0].read_bytes())  # warm-up (first forward pass)
-        image_ms, id_ms = [], []
+        image_ms, id_ms, kept_ms = [], [], []
+        host, port = url.split("//")[1].split(":")
+        kept = http.client.HTTPConnection(host, int(port), timeout=120)
         for i in range(args.queries):
             blob = files[i % len(files)].read_bytes()
             t = time.perf_counter()
@@ -141,6 +145,13 @@ def main() -> None:
             t = time.perf_counter()
             _post(url + "/search", body)
             id_ms.append((time.perf_counter() - t) * 1e3)
+            t = time.perf_counter()
+            kept.request("POST", "/search", body=body, headers={"Content-Type": "application/json"})
+            answer = kept.getresponse()
+            answer.read()
+            kept_ms.append((time.perf_counter() - t) * 1e3)
+            assert answer.status == 200 and not answer.will_close
+        kept.close()
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -158,7 +169,7 @@ def main() -> None:
                 proc.wait(timeout=30)
 
     med = {"cli_image_s": statistics.median(cli), "serve_image_ms": statistics.median(image_ms),
-           "serve_id_ms": statistics.median(id_ms)}
+           "serve_id_ms": statistics.median(id_ms), "serve_id_kept_ms": statistics.median(kept_ms)}
     result = {
         "images": len(feats),
         "medians": med,
@@ -168,14 +179,14 @@ def main() -> None:
                        "one_at_a_time": load[1], "batched": load[64],
                        "batched_over_one_at_a_time_qps": statistics.median(r["qps"] for r in load[64])
                        / statistics.median(r["qps"] for r in load[1])},
-        "runs": {"cli_image_s": cli, "serve_image_ms": image_ms, "serve_id_ms": id_ms},
+        "runs": {"cli_image_s": cli, "serve_image_ms": image_ms, "serve_id_ms": id_ms, "serve_id_kept_ms": kept_ms},
         "env": {"python": platform.python_version(), "cpus": os.cpu_count()},
         "command": "python benchmarks/bench_serve.py" + (" --quick" if args.quick else f" --images {args.images}"),
     }
     print(f"{len(feats)} photos, Flat index, default model; image query = one ~500x375 JPEG")
     print(f"  embedx search (a process per query): {med['cli_image_s']:.2f} s")
-    print(f"  embedx serve, image: {med['serve_image_ms']:.1f} ms   id: {med['serve_id_ms']:.1f} ms   "
-          f"(started in {startup:.1f} s)")
+    print(f"  embedx serve, image: {med['serve_image_ms']:.1f} ms   id: {med['serve_id_ms']:.1f} ms, "
+          f"{med['serve_id_kept_ms']:.1f} ms on a kept connection   (started in {startup:.1f} s)")
     print(f"  image query, search/serve: {result['cli_over_serve_image']:.0f}x")
     for name, key in (("one request at a time (--max-batch 1)", 1), ("dynamic batching (--max-batch 64)", 64)):
         print(f"  {args.clients} clients, {name}: " + ", ".join(

@@ -375,3 +375,46 @@ def test_cli_serve_takes_the_token_from_the_environment_and_warns_without_one(se
     with _cli_server(idx.directory, "--host", "0.0.0.0", EMBEDX_SERVE_TOKEN=None) as (proc, _):
         warning = proc.stderr.readline()
         assert "no token" in warning and "EMBEDX_SERVE_TOKEN" in warning, warning
+
+
+def test_connections_are_kept_between_requests_unless_a_body_was_left_unread(served):
+    """HTTP/1.1 keep-alive: several requests on one connection; a request refused before its
+    body was read (here: no token) closes its connection, so the body is never taken for the
+    next request."""
+    import http.client
+
+    _, idx, feats = served
+    service = SearchService(SearchIndex(idx.directory), None, "no images here")
+    server = make_server(service, "127.0.0.1", 0, token="t0k")
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    host, port = server.server_address[:2]
+    ok = {"Authorization": "Bearer t0k", "Content-Type": "application/json"}
+    try:
+        conn = http.client.HTTPConnection(host, port, timeout=30)
+        socks = []
+        for i in range(3):
+            body = json.dumps({"ids": [int(feats.row_ids[i])], "k": 1})
+            conn.request("POST", "/search", body=body, headers=ok)
+            r = conn.getresponse()
+            got = json.loads(r.read())
+            assert r.status == 200 and got["results"][0]["results"][0]["row_id"] == int(feats.row_ids[i])
+            assert r.getheader("Connection") != "close"
+            socks.append(conn.sock)
+        assert socks[0] is not None and socks[0] is socks[1] is socks[2]  # one connection throughout
+        conn.request("GET", "/", headers=ok)
+        r = conn.getresponse()
+        assert r.status == 200 and json.loads(r.read())["rows"] == len(feats) and conn.sock is socks[0]
+        # refused with its body unread: the server says it closes, and does
+        conn.request("POST", "/search", body=json.dumps({"ids": [0], "k": 1}), headers={"Content-Type": "application/json"})
+        r = conn.getresponse()
+        assert r.status == 401 and r.getheader("Connection") == "close"
+        r.read()
+        assert r.will_close
+        conn.close()
+        conn = http.client.HTTPConnection(host, port, timeout=30)
+        conn.request("GET", "/", headers=ok)
+        assert conn.getresponse().status == 200
+        conn.close()
+    finally:
+        server.shutdown()
+        server.server_close()
