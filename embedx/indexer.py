@@ -10,7 +10,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -39,9 +39,25 @@ class Rows:
     paths: list[str]
     labels: list[str | None]
     sources: np.ndarray
+    # per source: its row ids sorted, and their positions (made on first use)
+    _by_source: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.row_ids)
+
+    def positions_in_source(self, source: int, row_ids: np.ndarray) -> np.ndarray:
+        """Index positions of row ids of one source (shard directory); -1 for rows not indexed
+        (rows the directory gained after the index was built or last caught up)."""
+        if source not in self._by_source:
+            pos = np.nonzero(self.sources == source)[0]
+            order = np.argsort(self.row_ids[pos], kind="stable")
+            self._by_source[source] = (self.row_ids[pos][order], pos[order])
+        ids, pos = self._by_source[source]
+        row_ids = np.asarray(row_ids, np.int64)
+        if not len(ids):
+            return np.full(len(row_ids), -1, np.int64)
+        at = np.minimum(np.searchsorted(ids, row_ids), len(ids) - 1)
+        return np.where(ids[at] == row_ids, pos[at], -1)
 
 
 def provenance_mismatch(a: dict, b: dict) -> list[str]:
@@ -225,13 +241,13 @@ def add_to_index(index_dir, features_dir, *, batch_size: int = 65_536, progress:
     if added == 0:
         bar.close()
         return {**info, "added": 0}
-    all_ids = np.concatenate([rows.row_ids, *new_ids])
-    all_sources = np.concatenate([rows.sources, np.full(added, source, np.int32)])
+    grown = Rows(np.concatenate([rows.row_ids, *new_ids]), rows.paths + new_paths, rows.labels + new_labels,
+                 np.concatenate([rows.sources, np.full(added, source, np.int32)]))
     remeasured = None
     if _should_measure(measure, info, int(index.ntotal)):
         dirs = [s["features"] for s in info["sources"]] + ([] if known else [str(features_dir)])
         bar.set_description_str(f"index add {info['factory']}: measuring recall@{info['k']} against exact search")
-        quality = _measure_again(index, info, dirs, all_ids, all_sources, source, np.concatenate(new_ids), batch_size)
+        quality = _measure_again(index, info, dirs, grown, source, np.concatenate(new_ids), batch_size)
         if quality is not None:
             remeasured = {"recall_before": info["recall_at_k"], "value_before": info["search_value"]}
             info.update(search_value=quality["value"], recall_at_k=quality["recall"], qps=quality["qps"],
@@ -241,8 +257,7 @@ def add_to_index(index_dir, features_dir, *, batch_size: int = 65_536, progress:
     # write to temporaries, then swap both files in: a crash leaves the old index intact
     tmp_index = index_dir / (fx.INDEX_FILE + ".new")
     fx.save(index, tmp_index)
-    fx.write_rows(index_dir / (fx.ROWS_FILE + ".new"), all_ids, rows.paths + new_paths, rows.labels + new_labels,
-                  all_sources)
+    fx.write_rows(index_dir / (fx.ROWS_FILE + ".new"), grown.row_ids, grown.paths, grown.labels, grown.sources)
     os.replace(tmp_index, index_dir / fx.INDEX_FILE)
     os.replace(index_dir / (fx.ROWS_FILE + ".new"), index_dir / fx.ROWS_FILE)
     if known:
@@ -264,8 +279,8 @@ def _should_measure(measure: str, info: dict, ntotal: int) -> bool:
     return measured is None or ntotal >= measured * (1 + REMEASURE_GROWTH)
 
 
-def _measure_again(index, info: dict, dirs: list[str], all_ids: np.ndarray, all_sources: np.ndarray, source: int,
-                   new_row_ids: np.ndarray, batch_size: int) -> dict | None:
+def _measure_again(index, info: dict, dirs: list[str], rows: Rows, source: int, new_row_ids: np.ndarray,
+                   batch_size: int) -> dict | None:
     """`fx.tune` of the grown index (the search parameter left at the chosen value): queries are
     up to `num_queries` of the vectors just added (where the index changed), the truth exact
     search over the vectors of every source that the index holds, by index position. None (and a
@@ -283,15 +298,10 @@ def _measure_again(index, info: dict, dirs: list[str], all_ids: np.ndarray, all_
     def indexed_vectors():
         # each source's vectors that the index holds, with their index positions
         for s, d in enumerate(dirs):
-            positions = np.flatnonzero(all_sources == s)
-            if len(positions) == 0:
-                continue
-            order = np.argsort(all_ids[positions], kind="stable")
-            ids_sorted, positions = all_ids[positions][order], positions[order]
             for x, ids, *_ in fx.iter_vectors(d, metric, batch_size):
-                at = np.minimum(np.searchsorted(ids_sorted, ids), len(ids_sorted) - 1)
-                held = ids_sorted[at] == ids
-                yield x[held], positions[at[held]]
+                pos = rows.positions_in_source(s, ids)
+                held = pos >= 0
+                yield x[held], pos[held]
 
     _, gt = fx.exact_knn_of(indexed_vectors(), xq, k, metric)
     quality = fx.tune(index, xq, gt, k, float(info["target_recall"]))

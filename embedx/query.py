@@ -66,7 +66,6 @@ class SearchIndex:
             raise SearchIndexError(f"{self.directory} is inconsistent ({self.index.ntotal} vectors, {len(self.rows)} rows): rebuild it.")
         fx.set_search_param(self.index, self.info.get("search_param"), self.info.get("search_value"))
         self._by_row_id: dict[int, list[int]] | None = None
-        self._by_source: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     @property
     def metric(self) -> str:
@@ -101,17 +100,8 @@ class SearchIndex:
 
     def positions_in_source(self, source: int, row_ids: np.ndarray) -> np.ndarray:
         """Index positions of row ids of one source (shard directory); -1 for rows not indexed
-        (rows the directory gained after the index was built or last caught up)."""
-        if source not in self._by_source:
-            pos = np.nonzero(self.rows.sources == source)[0]
-            order = np.argsort(self.rows.row_ids[pos], kind="stable")
-            self._by_source[source] = (self.rows.row_ids[pos][order], pos[order])
-        ids, pos = self._by_source[source]
-        row_ids = np.asarray(row_ids, np.int64)
-        if not len(ids):
-            return np.full(len(row_ids), -1, np.int64)
-        at = np.minimum(np.searchsorted(ids, row_ids), len(ids) - 1)
-        return np.where(ids[at] == row_ids, pos[at], -1)
+        (`Rows.positions_in_source`)."""
+        return self.rows.positions_in_source(source, row_ids)
 
     def vectors_for(self, positions: list[int]) -> np.ndarray:
         """Stored vectors of indexed rows: from the index itself where it holds them exactly
