@@ -82,7 +82,6 @@ class SearchService:
         self._embedding: tuple[QueryEncoder | None, MicroBatcher | None] = (None, None)
         self._set_encoder(encoder)
         self.no_images = no_images or "image queries are not served here"
-        self._encoder_lock = threading.Lock()  # one backbone (re)load at a time
 
     @property
     def encoder(self) -> QueryEncoder | None:
@@ -122,8 +121,8 @@ class SearchService:
         return self._idx
 
     def _new_encoder(self, provenance: dict) -> None:
-        with self._encoder_lock:
-            encoder, why = _encoder(provenance, self.weights, self.encoder.device)
+        # (called under _reload_lock: one backbone load at a time)
+        encoder, why = _encoder(provenance, self.weights, self.encoder.device)
         self._set_encoder(encoder)
         self.no_images = why or self.no_images
 
