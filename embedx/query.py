@@ -122,15 +122,12 @@ class SearchIndex:
             want.setdefault(int(self.rows.sources[pos]), {}).setdefault(int(self.rows.row_ids[pos]), []).append(i)
         for source, by_id in want.items():
             features = self.info["sources"][source]["features"]
-            for table in shards.iter_shards(features, columns=["row_id", "embedding"], row_ids=by_id):
-                ids = table.column("row_id").to_numpy()
-                hit = np.nonzero(np.isin(ids, list(by_id)))[0]
-                if len(hit):
-                    emb = shards.embeddings_of(table)
-                    for h in hit:
-                        for i in by_id[int(ids[h])]:
-                            out[i] = emb[h]
-                            found[i] = True
+            for table in shards.read_rows(features, by_id, columns=["row_id", "embedding"]):
+                emb = shards.embeddings_of(table)
+                for h, row_id in enumerate(table.column("row_id").to_numpy()):
+                    for i in by_id[int(row_id)]:
+                        out[i] = emb[h]
+                        found[i] = True
         if not found.all():
             missing = [int(self.rows.row_ids[positions[i]]) for i in np.nonzero(~found)[0][:5]]
             raise SearchIndexError(f"Row ids {missing} are no longer in their feature shards (they changed after the "

@@ -98,11 +98,13 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         fh.write(data)
 
 
-def _atomic_write_table(path: Path, table, compression: str = "zstd", use_dictionary=True) -> None:
+def _atomic_write_table(path: Path, table, compression: str = "zstd", use_dictionary=True,
+                        row_group_size: int | None = None) -> None:
     import pyarrow.parquet as pq
 
     with _atomic_path(path) as tmp:
-        pq.write_table(table, tmp, compression=compression, use_dictionary=use_dictionary)
+        pq.write_table(table, tmp, compression=compression, use_dictionary=use_dictionary,
+                       row_group_size=row_group_size)
 
 
 def write_plan(path: Path, row_ids: list[int], paths: list[str], files: list[str], labels: list[str | None]) -> None:
@@ -127,6 +129,12 @@ def read_plan(path: Path) -> tuple[list[int], list[str], list[str], list[str | N
 # rows 2.3x slower and the file 34 % larger) nor the unique row ids
 _SHARD_DICTIONARY_COLUMNS = ["path", "label", "width", "height"]
 
+# rows per Parquet row group of a shard: a query by row id reads the row group that holds the row
+# (found from the row_id column's min/max statistics) instead of the whole shard. Measured on a
+# 10,000 x 512 float32 shard: one row 3.9 ms vs 51.5 ms with one row group, the same file size
+# (18.98 vs 18.97 MB) and whole-shard reads no slower (20 vs 31 ms).
+SHARD_ROW_GROUP_ROWS = 1024
+
 
 def write_shard(directory: Path, index: int, rows: ShardRows, dim: int, dtype: str, metadata: dict) -> Path:
     """Write one shard atomically and return its path."""
@@ -149,7 +157,7 @@ def write_shard(directory: Path, index: int, rows: ShardRows, dim: int, dtype: s
         schema=sch,
     )
     path = Path(directory) / shard_name(index)
-    _atomic_write_table(path, table, use_dictionary=_SHARD_DICTIONARY_COLUMNS)
+    _atomic_write_table(path, table, use_dictionary=_SHARD_DICTIONARY_COLUMNS, row_group_size=SHARD_ROW_GROUP_ROWS)
     return path
 
 
@@ -330,14 +338,14 @@ def _metadata_of(sch) -> dict:
     return json.loads(raw) if raw else {}
 
 
-def iter_shards(directory: str | os.PathLike, columns: list[str] | None = None, row_ids=None,
+def iter_shards(directory: str | os.PathLike, columns: list[str] | None = None,
                 skip_row_ids: np.ndarray | None = None):
     """Yield one pyarrow Table per completed shard (bounded memory for streaming consumers);
-    with `row_ids`, only the shards that can hold them (`files_for_rows`); with `skip_row_ids`,
-    without those rows (a shard holding only such rows is not read past its row ids)."""
+    with `skip_row_ids`, without those rows (a shard holding only such rows is not read past
+    its row ids). For a few given rows, `read_rows`."""
     import pyarrow.parquet as pq
 
-    for f in shard_files(directory) if row_ids is None else files_for_rows(directory, row_ids):
+    for f in shard_files(directory):
         keep = None
         if skip_row_ids is not None and len(skip_row_ids):
             keep = ~np.isin(pq.read_table(f, columns=["row_id"]).column("row_id").to_numpy(), skip_row_ids)
@@ -345,6 +353,46 @@ def iter_shards(directory: str | os.PathLike, columns: list[str] | None = None, 
                 continue
         table = pq.read_table(f, columns=columns)
         yield table if keep is None or keep.all() else table.filter(keep)
+
+
+def read_rows(directory: str | os.PathLike, row_ids, columns: list[str] | None = None):
+    """Yield, per shard that holds some of `row_ids`, a Table of just those rows (any order;
+    ids not found are simply absent). Reads only the shards that can hold them
+    (`files_for_rows`) and, within each, only the row groups whose row_id statistics cover
+    one of them (shards written before row groups were used have one: read whole)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    wanted = np.unique(np.fromiter((int(r) for r in row_ids), dtype=np.int64))
+    if not len(wanted):
+        return
+    read_columns = None if columns is None else list(dict.fromkeys(["row_id", *columns]))
+    for f in files_for_rows(directory, wanted):
+        pf = pq.ParquetFile(f)
+        groups = _row_groups_holding(pf.metadata, wanted)
+        if not groups:
+            continue
+        table = pf.read_row_groups(groups, columns=read_columns)
+        keep = np.isin(table.column("row_id").to_numpy(), wanted)
+        if keep.any():
+            table = table if keep.all() else table.filter(pa.array(keep))
+            yield table if columns is None else table.select(columns)
+
+
+def _row_groups_holding(metadata, wanted: np.ndarray) -> list[int]:
+    """Row groups of a shard whose row_id min/max admit one of the sorted `wanted` ids (every
+    group whose statistics are missing)."""
+    column = metadata.schema.names.index("row_id")
+    groups = []
+    for g in range(metadata.num_row_groups):
+        stats = metadata.row_group(g).column(column).statistics
+        if stats is None or not stats.has_min_max:
+            groups.append(g)
+            continue
+        lo = np.searchsorted(wanted, stats.min, side="left")
+        if lo < len(wanted) and wanted[lo] <= stats.max:
+            groups.append(g)
+    return groups
 
 
 def embeddings_of(table) -> np.ndarray:

@@ -472,3 +472,39 @@ def test_queries_by_row_id_take_stored_vectors_from_the_index_when_it_holds_them
     else:
         with pytest.raises(FeaturesError, match="is not a directory"):  # its vectors are in the shards only
             search_ids(SearchIndex(tmp_path / "i"), [7], k=5)
+
+
+def test_read_rows_reads_only_the_row_groups_that_hold_the_rows(tmp_path, monkeypatch):
+    """A query by row id reads the row groups whose row_id statistics cover the ids, not the whole
+    shard; shards written as one row group (before row groups were used) give the same rows."""
+    import pyarrow.parquet as pq
+
+    monkeypatch.setattr(shards, "SHARD_ROW_GROUP_ROWS", 100)
+    x, _ = clustered(3000, 8, 10, seed=21)
+    feats = write_features(tmp_path / "f", x, shard_size=2000)  # shards of 2000 and 1000 rows
+    assert [pq.ParquetFile(f).metadata.num_row_groups for f in shards.shard_files(feats)] == [20, 10]
+    read = []
+    real = pq.ParquetFile.read_row_groups
+    monkeypatch.setattr(pq.ParquetFile, "read_row_groups",
+                        lambda self, groups, **kw: read.append(list(groups)) or real(self, groups, **kw))
+
+    def rows_of(directory, ids):
+        got = {}
+        for table in shards.read_rows(directory, ids, columns=["row_id", "embedding"]):
+            assert table.column_names == ["row_id", "embedding"]
+            got.update(zip(table.column("row_id").to_pylist(), shards.embeddings_of(table)))
+        return got
+
+    got = rows_of(feats, [5, 2999, 150, 150, 1999, 2000, 99_999])
+    assert sorted(got) == [5, 150, 1999, 2000, 2999]  # an id that no shard holds is absent
+    for row_id, vector in got.items():
+        np.testing.assert_array_equal(vector, x[row_id])
+    assert read == [[0, 1, 19], [0, 9]]  # groups of shard 0 (rows 0-1999), then shard 1 (2000-2999)
+    assert rows_of(feats, []) == {}
+
+    one_group = pq.read_table(shards.shard_files(feats)[0])  # the older layout: one row group a shard
+    pq.write_table(one_group, shards.shard_files(feats)[0], compression="zstd")
+    read.clear()
+    got = rows_of(feats, [5, 1999])
+    assert read == [[0]] and sorted(got) == [5, 1999]
+    np.testing.assert_array_equal(got[1999], x[1999])
