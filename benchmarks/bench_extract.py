@@ -68,13 +68,13 @@ def files_of(d: Path) -> list[str]:
     return sorted(str(p) for p in d.rglob("*.jpg"))
 
 
-def bench_ceiling(backbone, n: int, batch_size: int, device: str, precision: str) -> float:
+def bench_ceiling(backbone, n: int, batch_size: int, device: str, precision: str, compile: bool = False) -> float:
     import torch
 
     from embedx.extractor import _Embedder, _prepare_model
 
     model = _prepare_model(backbone, device, channels_last=True)
-    emb = _Embedder(model, backbone, device, precision, normalize=False, channels_last=True)
+    emb = _Embedder(model, backbone, device, precision, normalize=False, channels_last=True, compile=compile)
     # the pixels already on the device, and batch i+1 queued before batch i's result is read (as
     # the engine does): the model's own speed, with no input copy and no idle gap between batches
     x = torch.randint(0, 256, (batch_size, *backbone.data_config.input_size), dtype=torch.uint8)
@@ -273,6 +273,53 @@ def bench_batch_sizes(folder: Path, model: str, weights: str | None, sizes: list
     return out
 
 
+_ONE_COMPILE = """
+import json, sys, time
+import numpy as np
+import torch
+from embedx._malloc import apply_heap
+from embedx.backbone import load_backbone
+from embedx.extractor import _Embedder, _prepare_model
+model, weights, bs, precision, compiled, n = sys.argv[1], sys.argv[2] or None, int(sys.argv[3]), sys.argv[4], sys.argv[5] == "yes", int(sys.argv[6])
+apply_heap("auto", "cpu")  # as the engine runs the model
+backbone = load_backbone(model, weights)
+sys.path.insert(0, sys.argv[7])
+from bench_extract import bench_ceiling
+x = torch.randint(0, 256, (bs, *backbone.data_config.input_size), dtype=torch.uint8)
+x = x.contiguous(memory_format=torch.channels_last)
+net = _prepare_model(backbone, "cpu", channels_last=True)
+emb = _Embedder(net, backbone, "cpu", precision, normalize=False, channels_last=True, compile=compiled)
+with torch.inference_mode():
+    t = time.perf_counter()
+    got = emb.embed(x)
+    first = time.perf_counter() - t
+    eager = _Embedder(net, backbone, "cpu", precision, normalize=False, channels_last=True).embed(x)
+cos = (got * eager).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(eager, axis=1)
+ips = bench_ceiling(backbone, n, bs, "cpu", precision, compile=compiled)
+print(json.dumps({"images_per_second": ips, "first_call_seconds": first, "still_compiled": emb.compiled,
+                  "min_cosine_vs_eager": float(cos.min())}))
+"""
+
+
+def bench_compile(model: str, weights: str | None, batch_size: int, precisions: list[str], rounds: int,
+                  n: int) -> dict:
+    """Model-only img/s on the CPU, eager vs torch.compile, per precision: each run a fresh process
+    with the engine's heap setting and an empty inductor cache (so the first call pays the whole
+    compile, as a user's first compiled run does), rounds interleaving the variants. Returns
+    {(precision, compiled): [run, ...]}."""
+    variants = [(p, c) for p in precisions for c in ("no", "yes")]
+    out = {v: [] for v in variants}
+    for _ in range(rounds):
+        for precision, compiled in variants:
+            with tempfile.TemporaryDirectory() as cache:
+                env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
+                proc = subprocess.run([sys.executable, "-c", _ONE_COMPILE, model, weights or "", str(batch_size),
+                                       precision, compiled, str(n), str(Path(__file__).resolve().parent)],
+                                      capture_output=True, text=True, check=True, env=env)
+            out[(precision, compiled)].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=512)
@@ -298,6 +345,8 @@ def main() -> None:
     ap.add_argument("--spin-counts", default="auto",
                     help="with --batch-sizes: GOMP_SPINCOUNT values to compare, e.g. default,30000 (default: libgomp's own; "
                          "auto: as the CLI sets it)")
+    ap.add_argument("--compile", action="store_true",
+                    help="model-only img/s, eager vs torch.compile, per --precisions (default fp32,bf16), on the CPU")
     ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "embedx-bench")
     ap.add_argument("--quick", action="store_true", help="tiny sizes: checks the benchmark runs")
     ap.add_argument("--out", type=Path, default=None)
@@ -348,6 +397,25 @@ def main() -> None:
                   "ceiling": {key[v]: [r["ceiling"] for r in rs] for v, rs in runs.items()},
                   "stage_seconds": {key[v]: [r["stage_seconds"] for r in rs] for v, rs in runs.items()}}
         write_result(result, "extract_batch_sizes", args.quick, args.out)
+        return
+
+    if args.compile:
+        model = "test_efficientnet" if args.quick else args.model
+        bs = args.batch_size or (4 if args.quick else 16)
+        precisions = ["fp32", "bf16"] if args.precisions == "auto" else args.precisions.split(",")
+        runs = bench_compile(model, "random" if args.quick else None, bs, precisions, 1 if args.quick else args.rounds,
+                             bs * 2 if args.quick else 1024)
+        table = {}
+        for precision in precisions:
+            eager, comp = runs[(precision, "no")], runs[(precision, "yes")]
+            ratio = float(np.median([r["images_per_second"] for r in comp]) / np.median([r["images_per_second"] for r in eager]))
+            table[precision] = {"eager": eager, "compiled": comp, "compiled_over_eager": ratio}
+            print(f"{precision}: eager " + ", ".join(f"{r['images_per_second']:.1f}" for r in eager) + " img/s; compiled "
+                  + ", ".join(f"{r['images_per_second']:.1f}" for r in comp) + f" img/s ({ratio:.2f}x by the medians); "
+                  "first compiled call " + ", ".join(f"{r['first_call_seconds']:.1f}" for r in comp) + " s; cosine vs eager >= "
+                  + f"{min(r['min_cosine_vs_eager'] for r in comp):.5f}")
+        result = {"benchmark": "extract-compile", "model": model, "batch_size": bs, "env": env, "precisions": table}
+        write_result(result, "extract_compile", args.quick, args.out)
         return
 
     if args.decode_only:

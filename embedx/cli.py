@@ -97,7 +97,7 @@ def extract(
     device_share: float = typer.Option(1.0, help="With --decode device: the share of JPEGs decoded on the device; the CPU workers decode the rest at the same time."),
     device_decoder: str = typer.Option("auto", help="With --decode device: whose decode_jpeg: auto (TorchCodec when installed, else torchvision's, deprecated) | torchcodec | torchvision."),
     prefetch: Optional[int] = typer.Option(None, help="Batches prepared ahead (copied to / decoded on the device) on a background thread; 0: inline [default: 2; 0 on a CPU that decodes in-process]."),
-    compile: str = typer.Option("auto", help="auto (for runs of 20k+ images on CPU) | yes | no: torch.compile the backbone."),
+    compile: str = typer.Option("auto", help="auto (for runs of 20k+ images on a CPU in fp32, 200k+ on a GPU) | yes | no: torch.compile the backbone."),
     heap: str = typer.Option("auto", help="auto (keep on CPU) | keep | release: keep = glibc reuses freed memory instead of returning it to the OS (no page faults per batch; the process keeps its peak)."),
     engine: str = typer.Option("local", help="local | ray (Ray Data on a cluster: pip install 'embedx[ray]')."),
     address: Optional[str] = typer.Option(None, help="Ray cluster address for --engine ray (e.g. ray://head:10001, auto)."),

@@ -67,17 +67,25 @@ class ExtractConfig:
     decode_threads: int | None = None  # with 0 decoder processes: threads decoding each batch (model waiting); None: default_decode_threads
 
 
-#: torch.compile costs ~60 s on 2 CPU cores (EfficientNet-Lite0) and gains ~1.4x there; it pays
-#: off from a few thousand images. These thresholds keep well clear of break-even.
+#: torch.compile costs ~20-60 s on 2 CPU cores (EfficientNet-Lite0) and gains 1.3-1.4x there in
+#: fp32; it pays off from a few thousand images. These thresholds keep well clear of break-even.
 COMPILE_MIN_IMAGES = {"cpu": 20_000, "cuda": 200_000}
+#: CPU precisions where `--compile auto` may compile. Not bf16: on an AVX-512-bf16 CPU the
+#: compiled Lite0 ran 0.92x eager bf16 (`python benchmarks/bench_extract.py --compile`, fp32 1.31x).
+CPU_COMPILE_PRECISIONS = ("fp32",)
 
 
-def should_compile(choice: str, device: str, num_images: int) -> bool:
+def should_compile(choice: str, device: str, num_images: int, precision: str = "fp32") -> bool:
+    """Whether to torch.compile the backbone: `yes`/`no` as said; `auto` for runs long enough to
+    repay the compile (COMPILE_MIN_IMAGES), and on a CPU only at a precision where compiling
+    was measured to be faster (CPU_COMPILE_PRECISIONS)."""
     if choice not in ("auto", "yes", "no"):
         raise InputError(f"--compile must be auto, yes or no, not {choice!r}.")
     if choice != "auto":
         return choice == "yes"
-    return num_images >= COMPILE_MIN_IMAGES["cuda" if device.startswith("cuda") else "cpu"]
+    if device.startswith("cuda"):
+        return num_images >= COMPILE_MIN_IMAGES["cuda"]
+    return precision in CPU_COMPILE_PRECISIONS and num_images >= COMPILE_MIN_IMAGES["cpu"]
 
 
 @dataclass(frozen=True)
@@ -459,7 +467,7 @@ def _run_local(plan: _Plan, out: Path, config: ExtractConfig, timer: "_StageTime
         batches = iter(loader)
         model = _prepare_model(backbone, device, config.channels_last)
         runner = _Embedder(model, backbone, device, plan.precision, config.normalize, config.channels_last,
-                           compile=should_compile(config.compile, device, len(pending)))
+                           compile=should_compile(config.compile, device, len(pending), plan.precision))
     bar = _progress(len(plan.records), len(plan.records) - len(pending), config.progress)
     pre = _tensor_preprocess(backbone)
     counts = {"embedded": 0, "errors": 0}

@@ -54,6 +54,14 @@ def test_bench_extract_heaps_and_jpeg_decoders_quick(tmp_path):
     assert r["env"]["jpeg_decoder"].startswith("simplejpeg ")
 
 
+def test_bench_extract_compile_quick(tmp_path):
+    r = run("bench_extract.py", tmp_path, "--compile", "--precisions", "fp32")
+    fp32 = r["precisions"]["fp32"]
+    assert fp32["eager"][0]["images_per_second"] > 0 and fp32["compiled"][0]["images_per_second"] > 0
+    assert fp32["compiled"][0]["still_compiled"] and fp32["compiled"][0]["min_cosine_vs_eager"] > 0.999
+    assert not fp32["eager"][0]["still_compiled"]
+
+
 def test_bench_extract_memory_quick(tmp_path):
     r = run("bench_extract.py", tmp_path, "--memory", "--cache", str(tmp_path / "cache"))
     assert [x["images"] for x in r["runs"]] == [200, 1000] and all(x["peak_rss_mib"] > 0 for x in r["runs"])

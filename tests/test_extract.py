@@ -381,3 +381,28 @@ def test_default_cpu_batch_follows_the_cpu(monkeypatch):
         assert default_batch_size("cpu") == want, capability
     monkeypatch.setattr(torch, "get_num_threads", lambda: 16)
     assert default_batch_size("cpu") == 32 and default_batch_size("cuda") == 256
+
+
+def test_compile_auto_follows_length_device_and_precision(tiny_dir, tmp_path, backbone, monkeypatch):
+    """--compile auto compiles long runs, on a CPU only in fp32 (in bf16 the compiled model was
+    slower: bench_extract.py --compile); yes/no are obeyed; the rule reaches the engine."""
+    import torch
+
+    from embedx import extractor
+    from embedx.errors import InputError
+
+    n = extractor.COMPILE_MIN_IMAGES["cpu"]
+    assert extractor.should_compile("auto", "cpu", n, "fp32")
+    assert not extractor.should_compile("auto", "cpu", n - 1, "fp32")
+    assert not extractor.should_compile("auto", "cpu", 10 * n, "bf16")
+    assert extractor.should_compile("yes", "cpu", 1, "bf16") and not extractor.should_compile("no", "cpu", 10 * n)
+    assert extractor.should_compile("auto", "cuda:0", extractor.COMPILE_MIN_IMAGES["cuda"], "bf16")
+    with pytest.raises(InputError, match="auto, yes or no"):
+        extractor.should_compile("always", "cpu", 1)
+
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: compiled.append(model) or model)
+    monkeypatch.setitem(extractor.COMPILE_MIN_IMAGES, "cpu", 1)
+    for precision in ("bf16", "fp32"):
+        extract(tiny_dir, tmp_path / precision, ExtractConfig(precision=precision, progress=False), backbone=backbone)
+    assert len(compiled) == 1  # the fp32 run only
