@@ -68,12 +68,13 @@ def files_of(d: Path) -> list[str]:
     return sorted(str(p) for p in d.rglob("*.jpg"))
 
 
-def bench_ceiling(backbone, n: int, batch_size: int, device: str, precision: str, compile: bool = False) -> float:
+def bench_ceiling(backbone, n: int, batch_size: int, device: str, precision: str, compile: bool = False,
+                  fold_bn: bool = True) -> float:
     import torch
 
     from embedx.extractor import _Embedder, _prepare_model
 
-    model = _prepare_model(backbone, device, channels_last=True)
+    model = _prepare_model(backbone, device, True, precision if fold_bn else None)  # as the engine prepares it
     emb = _Embedder(model, backbone, device, precision, normalize=False, channels_last=True, compile=compile)
     # the pixels already on the device, and batch i+1 queued before batch i's result is read (as
     # the engine does): the model's own speed, with no input copy and no idle gap between batches
@@ -287,7 +288,7 @@ sys.path.insert(0, sys.argv[7])
 from bench_extract import bench_ceiling
 x = torch.randint(0, 256, (bs, *backbone.data_config.input_size), dtype=torch.uint8)
 x = x.contiguous(memory_format=torch.channels_last)
-net = _prepare_model(backbone, "cpu", channels_last=True)
+net = _prepare_model(backbone, "cpu", True, precision)
 emb = _Embedder(net, backbone, "cpu", precision, normalize=False, channels_last=True, compile=compiled)
 with torch.inference_mode():
     t = time.perf_counter()
@@ -320,6 +321,44 @@ def bench_compile(model: str, weights: str | None, batch_size: int, precisions: 
     return out
 
 
+_ONE_FOLD = """
+import json, sys
+import numpy as np
+from embedx._malloc import apply_heap
+from embedx.backbone import load_backbone
+from embedx.extractor import embed_files, prepare_model
+model, weights, bs, precision, fold, n = sys.argv[1], sys.argv[2] or None, int(sys.argv[3]), sys.argv[4], sys.argv[5] == "yes", int(sys.argv[6])
+apply_heap("auto", "cpu")  # as the engine runs the model
+backbone = load_backbone(model, weights)
+sys.path.insert(0, sys.argv[7])
+from bench_extract import bench_ceiling, files_of
+ips = bench_ceiling(backbone, n, bs, "cpu", precision, fold_bn=fold)
+from pathlib import Path
+files = files_of(Path(sys.argv[8]))
+ref = embed_files(files, backbone, precision="fp32", model=prepare_model(backbone, "cpu", "fp32", fold_bn=False)).embeddings
+got = embed_files(files, backbone, precision=precision, model=prepare_model(backbone, "cpu", precision, fold_bn=fold)).embeddings
+cos = (got * ref).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(ref, axis=1)
+print(json.dumps({"images_per_second": ips, "min_cosine_vs_fp32": float(cos.min()), "mean_cosine_vs_fp32": float(cos.mean())}))
+"""
+
+
+def bench_fold(model: str, weights: str | None, batch_size: int, precisions: list[str], rounds: int, n: int,
+               photos: Path) -> dict:
+    """Model-only img/s on the CPU with and without BatchNorm folding (`embedx.fold`), per
+    precision, each run a fresh process with the engine's heap setting, rounds interleaving the
+    variants; and the cosine of each variant's embeddings of the photos to unfolded fp32's.
+    Returns {(precision, fold): [run, ...]}."""
+    variants = [(p, f) for p in precisions for f in ("no", "yes")]
+    out = {v: [] for v in variants}
+    for _ in range(rounds):
+        for precision, fold in variants:
+            proc = subprocess.run([sys.executable, "-c", _ONE_FOLD, model, weights or "", str(batch_size), precision, fold,
+                                   str(n), str(Path(__file__).resolve().parent), str(photos)],
+                                  capture_output=True, text=True, check=True)
+            out[(precision, fold)].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=512)
@@ -347,6 +386,9 @@ def main() -> None:
                          "auto: as the CLI sets it)")
     ap.add_argument("--compile", action="store_true",
                     help="model-only img/s, eager vs torch.compile, per --precisions (default fp32,bf16), on the CPU")
+    ap.add_argument("--fold", action="store_true",
+                    help="model-only img/s with and without BatchNorm folding, per --precisions (default fp32,bf16), on "
+                         "the CPU, and each variant's cosine to unfolded fp32 on the photos")
     ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "embedx-bench")
     ap.add_argument("--quick", action="store_true", help="tiny sizes: checks the benchmark runs")
     ap.add_argument("--out", type=Path, default=None)
@@ -416,6 +458,27 @@ def main() -> None:
                   + f"{min(r['min_cosine_vs_eager'] for r in comp):.5f}")
         result = {"benchmark": "extract-compile", "model": model, "batch_size": bs, "env": env, "precisions": table}
         write_result(result, "extract_compile", args.quick, args.out)
+        return
+
+    if args.fold:
+        model = "test_efficientnet" if args.quick else args.model
+        bs = args.batch_size or (4 if args.quick else 16)
+        precisions = ["fp32", "bf16"] if args.precisions == "auto" else args.precisions.split(",")
+        photos = photo_folder(16 if args.quick else 128, cache)
+        runs = bench_fold(model, "random" if args.quick else None, bs, precisions, 1 if args.quick else args.rounds,
+                          bs * 2 if args.quick else 1024, photos)
+        table = {}
+        for precision in precisions:
+            plain, folded = runs[(precision, "no")], runs[(precision, "yes")]
+            ratio = float(np.median([r["images_per_second"] for r in folded]) / np.median([r["images_per_second"] for r in plain]))
+            table[precision] = {"unfolded": plain, "folded": folded, "folded_over_unfolded": ratio}
+            print(f"{precision}: unfolded " + ", ".join(f"{r['images_per_second']:.1f}" for r in plain) + " img/s; folded "
+                  + ", ".join(f"{r['images_per_second']:.1f}" for r in folded) + f" img/s ({ratio:.2f}x by the medians); "
+                  f"cosine to unfolded fp32 on {len(files_of(photos))} photos: unfolded min {plain[0]['min_cosine_vs_fp32']:.5f} "
+                  f"mean {plain[0]['mean_cosine_vs_fp32']:.5f}, folded min {folded[0]['min_cosine_vs_fp32']:.5f} "
+                  f"mean {folded[0]['mean_cosine_vs_fp32']:.5f}")
+        result = {"benchmark": "extract-fold", "model": model, "batch_size": bs, "env": env, "precisions": table}
+        write_result(result, "extract_fold", args.quick, args.out)
         return
 
     if args.decode_only:

@@ -245,7 +245,7 @@ class QueryEncoder:
         self.provenance = provenance
         self.backbone = backbone if backbone is not None else load_backbone_for(provenance, weights)
         self.device = device
-        self._model = prepare_model(self.backbone, device)  # once, not per query
+        self._model = prepare_model(self.backbone, device, _query_precision(provenance, device))  # once, not per query
 
     def embed(self, files: list[str]):
         """An `EmbeddedFiles`: the rows of the files that decoded, and why the others did not."""

@@ -62,6 +62,13 @@ def test_bench_extract_compile_quick(tmp_path):
     assert not fp32["eager"][0]["still_compiled"]
 
 
+def test_bench_extract_fold_quick(tmp_path):
+    r = run("bench_extract.py", tmp_path, "--fold", "--precisions", "fp32", "--cache", str(tmp_path / "cache"))
+    fp32 = r["precisions"]["fp32"]
+    assert fp32["unfolded"][0]["images_per_second"] > 0 and fp32["folded"][0]["images_per_second"] > 0
+    assert fp32["unfolded"][0]["min_cosine_vs_fp32"] > 0.9999 and fp32["folded"][0]["min_cosine_vs_fp32"] > 0.999
+
+
 def test_bench_extract_memory_quick(tmp_path):
     r = run("bench_extract.py", tmp_path, "--memory", "--cache", str(tmp_path / "cache"))
     assert [x["images"] for x in r["runs"]] == [200, 1000] and all(x["peak_rss_mib"] > 0 for x in r["runs"])
