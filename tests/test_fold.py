@@ -117,3 +117,27 @@ def test_the_prepared_model_folds_by_device_and_precision(backbone):
     assert _batchnorms(prepare_model(backbone, "cpu", "fp32")) == before - every
     assert _batchnorms(prepare_model(backbone, "cpu", "bf16")) == before - pointwise
     assert _batchnorms(prepare_model(backbone, "cpu", "fp32", fold_bn=False)) == before
+
+
+class _OwnSizeOnly(torch.nn.Module):
+    """Takes only 80 x 80 inputs (as a ViT with a fixed patch grid does)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.bn = _with_stats(torch.nn.BatchNorm2d(4), 4)
+
+    def forward(self, x):
+        if x.shape[-2:] != (80, 80):
+            raise ValueError(f"input size {tuple(x.shape[-2:])} != (80, 80)")
+        return self.bn(self.conv(x)).mean((2, 3))
+
+
+def test_the_check_falls_back_to_the_models_own_size():
+    model = _OwnSizeOnly().eval()
+    folded, n = fold_batchnorm(model, (3, 80, 80))  # the 64 x 64 check fails, the 80 x 80 one runs
+    assert n == 1 and folded is not model
+    x = torch.randn(2, 3, 80, 80)
+    with torch.inference_mode():
+        np.testing.assert_allclose(folded(x).numpy(), model(x).numpy(), rtol=1e-4, atol=1e-5)
+    assert fold_batchnorm(model, (3, 96, 96)) == (model, 0)  # no size it takes: not folded
