@@ -258,20 +258,36 @@ def bench_batch_sizes(folder: Path, model: str, weights: str | None, sizes: list
     {"images_per_second", "ceiling", "stage_seconds"}."""
     variants = [(bs, heap, jpeg, loader, precision, spin) for bs in sizes for heap in heaps for jpeg in jpegs
                 for loader in loaders for precision in precisions for spin in spins]
+
+    def env_of(v, _scratch):
+        env = dict(os.environ)
+        if v[5] == "default":
+            env.pop("GOMP_SPINCOUNT", None)
+        elif v[5] != "auto":
+            env["GOMP_SPINCOUNT"] = v[5]
+        return env
+
+    return _fresh_process_rounds(_ONE_RUN, variants, rounds, lambda v: [
+        str(folder), model, weights or "", str(v[0]), v[1], v[2], v[3], v[4], _HERE], env_of)
+
+
+def _fresh_process_rounds(script: str, variants: list, rounds: int, args_of, env_of=None) -> dict:
+    """Run `script` (which prints one JSON line last) in a fresh Python process per variant and
+    round, with `args_of(variant)` and the environment `env_of(variant, scratch directory)`;
+    rounds interleave the variants so that drifts of a shared machine hit all. Returns
+    {variant: [parsed result, ...]}."""
     out = {v: [] for v in variants}
     for _ in range(rounds):
         for v in variants:
-            bs, heap, jpeg, loader, precision, spin = v
-            env = dict(os.environ)
-            if spin == "default":
-                env.pop("GOMP_SPINCOUNT", None)
-            elif spin != "auto":
-                env["GOMP_SPINCOUNT"] = spin
-            proc = subprocess.run([sys.executable, "-c", _ONE_RUN, str(folder), model, weights or "", str(bs), heap, jpeg,
-                                   loader, precision, str(Path(__file__).resolve().parent)],
-                                  capture_output=True, text=True, check=True, env=env)
+            with tempfile.TemporaryDirectory() as scratch:
+                env = env_of(v, scratch) if env_of else None
+                proc = subprocess.run([sys.executable, "-c", script, *args_of(v)], capture_output=True, text=True,
+                                      check=True, env=env)
             out[v].append(json.loads(proc.stdout.strip().splitlines()[-1]))
     return out
+
+
+_HERE = str(Path(__file__).resolve().parent)
 
 
 _ONE_COMPILE = """
@@ -309,16 +325,9 @@ def bench_compile(model: str, weights: str | None, batch_size: int, precisions: 
     compile, as a user's first compiled run does), rounds interleaving the variants. Returns
     {(precision, compiled): [run, ...]}."""
     variants = [(p, c) for p in precisions for c in ("no", "yes")]
-    out = {v: [] for v in variants}
-    for _ in range(rounds):
-        for precision, compiled in variants:
-            with tempfile.TemporaryDirectory() as cache:
-                env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
-                proc = subprocess.run([sys.executable, "-c", _ONE_COMPILE, model, weights or "", str(batch_size),
-                                       precision, compiled, str(n), str(Path(__file__).resolve().parent)],
-                                      capture_output=True, text=True, check=True, env=env)
-            out[(precision, compiled)].append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    return out
+    return _fresh_process_rounds(_ONE_COMPILE, variants, rounds, lambda v: [
+        model, weights or "", str(batch_size), v[0], v[1], str(n), _HERE],
+        lambda v, scratch: {**os.environ, "TORCHINDUCTOR_CACHE_DIR": scratch})
 
 
 _ONE_FOLD = """
@@ -349,14 +358,8 @@ def bench_fold(model: str, weights: str | None, batch_size: int, precisions: lis
     variants; and the cosine of each variant's embeddings of the photos to unfolded fp32's.
     Returns {(precision, fold): [run, ...]}."""
     variants = [(p, f) for p in precisions for f in ("no", "yes")]
-    out = {v: [] for v in variants}
-    for _ in range(rounds):
-        for precision, fold in variants:
-            proc = subprocess.run([sys.executable, "-c", _ONE_FOLD, model, weights or "", str(batch_size), precision, fold,
-                                   str(n), str(Path(__file__).resolve().parent), str(photos)],
-                                  capture_output=True, text=True, check=True)
-            out[(precision, fold)].append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    return out
+    return _fresh_process_rounds(_ONE_FOLD, variants, rounds, lambda v: [
+        model, weights or "", str(batch_size), v[0], v[1], str(n), _HERE, str(photos)])
 
 
 def main() -> None:
@@ -441,44 +444,33 @@ def main() -> None:
         write_result(result, "extract_batch_sizes", args.quick, args.out)
         return
 
-    if args.compile:
+    if args.compile or args.fold:  # model-only, one switch on and off per precision
         model = "test_efficientnet" if args.quick else args.model
         bs = args.batch_size or (4 if args.quick else 16)
         precisions = ["fp32", "bf16"] if args.precisions == "auto" else args.precisions.split(",")
-        runs = bench_compile(model, "random" if args.quick else None, bs, precisions, 1 if args.quick else args.rounds,
-                             bs * 2 if args.quick else 1024)
+        weights, rounds, n = "random" if args.quick else None, 1 if args.quick else args.rounds, bs * 2 if args.quick else 1024
+        if args.compile:
+            runs, names, kind = bench_compile(model, weights, bs, precisions, rounds, n), ("eager", "compiled"), "compile"
+        else:
+            photos = photo_folder(16 if args.quick else 128, cache)
+            runs, names, kind = bench_fold(model, weights, bs, precisions, rounds, n, photos), ("unfolded", "folded"), "fold"
         table = {}
         for precision in precisions:
-            eager, comp = runs[(precision, "no")], runs[(precision, "yes")]
-            ratio = float(np.median([r["images_per_second"] for r in comp]) / np.median([r["images_per_second"] for r in eager]))
-            table[precision] = {"eager": eager, "compiled": comp, "compiled_over_eager": ratio}
-            print(f"{precision}: eager " + ", ".join(f"{r['images_per_second']:.1f}" for r in eager) + " img/s; compiled "
-                  + ", ".join(f"{r['images_per_second']:.1f}" for r in comp) + f" img/s ({ratio:.2f}x by the medians); "
-                  "first compiled call " + ", ".join(f"{r['first_call_seconds']:.1f}" for r in comp) + " s; cosine vs eager >= "
-                  + f"{min(r['min_cosine_vs_eager'] for r in comp):.5f}")
-        result = {"benchmark": "extract-compile", "model": model, "batch_size": bs, "env": env, "precisions": table}
-        write_result(result, "extract_compile", args.quick, args.out)
-        return
-
-    if args.fold:
-        model = "test_efficientnet" if args.quick else args.model
-        bs = args.batch_size or (4 if args.quick else 16)
-        precisions = ["fp32", "bf16"] if args.precisions == "auto" else args.precisions.split(",")
-        photos = photo_folder(16 if args.quick else 128, cache)
-        runs = bench_fold(model, "random" if args.quick else None, bs, precisions, 1 if args.quick else args.rounds,
-                          bs * 2 if args.quick else 1024, photos)
-        table = {}
-        for precision in precisions:
-            plain, folded = runs[(precision, "no")], runs[(precision, "yes")]
-            ratio = float(np.median([r["images_per_second"] for r in folded]) / np.median([r["images_per_second"] for r in plain]))
-            table[precision] = {"unfolded": plain, "folded": folded, "folded_over_unfolded": ratio}
-            print(f"{precision}: unfolded " + ", ".join(f"{r['images_per_second']:.1f}" for r in plain) + " img/s; folded "
-                  + ", ".join(f"{r['images_per_second']:.1f}" for r in folded) + f" img/s ({ratio:.2f}x by the medians); "
-                  f"cosine to unfolded fp32 on {len(files_of(photos))} photos: unfolded min {plain[0]['min_cosine_vs_fp32']:.5f} "
-                  f"mean {plain[0]['mean_cosine_vs_fp32']:.5f}, folded min {folded[0]['min_cosine_vs_fp32']:.5f} "
-                  f"mean {folded[0]['mean_cosine_vs_fp32']:.5f}")
-        result = {"benchmark": "extract-fold", "model": model, "batch_size": bs, "env": env, "precisions": table}
-        write_result(result, "extract_fold", args.quick, args.out)
+            off, on = runs[(precision, "no")], runs[(precision, "yes")]
+            ratio = float(np.median([r["images_per_second"] for r in on]) / np.median([r["images_per_second"] for r in off]))
+            table[precision] = {names[0]: off, names[1]: on, f"{names[1]}_over_{names[0]}": ratio}
+            line = (f"{precision}: {names[0]} " + ", ".join(f"{r['images_per_second']:.1f}" for r in off) + f" img/s; {names[1]} "
+                    + ", ".join(f"{r['images_per_second']:.1f}" for r in on) + f" img/s ({ratio:.2f}x by the medians); ")
+            if args.compile:
+                line += ("first compiled call " + ", ".join(f"{r['first_call_seconds']:.1f}" for r in on)
+                         + f" s; cosine vs eager >= {min(r['min_cosine_vs_eager'] for r in on):.5f}")
+            else:
+                line += (f"cosine to unfolded fp32 on {len(files_of(photos))} photos: unfolded min "
+                         f"{off[0]['min_cosine_vs_fp32']:.5f} mean {off[0]['mean_cosine_vs_fp32']:.5f}, folded min "
+                         f"{on[0]['min_cosine_vs_fp32']:.5f} mean {on[0]['mean_cosine_vs_fp32']:.5f}")
+            print(line)
+        result = {"benchmark": f"extract-{kind}", "model": model, "batch_size": bs, "env": env, "precisions": table}
+        write_result(result, f"extract_{kind}", args.quick, args.out)
         return
 
     if args.decode_only:
