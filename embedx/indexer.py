@@ -293,7 +293,9 @@ def _measure_again(index, info: dict, dirs: list[str], rows: Rows, source: int, 
     rng = np.random.default_rng(0)
     chosen = np.sort(rng.choice(new_row_ids, size=min(int(info.get("num_queries") or 200), len(new_row_ids)),
                                 replace=False))
-    xq = np.concatenate([x[np.isin(ids, chosen)] for x, ids, *_ in fx.iter_vectors(dirs[source], metric, batch_size)])
+    # only the row groups that hold the chosen rows (`shards.read_rows`), in row-id order as before
+    xq = np.concatenate([fx.prepare(shards.embeddings_of(t), metric)
+                         for t in shards.read_rows(dirs[source], chosen, columns=["embedding"])])
 
     def indexed_vectors():
         # each source's vectors that the index holds, with their index positions
