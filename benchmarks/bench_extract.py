@@ -74,7 +74,7 @@ def bench_ceiling(backbone, n: int, batch_size: int, device: str, precision: str
 
     from embedx.extractor import _Embedder, _prepare_model
 
-    model = _prepare_model(backbone, device, True, precision if fold_bn else None)  # as the engine prepares it
+    model = _prepare_model(backbone, device, True, precision, fold_bn)  # as the engine prepares it
     emb = _Embedder(model, backbone, device, precision, normalize=False, channels_last=True, compile=compile)
     # the pixels already on the device, and batch i+1 queued before batch i's result is read (as
     # the engine does): the model's own speed, with no input copy and no idle gap between batches
@@ -304,7 +304,7 @@ sys.path.insert(0, sys.argv[7])
 from bench_extract import bench_ceiling
 x = torch.randint(0, 256, (bs, *backbone.data_config.input_size), dtype=torch.uint8)
 x = x.contiguous(memory_format=torch.channels_last)
-net = _prepare_model(backbone, "cpu", True, precision)
+net = _prepare_model(backbone, "cpu", True, precision, fold_bn=True)
 emb = _Embedder(net, backbone, "cpu", precision, normalize=False, channels_last=True, compile=compiled)
 with torch.inference_mode():
     t = time.perf_counter()

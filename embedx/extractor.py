@@ -466,7 +466,7 @@ def _run_local(plan: _Plan, out: Path, config: ExtractConfig, timer: "_StageTime
         # start the decoder processes before CUDA is initialised here: forking a process
         # that holds a CUDA context is slower and not safe
         batches = iter(loader)
-        model = _prepare_model(backbone, device, config.channels_last, plan.precision if config.fold_bn else None)
+        model = _prepare_model(backbone, device, config.channels_last, plan.precision, fold_bn=config.fold_bn)
         runner = _Embedder(model, backbone, device, plan.precision, config.normalize, config.channels_last,
                            compile=should_compile(config.compile, device, len(pending), plan.precision))
     bar = _progress(len(plan.records), len(plan.records) - len(pending), config.progress)
@@ -595,23 +595,23 @@ def prepare_model(backbone: Backbone, device: str, precision: str = "auto", fold
     """`backbone`'s model on `device` as `embed_files` runs it at `precision`: channels_last, and
     on a CPU with its BatchNorms folded (`embedx.fold`) unless `fold_bn` is False."""
     device = resolve_device(device)
-    return _prepare_model(backbone, device, True, resolve_precision(precision, device) if fold_bn else None)
+    return _prepare_model(backbone, device, True, resolve_precision(precision, device), fold_bn=fold_bn)
 
 
-def _prepare_model(backbone: Backbone, device: str, channels_last: bool, fold_precision: str | None = None):
-    """The model to run: on a CPU at fold_precision fp32 or bf16, a copy with its BatchNorms
-    folded into the convolutions before them (bf16: pointwise ones only; see `embedx.fold`);
-    `backbone.model` itself otherwise (moved to `device`)."""
+def _prepare_model(backbone: Backbone, device: str, channels_last: bool, precision: str | None = None,
+                   fold_bn: bool = False):
+    """The model to run: with `fold_bn`, on a CPU at precision fp32 or bf16, a copy with its
+    BatchNorms folded into the convolutions before them (bf16: pointwise ones only; see
+    `embedx.fold`); `backbone.model` itself otherwise (moved to `device`)."""
     import torch
 
     model = backbone.model
-    if device == "cpu" and fold_precision in ("fp32", "bf16"):
+    if fold_bn and device == "cpu" and precision in ("fp32", "bf16"):
         from .fold import fold_batchnorm
 
-        model, folded = fold_batchnorm(model, tuple(backbone.data_config.input_size),
-                                       depthwise=fold_precision == "fp32")
+        model, folded = fold_batchnorm(model, tuple(backbone.data_config.input_size), depthwise=precision == "fp32")
         if folded:
-            log.info("folded %d BatchNorm layers into their convolutions (%s)", folded, fold_precision)
+            log.info("folded %d BatchNorm layers into their convolutions (%s)", folded, precision)
     model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -959,7 +959,7 @@ def embed_files(files: list[str], backbone: Backbone, *, device: str = "auto", p
     precision = resolve_precision(precision, device)
     records = [ImageRecord(i, str(f), str(Path(f).resolve()), None) for i, f in enumerate(files)]
     if model is None:
-        model = _prepare_model(backbone, device, True, precision)
+        model = _prepare_model(backbone, device, True, precision, fold_bn=True)
     runner = _Embedder(model, backbone, device, precision, normalize, channels_last=True)
     dataset = ImageDataset(records, backbone.decode_spec(fast_decode, max_pixels))
     loader = make_loader(dataset, batch_size or default_batch_size(device), num_workers, pin_memory=device.startswith("cuda"),

@@ -82,7 +82,7 @@ class _EmbedActor:
         # pixels come decoded (the driver's preprocessing); the network needs the run's pooling
         backbone = load_matching(model_name, weights, expected_sha256, random_state).with_pool(pool)
         self.dim = backbone.dim
-        self.runner = _Embedder(_prepare_model(backbone, device, channels_last, precision if fold_bn else None), backbone, device, precision,
+        self.runner = _Embedder(_prepare_model(backbone, device, channels_last, precision, fold_bn), backbone, device, precision,
                                 normalize, channels_last)
 
     def __call__(self, batch: dict) -> dict:

@@ -145,20 +145,17 @@ def test_the_check_falls_back_to_the_models_own_size():
 
 @pytest.mark.parametrize("name", ["resnet10t", "mobilenetv3_small_050", "densenet121"])
 def test_fold_keeps_the_output_of_other_timm_families(name):
-    """Random weights with random BatchNorm statistics (so that folding is not the identity);
-    densenet registers BatchNorms before their convolutions too: only conv -> BN pairs fold."""
+    """Random weights with random BatchNorm statistics and affine terms (so that folding is not
+    the identity); densenet registers BatchNorms before their convolutions too: only conv -> BN
+    pairs fold."""
     import timm
 
     model = timm.create_model(name, pretrained=False, num_classes=0).eval()
-    g = torch.Generator().manual_seed(5)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            with torch.no_grad():
-                m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    for seed, m in enumerate(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        _with_stats(m, seed)
     folded, n = fold_batchnorm(model, (3, 224, 224))
     assert n > 0 and _batchnorms(folded) == _batchnorms(model) - n
-    x = torch.randn(2, 3, 96, 96, generator=g)
+    x = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(5))
     with torch.inference_mode():
         want, got = model(x), folded(x)
     assert (want - got).abs().max() <= 1e-4 * want.abs().max()
