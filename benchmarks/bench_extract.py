@@ -69,12 +69,12 @@ def files_of(d: Path) -> list[str]:
 
 
 def bench_ceiling(backbone, n: int, batch_size: int, device: str, precision: str, compile: bool = False,
-                  fold_bn: bool = True) -> float:
+                  fold_bn: bool = True, fp32_stem: bool = True) -> float:
     import torch
 
     from embedx.extractor import _Embedder, _prepare_model
 
-    model = _prepare_model(backbone, device, True, precision, fold_bn)  # as the engine prepares it
+    model = _prepare_model(backbone, device, True, precision, fold_bn, fp32_stem)  # as the engine prepares it
     emb = _Embedder(model, backbone, device, precision, normalize=False, channels_last=True, compile=compile)
     # the pixels already on the device, and batch i+1 queued before batch i's result is read (as
     # the engine does): the model's own speed, with no input copy and no idle gap between batches
@@ -304,7 +304,7 @@ sys.path.insert(0, sys.argv[7])
 from bench_extract import bench_ceiling
 x = torch.randint(0, 256, (bs, *backbone.data_config.input_size), dtype=torch.uint8)
 x = x.contiguous(memory_format=torch.channels_last)
-net = _prepare_model(backbone, "cpu", True, precision, fold_bn=True)
+net = _prepare_model(backbone, "cpu", True, precision, fold_bn=True, fp32_stem=True)
 emb = _Embedder(net, backbone, "cpu", precision, normalize=False, channels_last=True, compile=compiled)
 with torch.inference_mode():
     t = time.perf_counter()
@@ -330,36 +330,38 @@ def bench_compile(model: str, weights: str | None, batch_size: int, precisions: 
         lambda v, scratch: {**os.environ, "TORCHINDUCTOR_CACHE_DIR": scratch})
 
 
-_ONE_FOLD = """
+_ONE_SWITCH = """
 import json, sys
 import numpy as np
 from embedx._malloc import apply_heap
 from embedx.backbone import load_backbone
 from embedx.extractor import embed_files, prepare_model
-model, weights, bs, precision, fold, n = sys.argv[1], sys.argv[2] or None, int(sys.argv[3]), sys.argv[4], sys.argv[5] == "yes", int(sys.argv[6])
+model, weights, bs, precision, n = sys.argv[1], sys.argv[2] or None, int(sys.argv[3]), sys.argv[4], int(sys.argv[6])
+switch = {sys.argv[9]: sys.argv[5] == "yes"}  # fold_bn or fp32_stem, the other as the engine has it
 apply_heap("auto", "cpu")  # as the engine runs the model
 backbone = load_backbone(model, weights)
 sys.path.insert(0, sys.argv[7])
 from bench_extract import bench_ceiling, files_of
-ips = bench_ceiling(backbone, n, bs, "cpu", precision, fold_bn=fold)
+ips = bench_ceiling(backbone, n, bs, "cpu", precision, **switch)
 from pathlib import Path
 files = files_of(Path(sys.argv[8]))
 ref = embed_files(files, backbone, precision="fp32", model=prepare_model(backbone, "cpu", "fp32", fold_bn=False)).embeddings
-got = embed_files(files, backbone, precision=precision, model=prepare_model(backbone, "cpu", precision, fold_bn=fold)).embeddings
+got = embed_files(files, backbone, precision=precision, model=prepare_model(backbone, "cpu", precision, **switch)).embeddings
 cos = (got * ref).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(ref, axis=1)
 print(json.dumps({"images_per_second": ips, "min_cosine_vs_fp32": float(cos.min()), "mean_cosine_vs_fp32": float(cos.mean())}))
 """
 
 
-def bench_fold(model: str, weights: str | None, batch_size: int, precisions: list[str], rounds: int, n: int,
-               photos: Path) -> dict:
-    """Model-only img/s on the CPU with and without BatchNorm folding (`embedx.fold`), per
-    precision, each run a fresh process with the engine's heap setting, rounds interleaving the
-    variants; and the cosine of each variant's embeddings of the photos to unfolded fp32's.
-    Returns {(precision, fold): [run, ...]}."""
+def bench_switch(switch: str, model: str, weights: str | None, batch_size: int, precisions: list[str], rounds: int,
+                 n: int, photos: Path) -> dict:
+    """Model-only img/s on the CPU with `switch` (`fold_bn`: BatchNorm folding, `embedx.fold`;
+    `fp32_stem`: the half-resolution layers in fp32, `embedx.mixed`) off and on, per precision,
+    each run a fresh process with the engine's heap setting, rounds interleaving the variants; and
+    the cosine of each variant's embeddings of the photos to unfolded fp32's.
+    Returns {(precision, "no" | "yes"): [run, ...]}."""
     variants = [(p, f) for p in precisions for f in ("no", "yes")]
-    return _fresh_process_rounds(_ONE_FOLD, variants, rounds, lambda v: [
-        model, weights or "", str(batch_size), v[0], v[1], str(n), _HERE, str(photos)])
+    return _fresh_process_rounds(_ONE_SWITCH, variants, rounds, lambda v: [
+        model, weights or "", str(batch_size), v[0], v[1], str(n), _HERE, str(photos), switch])
 
 
 def main() -> None:
@@ -392,6 +394,9 @@ def main() -> None:
     ap.add_argument("--fold", action="store_true",
                     help="model-only img/s with and without BatchNorm folding, per --precisions (default fp32,bf16), on "
                          "the CPU, and each variant's cosine to unfolded fp32 on the photos")
+    ap.add_argument("--fp32-stem", action="store_true",
+                    help="model-only img/s with the half-resolution layers in bf16 and in fp32, per --precisions "
+                         "(default bf16), on the CPU, and each variant's cosine to unfolded fp32 on the photos")
     ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "embedx-bench")
     ap.add_argument("--quick", action="store_true", help="tiny sizes: checks the benchmark runs")
     ap.add_argument("--out", type=Path, default=None)
@@ -444,16 +449,19 @@ def main() -> None:
         write_result(result, "extract_batch_sizes", args.quick, args.out)
         return
 
-    if args.compile or args.fold:  # model-only, one switch on and off per precision
+    if args.compile or args.fold or args.fp32_stem:  # model-only, one switch on and off per precision
         model = "test_efficientnet" if args.quick else args.model
         bs = args.batch_size or (4 if args.quick else 16)
-        precisions = ["fp32", "bf16"] if args.precisions == "auto" else args.precisions.split(",")
+        default = ["bf16"] if args.fp32_stem else ["fp32", "bf16"]
+        precisions = default if args.precisions == "auto" else args.precisions.split(",")
         weights, rounds, n = "random" if args.quick else None, 1 if args.quick else args.rounds, bs * 2 if args.quick else 1024
         if args.compile:
             runs, names, kind = bench_compile(model, weights, bs, precisions, rounds, n), ("eager", "compiled"), "compile"
         else:
             photos = photo_folder(16 if args.quick else 128, cache)
-            runs, names, kind = bench_fold(model, weights, bs, precisions, rounds, n, photos), ("unfolded", "folded"), "fold"
+            switch, names, kind = (("fold_bn", ("unfolded", "folded"), "fold") if args.fold else
+                                   ("fp32_stem", ("bf16_stem", "fp32_stem"), "fp32_stem"))
+            runs = bench_switch(switch, model, weights, bs, precisions, rounds, n, photos)
         table = {}
         for precision in precisions:
             off, on = runs[(precision, "no")], runs[(precision, "yes")]
@@ -465,8 +473,8 @@ def main() -> None:
                 line += ("first compiled call " + ", ".join(f"{r['first_call_seconds']:.1f}" for r in on)
                          + f" s; cosine vs eager >= {min(r['min_cosine_vs_eager'] for r in on):.5f}")
             else:
-                line += (f"cosine to unfolded fp32 on {len(files_of(photos))} photos: unfolded min "
-                         f"{off[0]['min_cosine_vs_fp32']:.5f} mean {off[0]['mean_cosine_vs_fp32']:.5f}, folded min "
+                line += (f"cosine to unfolded fp32 on {len(files_of(photos))} photos: {names[0]} min "
+                         f"{off[0]['min_cosine_vs_fp32']:.5f} mean {off[0]['mean_cosine_vs_fp32']:.5f}, {names[1]} min "
                          f"{on[0]['min_cosine_vs_fp32']:.5f} mean {on[0]['mean_cosine_vs_fp32']:.5f}")
             print(line)
         result = {"benchmark": f"extract-{kind}", "model": model, "batch_size": bs, "env": env, "precisions": table}

@@ -65,6 +65,7 @@ class ExtractConfig:
     update: bool = False  # out holds this run already: embed the images new since, as new shards (see segments)
     retry_errors: bool = False  # out holds this run already: embed again the inputs errors.parquet lists
     fold_bn: bool = True  # on a CPU, run a copy of the model with its BatchNorms folded into the convolutions (embedx.fold)
+    fp32_stem: bool = True  # on a CPU in bf16, run the model's half-resolution layers in fp32 (embedx.mixed)
     decode_threads: int | None = None  # with 0 decoder processes: threads decoding each batch (model waiting); None: default_decode_threads
 
 
@@ -328,8 +329,7 @@ def _plan(listing: ImageListing, out: Path, config: ExtractConfig, backbone: Bac
                          f"here uses crop_mode {d.crop_mode!r} with {d.interpolation!r} interpolation. "
                          "Use --decode pil (the default), or --crop-mode center / --interpolation bicubic.")
     records = listing.records
-    metadata = provenance(backbone, config, precision)
-    fingerprint = _fingerprint(metadata, records, config.shard_size)
+    metadata = provenance(backbone, config, precision, device)
 
     manifest = shards.read_manifest(out)
     if manifest is not None and config.overwrite:
@@ -339,6 +339,7 @@ def _plan(listing: ImageListing, out: Path, config: ExtractConfig, backbone: Bac
         if not config.overwrite:
             raise OutputExistsError(f"{out} holds shards but no manifest.json. Use --overwrite to replace them.")
         _clear(out)
+    fingerprint = _fingerprint(metadata, records, config.shard_size, manifest.get("metadata") if manifest else None)
     change = None
     if manifest is not None and (config.update or config.retry_errors or manifest.get("fingerprint") != fingerprint
                                  or len(segments.segments(manifest)) > 1):
@@ -466,7 +467,8 @@ def _run_local(plan: _Plan, out: Path, config: ExtractConfig, timer: "_StageTime
         # start the decoder processes before CUDA is initialised here: forking a process
         # that holds a CUDA context is slower and not safe
         batches = iter(loader)
-        model = _prepare_model(backbone, device, config.channels_last, plan.precision, fold_bn=config.fold_bn)
+        model = _prepare_model(backbone, device, config.channels_last, plan.precision, fold_bn=config.fold_bn,
+                               fp32_stem=config.fp32_stem)
         runner = _Embedder(model, backbone, device, plan.precision, config.normalize, config.channels_last,
                            compile=should_compile(config.compile, device, len(pending), plan.precision))
     bar = _progress(len(plan.records), len(plan.records) - len(pending), config.progress)
@@ -521,7 +523,7 @@ def _run_local(plan: _Plan, out: Path, config: ExtractConfig, timer: "_StageTime
     return counts["embedded"], counts["errors"]
 
 
-def provenance(backbone: Backbone, config: ExtractConfig, precision: str) -> dict:
+def provenance(backbone: Backbone, config: ExtractConfig, precision: str, device: str = "cpu") -> dict:
     """The `embedx` schema metadata: everything needed to reproduce or query the embeddings."""
     from . import __version__
 
@@ -535,6 +537,7 @@ def provenance(backbone: Backbone, config: ExtractConfig, precision: str) -> dic
         "dim": backbone.dim,
         "dtype": config.dtype,
         "precision": precision,
+        "fp32_modules": fp32_modules(backbone, device, precision, config.fp32_stem),
         "decode": _decode_spec(backbone, config).label,
         "embedx_version": __version__,
     }
@@ -548,8 +551,10 @@ def _decode_spec(backbone: Backbone, config: ExtractConfig):
                                 device_decoder)
 
 
-def _fingerprint(metadata: dict, records: list[ImageRecord], shard_size: int) -> str:
-    keep = {k: v for k, v in metadata.items() if k != "embedx_version"}
+def _fingerprint(metadata: dict, records: list[ImageRecord], shard_size: int, recorded: dict | None = None) -> str:
+    """What identifies a run: its metadata (only the keys of `recorded`, the metadata of the run
+    already in the directory, when given: an older embedx recorded fewer), input and shard size."""
+    keep = {k: v for k, v in metadata.items() if k != "embedx_version" and (recorded is None or k in recorded)}
     h = hashlib.sha256(repr(sorted(keep.items())).encode())
     h.update(f"|shard_size={shard_size}|n={len(records)}|".encode())
     for r in records:
@@ -561,10 +566,11 @@ def _fingerprint(metadata: dict, records: list[ImageRecord], shard_size: int) ->
 
 
 def _config_diffs(manifest: dict, metadata: dict, config: ExtractConfig) -> list[str]:
-    """What differs between a directory's run and this configuration, besides the input."""
+    """What differs between a directory's run and this configuration, besides the input (in the
+    metadata that run recorded: keys an older embedx did not record are not compared)."""
     old = manifest.get("metadata", {})
     diffs = [f"{k}: {old.get(k)!r} -> {metadata.get(k)!r}" for k in sorted(metadata)
-             if k != "embedx_version" and old.get(k) != metadata.get(k)]
+             if k != "embedx_version" and k in old and old.get(k) != metadata.get(k)]
     old_shard = manifest.get("config", {}).get("shard_size")
     if old_shard != config.shard_size:
         diffs.append(f"shard_size: {old_shard} -> {config.shard_size}")
@@ -591,27 +597,55 @@ def _clear(out: Path) -> None:
         p.unlink()
 
 
-def prepare_model(backbone: Backbone, device: str, precision: str = "auto", fold_bn: bool = True):
+def prepare_model(backbone: Backbone, device: str, precision: str = "auto", fold_bn: bool = True,
+                  fp32_stem: bool = True):
     """`backbone`'s model on `device` as `embed_files` runs it at `precision`: channels_last, and
-    on a CPU with its BatchNorms folded (`embedx.fold`) unless `fold_bn` is False."""
+    on a CPU with its BatchNorms folded (`embedx.fold`) unless `fold_bn` is False and, in bf16,
+    its half-resolution layers in fp32 (`embedx.mixed`) unless `fp32_stem` is False."""
     device = resolve_device(device)
-    return _prepare_model(backbone, device, True, resolve_precision(precision, device), fold_bn=fold_bn)
+    return _prepare_model(backbone, device, True, resolve_precision(precision, device), fold_bn=fold_bn,
+                          fp32_stem=fp32_stem)
+
+
+def fp32_modules(backbone: Backbone, device: str, precision: str, fp32_stem: bool = True) -> list[str]:
+    """The modules `_prepare_model` keeps in fp32 with these settings: with `fp32_stem`, on a CPU
+    in bf16, the model's half-resolution layers (`embedx.mixed`); else none."""
+    if not (fp32_stem and device == "cpu" and precision == "bf16"):
+        return []
+    from .mixed import half_resolution_modules
+
+    return half_resolution_modules(backbone.model)
 
 
 def _prepare_model(backbone: Backbone, device: str, channels_last: bool, precision: str | None = None,
-                   fold_bn: bool = False):
-    """The model to run: with `fold_bn`, on a CPU at precision fp32 or bf16, a copy with its
-    BatchNorms folded into the convolutions before them (bf16: pointwise ones only; see
-    `embedx.fold`); `backbone.model` itself otherwise (moved to `device`)."""
+                   fold_bn: bool = False, fp32_stem: bool = False):
+    """The model to run: `backbone.model` itself (moved to `device`), or on a CPU a copy with
+    - with `fold_bn`, at precision fp32 or bf16, its BatchNorms folded into the convolutions before
+      them (bf16: pointwise ones, and depthwise ones in the layers kept in fp32; see `embedx.fold`);
+    - with `fp32_stem`, in bf16, its half-resolution layers in fp32 (`fp32_modules`, `embedx.mixed`).
+
+    Raises:
+        EmbedxError: keeping the layers in fp32 changed what the model computes."""
     import torch
 
     model = backbone.model
+    kept = fp32_modules(backbone, device, precision, fp32_stem)
+    input_size = tuple(backbone.data_config.input_size)
     if fold_bn and device == "cpu" and precision in ("fp32", "bf16"):
         from .fold import fold_batchnorm
 
-        model, folded = fold_batchnorm(model, tuple(backbone.data_config.input_size), depthwise=precision == "fp32")
+        model, folded = fold_batchnorm(model, input_size, depthwise=True if precision == "fp32" else tuple(kept))
         if folded:
             log.info("folded %d BatchNorm layers into their convolutions (%s)", folded, precision)
+    if kept:
+        from .mixed import keep_fp32
+
+        try:
+            model = keep_fp32(model, kept, input_size, inplace=model is not backbone.model)  # a copy already
+        except ValueError as e:
+            raise EmbedxError(f"Keeping {', '.join(kept)} of {backbone.model_name} in fp32 changed the model ({e}). "
+                              "Run without it: --no-fp32-stem (ExtractConfig(fp32_stem=False)).") from None
+        log.info("running %s in fp32, the rest in %s", ", ".join(kept), precision)
     model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -959,7 +993,7 @@ def embed_files(files: list[str], backbone: Backbone, *, device: str = "auto", p
     precision = resolve_precision(precision, device)
     records = [ImageRecord(i, str(f), str(Path(f).resolve()), None) for i, f in enumerate(files)]
     if model is None:
-        model = _prepare_model(backbone, device, True, precision, fold_bn=True)
+        model = _prepare_model(backbone, device, True, precision, fold_bn=True, fp32_stem=True)
     runner = _Embedder(model, backbone, device, precision, normalize, channels_last=True)
     dataset = ImageDataset(records, backbone.decode_spec(fast_decode, max_pixels))
     loader = make_loader(dataset, batch_size or default_batch_size(device), num_workers, pin_memory=device.startswith("cuda"),

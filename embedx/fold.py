@@ -15,7 +15,7 @@ users of the backbone keep their BatchNorm).
 bf16: folding a depthwise convolution's BatchNorm moves bf16 rounding to where it costs
 accuracy (Lite0 on real photos, cosine to fp32 min 0.9889 / mean 0.9982, vs 0.9957 / 0.9989
 unfolded), pointwise ones do not (0.9956 / 0.9988): in bf16 only groups == 1 convolutions
-are folded.
+are folded, and depthwise ones only in the layers kept in fp32 (`embedx.mixed`).
 """
 
 from __future__ import annotations
@@ -39,25 +39,32 @@ def _batchnorm_kinds():
     return tuple(kinds)
 
 
-def foldable_pairs(model, depthwise: bool = True) -> list[tuple]:
+def foldable_pairs(model, depthwise: bool | tuple[str, ...] = True) -> list[tuple]:
     """(parent, conv name, batchnorm name) for each Conv2d registered right before a BatchNorm
     (exactly `nn.BatchNorm2d` or timm's `BatchNormAct2d`, whose behaviour is known) with running
-    statistics in eval mode (in training mode they are not constants); with `depthwise=False`, only convolutions with groups == 1."""
+    statistics in eval mode (in training mode they are not constants). Grouped (depthwise)
+    convolutions: all with `depthwise=True`, none with False, or only those inside the modules
+    a tuple names (e.g. the layers `embedx.mixed` keeps in fp32)."""
     import torch
 
     kinds = _batchnorm_kinds()
     pairs = []
-    for parent in model.modules():
+    for parent_name, parent in model.named_modules():
         children = list(parent.named_children())
         for (conv_name, conv), (bn_name, bn) in zip(children, children[1:]):
             if not isinstance(conv, torch.nn.Conv2d) or type(bn) not in kinds:
                 continue
             if bn.training or bn.running_mean is None or bn.running_var is None or bn.num_features != conv.out_channels:
                 continue
-            if not depthwise and conv.groups != 1:
+            name = f"{parent_name}.{conv_name}" if parent_name else conv_name
+            if conv.groups != 1 and not (depthwise is True or _inside(name, depthwise or ())):
                 continue
             pairs.append((parent, conv_name, bn_name))
     return pairs
+
+
+def _inside(name: str, modules: tuple[str, ...]) -> bool:
+    return any(name == m or name.startswith(m + ".") for m in modules)
 
 
 def _fold_pair(parent, conv_name: str, bn_name: str) -> None:
@@ -80,9 +87,10 @@ def _fold_pair(parent, conv_name: str, bn_name: str) -> None:
     setattr(parent, bn_name, torch.nn.Sequential(*after) if after else torch.nn.Identity())
 
 
-def fold_batchnorm(model, input_size: tuple[int, int, int], *, depthwise: bool = True,
+def fold_batchnorm(model, input_size: tuple[int, int, int], *, depthwise: bool | tuple[str, ...] = True,
                    tolerance: float = 1e-3) -> tuple[object, int]:
-    """A copy of `model` with its (eval-mode) Conv2d -> BatchNorm pairs folded, and how many;
+    """A copy of `model` with its (eval-mode) Conv2d -> BatchNorm pairs folded, and how many
+    (`depthwise`: which grouped convolutions, see `foldable_pairs`);
     `model` itself when there is nothing to fold or the copy's output differs from the
     original's (max abs difference > tolerance x the output's largest magnitude, fp32, one
     random image on the model's device): then a warning says so. The check runs at 64 x 64

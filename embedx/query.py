@@ -245,7 +245,9 @@ class QueryEncoder:
         self.provenance = provenance
         self.backbone = backbone if backbone is not None else load_backbone_for(provenance, weights)
         self.device = device
-        self._model = prepare_model(self.backbone, device, _query_precision(provenance, device))  # once, not per query
+        # once, not per query; the layers the features' extractor kept in fp32 too (none before embedx recorded them)
+        self._model = prepare_model(self.backbone, device, _query_precision(provenance, device),
+                                    fp32_stem=bool(provenance.get("fp32_modules")))
 
     def embed(self, files: list[str]):
         """An `EmbeddedFiles`: the rows of the files that decoded, and why the others did not."""

@@ -69,6 +69,14 @@ def test_bench_extract_fold_quick(tmp_path):
     assert fp32["unfolded"][0]["min_cosine_vs_fp32"] > 0.9999 and fp32["folded"][0]["min_cosine_vs_fp32"] > 0.999
 
 
+def test_bench_extract_fp32_stem_quick(tmp_path):
+    r = run("bench_extract.py", tmp_path, "--fp32-stem", "--cache", str(tmp_path / "cache"))
+    bf16 = r["precisions"]["bf16"]  # bf16 only, by default: in fp32 the switch changes nothing
+    assert set(r["precisions"]) == {"bf16"} and r["benchmark"] == "extract-fp32_stem"
+    assert bf16["bf16_stem"][0]["images_per_second"] > 0 and bf16["fp32_stem"][0]["images_per_second"] > 0
+    assert bf16["bf16_stem"][0]["min_cosine_vs_fp32"] > 0.9 and bf16["fp32_stem"][0]["min_cosine_vs_fp32"] > 0.9
+
+
 def test_bench_extract_memory_quick(tmp_path):
     r = run("bench_extract.py", tmp_path, "--memory", "--cache", str(tmp_path / "cache"))
     assert [x["images"] for x in r["runs"]] == [200, 1000] and all(x["peak_rss_mib"] > 0 for x in r["runs"])

@@ -226,3 +226,37 @@ def test_retry_errors_embeds_mended_inputs_and_keeps_one_record_per_path(tiny_di
     again = extract(src, out, _cfg(retry_errors=True), backbone=backbone)
     assert (again.num_retried, again.num_done, again.num_errors) == (1, 1, 1)
     assert shards.read_errors(out).num_rows == 1 and len(embedx.read_features(out)) == 9
+
+
+def test_a_run_recorded_by_an_older_embedx_resumes_and_updates(tiny_dir, tmp_path, backbone, monkeypatch):
+    """Metadata keys a newer embedx records (here fp32_modules) are not held against a run that
+    an older one began: it resumes, and takes --update, instead of 'a different configuration'."""
+    from embedx import extractor
+
+    names = _names(tiny_dir)
+    src, out = tmp_path / "src", tmp_path / "feats"
+    _copy(tiny_dir, src, names[:10])
+    newer = extractor.provenance
+    monkeypatch.setattr(extractor, "provenance",
+                        lambda *a, **k: {key: v for key, v in newer(*a, **k).items() if key != "fp32_modules"})
+    real_write, calls = shards.write_shard, []
+
+    def failing_write(*args, **kw):
+        calls.append(args[1])
+        if len(calls) == 2:
+            raise OSError("disk full (simulated)")
+        return real_write(*args, **kw)
+
+    monkeypatch.setattr(shards, "write_shard", failing_write)
+    with pytest.raises((EmbedxError, OSError)):
+        extract(src, out, _cfg(precision="bf16"), backbone=backbone)  # the older embedx, interrupted
+    monkeypatch.undo()
+    assert "fp32_modules" not in shards.read_manifest(out)["metadata"]
+    r = extract(src, out, _cfg(precision="bf16"), backbone=backbone)  # this one: resumes
+    assert (r.num_images, r.num_embedded, r.num_skipped) == (10, 10, 4)
+    _copy(tiny_dir, src, names[10:14])
+    r = extract(src, out, _cfg(precision="bf16", update=True), backbone=backbone)
+    assert (r.num_added, r.num_embedded) == (4, 14)
+    # a difference in a key both runs recorded is still refused
+    with pytest.raises(OutputExistsError, match="precision"):
+        extract(src, out, _cfg(precision="fp32", update=True), backbone=backbone)
