@@ -12,6 +12,7 @@ from embedx.errors import EmbedxError
 from embedx.extractor import ExtractConfig, _prepare_model, extract, fp32_modules, prepare_model
 from embedx.fold import foldable_pairs
 from embedx.mixed import Float32, half_resolution_modules, keep_fp32
+from embedx.query import QueryEncoder
 
 from .conftest import row_cosines
 
@@ -73,6 +74,12 @@ def test_bf16_with_the_fp32_stem_is_within_0_999_of_fp32_on_real_photos(photo_di
     # recorded: queries of these features are embedded the same way (QueryEncoder)
     assert feats["bf16"].metadata["fp32_modules"] == ["conv_stem", "bn1", "blocks.0"]
     assert feats["all_bf16"].metadata["fp32_modules"] == feats["fp32"].metadata["fp32_modules"] == []
+    older = {k: v for k, v in feats["all_bf16"].metadata.items() if k != "fp32_modules"}  # before embedx recorded it
+    for f, metadata in ((feats["bf16"], feats["bf16"].metadata), (feats["all_bf16"], feats["all_bf16"].metadata),
+                        (feats["all_bf16"], older)):
+        # a query image lands on its own row (bf16 runs differ by ~1e-3 when made another way)
+        query = QueryEncoder(metadata, backbone=backbone, device="cpu").embed([str(photo_dir / p) for p in f.paths])
+        assert row_cosines(query.embeddings, f.embeddings).min() > 0.99999
 
 
 def test_bf16_folds_the_depthwise_convolutions_of_the_kept_layers_only(backbone):
