@@ -6,8 +6,8 @@ channels at half the input resolution (Lite0's first block is a 9-tap depthwise 
 Run in fp32, with everything after them in bf16, they bring bf16 embeddings of real photos to
 within cosine 0.999 of fp32's, for a few per cent of the speed (128 photos, 2 CPU threads,
 `python benchmarks/bench_extract.py --fp32-stem`; figures in benchmarks/README.md):
-EfficientNet-Lite0 min 0.9956 -> 0.9989, mean 0.9988 -> 0.9996; MobileNetV2 min 0.9924 ->
-0.9992, mean 0.9978 -> 0.9997.
+EfficientNet-Lite0 min 0.9927 -> 0.9991, mean 0.9988 -> 0.9996, at 0.97x the model's speed;
+MobileNetV2 min 0.9906 -> 0.9993, mean 0.9978 -> 0.9997, at 0.91x.
 
 Which layers: timm's `feature_info` names the module that ends each feature stage and its
 reduction; the last stage at reduction 2 ends the half-resolution layers, and in timm's CNNs
