@@ -69,12 +69,12 @@ def files_of(d: Path) -> list[str]:
 
 
 def bench_ceiling(backbone, n: int, batch_size: int, device: str, precision: str, compile: bool = False,
-                  fold_bn: bool = True, fp32_stem: bool = True) -> float:
+                  fold_bn: bool = True, fp32_stem: bool = True, bf16_weights: bool = True) -> float:
     import torch
 
     from embedx.extractor import _Embedder, _prepare_model
 
-    model = _prepare_model(backbone, device, True, precision, fold_bn, fp32_stem)  # as the engine prepares it
+    model = _prepare_model(backbone, device, True, precision, fold_bn, fp32_stem, bf16_weights)  # as the engine does
     emb = _Embedder(model, backbone, device, precision, normalize=False, channels_last=True, compile=compile)
     # the pixels already on the device, and batch i+1 queued before batch i's result is read (as
     # the engine does): the model's own speed, with no input copy and no idle gap between batches
@@ -335,9 +335,9 @@ import json, sys
 import numpy as np
 from embedx._malloc import apply_heap
 from embedx.backbone import load_backbone
-from embedx.extractor import embed_files, prepare_model
+from embedx.extractor import _prepare_model, embed_files, prepare_model
 model, weights, bs, precision, n = sys.argv[1], sys.argv[2] or None, int(sys.argv[3]), sys.argv[4], int(sys.argv[6])
-switch = {sys.argv[9]: sys.argv[5] == "yes"}  # fold_bn or fp32_stem, the other as the engine has it
+switch = {sys.argv[9]: sys.argv[5] == "yes"}  # fold_bn, fp32_stem or bf16_weights; the others as the engine has them
 apply_heap("auto", "cpu")  # as the engine runs the model
 backbone = load_backbone(model, weights)
 sys.path.insert(0, sys.argv[7])
@@ -346,7 +346,8 @@ ips = bench_ceiling(backbone, n, bs, "cpu", precision, **switch)
 from pathlib import Path
 files = files_of(Path(sys.argv[8]))
 ref = embed_files(files, backbone, precision="fp32", model=prepare_model(backbone, "cpu", "fp32", fold_bn=False)).embeddings
-got = embed_files(files, backbone, precision=precision, model=prepare_model(backbone, "cpu", precision, **switch)).embeddings
+settings = {"fold_bn": True, "fp32_stem": True, "bf16_weights": True, **switch}  # as the engine has them, but one
+got = embed_files(files, backbone, precision=precision, model=_prepare_model(backbone, "cpu", True, precision, **settings)).embeddings
 cos = (got * ref).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(ref, axis=1)
 print(json.dumps({"images_per_second": ips, "min_cosine_vs_fp32": float(cos.min()), "mean_cosine_vs_fp32": float(cos.mean())}))
 """
@@ -355,7 +356,8 @@ print(json.dumps({"images_per_second": ips, "min_cosine_vs_fp32": float(cos.min(
 def bench_switch(switch: str, model: str, weights: str | None, batch_size: int, precisions: list[str], rounds: int,
                  n: int, photos: Path) -> dict:
     """Model-only img/s on the CPU with `switch` (`fold_bn`: BatchNorm folding, `embedx.fold`;
-    `fp32_stem`: the half-resolution layers in fp32, `embedx.mixed`) off and on, per precision,
+    `fp32_stem`: the half-resolution layers in fp32, `embedx.mixed`; `bf16_weights`: the other
+    layers' weights stored in bf16) off and on, per precision,
     each run a fresh process with the engine's heap setting, rounds interleaving the variants; and
     the cosine of each variant's embeddings of the photos to unfolded fp32's.
     Returns {(precision, "no" | "yes"): [run, ...]}."""
@@ -397,6 +399,9 @@ def main() -> None:
     ap.add_argument("--fp32-stem", action="store_true",
                     help="model-only img/s with the half-resolution layers in bf16 and in fp32, per --precisions "
                          "(default bf16), on the CPU, and each variant's cosine to unfolded fp32 on the photos")
+    ap.add_argument("--bf16-weights", action="store_true",
+                    help="model-only img/s with the weights stored in fp32 (cast by autocast every batch) and in bf16, "
+                         "per --precisions (default bf16), on the CPU, and each variant's cosine to unfolded fp32")
     ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "embedx-bench")
     ap.add_argument("--quick", action="store_true", help="tiny sizes: checks the benchmark runs")
     ap.add_argument("--out", type=Path, default=None)
@@ -449,10 +454,10 @@ def main() -> None:
         write_result(result, "extract_batch_sizes", args.quick, args.out)
         return
 
-    if args.compile or args.fold or args.fp32_stem:  # model-only, one switch on and off per precision
+    if args.compile or args.fold or args.fp32_stem or args.bf16_weights:  # model-only, a switch off and on
         model = "test_efficientnet" if args.quick else args.model
         bs = args.batch_size or (4 if args.quick else 16)
-        default = ["bf16"] if args.fp32_stem else ["fp32", "bf16"]
+        default = ["bf16"] if args.fp32_stem or args.bf16_weights else ["fp32", "bf16"]
         precisions = default if args.precisions == "auto" else args.precisions.split(",")
         weights, rounds, n = "random" if args.quick else None, 1 if args.quick else args.rounds, bs * 2 if args.quick else 1024
         if args.compile:
@@ -460,7 +465,8 @@ def main() -> None:
         else:
             photos = photo_folder(16 if args.quick else 128, cache)
             switch, names, kind = (("fold_bn", ("unfolded", "folded"), "fold") if args.fold else
-                                   ("fp32_stem", ("bf16_stem", "fp32_stem"), "fp32_stem"))
+                                   ("fp32_stem", ("bf16_stem", "fp32_stem"), "fp32_stem") if args.fp32_stem else
+                                   ("bf16_weights", ("fp32_weights", "bf16_weights"), "bf16_weights"))
             runs = bench_switch(switch, model, weights, bs, precisions, rounds, n, photos)
         table = {}
         for precision in precisions:

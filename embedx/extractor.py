@@ -8,6 +8,7 @@ resumes where it stopped and ends with exactly the shards an uninterrupted run w
 
 from __future__ import annotations
 
+import copy
 import contextlib
 import hashlib
 import logging
@@ -618,11 +619,13 @@ def fp32_modules(backbone: Backbone, device: str, precision: str, fp32_stem: boo
 
 
 def _prepare_model(backbone: Backbone, device: str, channels_last: bool, precision: str | None = None,
-                   fold_bn: bool = False, fp32_stem: bool = False):
+                   fold_bn: bool = False, fp32_stem: bool = False, bf16_weights: bool = True):
     """The model to run: `backbone.model` itself (moved to `device`), or on a CPU a copy with
     - with `fold_bn`, at precision fp32 or bf16, its BatchNorms folded into the convolutions before
       them (bf16: pointwise ones, and depthwise ones in the layers kept in fp32; see `embedx.fold`);
-    - with `fp32_stem`, in bf16, its half-resolution layers in fp32 (`fp32_modules`, `embedx.mixed`).
+    - with `fp32_stem`, in bf16, its half-resolution layers in fp32 (`fp32_modules`, `embedx.mixed`);
+    - in bf16, the other layers' weights stored in bf16 (`embedx.mixed.store_bf16_weights`: the
+      same output, checked; `bf16_weights=False` leaves them fp32, for benchmarks).
 
     Raises:
         EmbedxError: keeping the layers in fp32 changed what the model computes."""
@@ -646,6 +649,12 @@ def _prepare_model(backbone: Backbone, device: str, channels_last: bool, precisi
             raise EmbedxError(f"Keeping {', '.join(kept)} of {backbone.model_name} in fp32 changed the model ({e}). "
                               "Run without it: --no-fp32-stem (ExtractConfig(fp32_stem=False)).") from None
         log.info("running %s in fp32, the rest in %s", ", ".join(kept), precision)
+    if bf16_weights and device == "cpu" and precision == "bf16":
+        from .mixed import store_bf16_weights
+
+        model, stored = store_bf16_weights(model if model is not backbone.model else copy.deepcopy(model), input_size)
+        if stored:
+            log.info("stored the weights of %d layers in bf16 (autocast's cast, done once: the same output)", stored)
     model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -77,6 +77,15 @@ def test_bench_extract_fp32_stem_quick(tmp_path):
     assert bf16["bf16_stem"][0]["min_cosine_vs_fp32"] > 0.9 and bf16["fp32_stem"][0]["min_cosine_vs_fp32"] > 0.9
 
 
+def test_bench_extract_bf16_weights_quick(tmp_path):
+    r = run("bench_extract.py", tmp_path, "--bf16-weights", "--cache", str(tmp_path / "cache"))
+    bf16 = r["precisions"]["bf16"]
+    assert set(r["precisions"]) == {"bf16"} and r["benchmark"] == "extract-bf16_weights"
+    assert bf16["fp32_weights"][0]["images_per_second"] > 0 and bf16["bf16_weights"][0]["images_per_second"] > 0
+    # (the same output either way is test_mixed's: these are two processes with random weights)
+    assert bf16["fp32_weights"][0]["min_cosine_vs_fp32"] > 0.9 and bf16["bf16_weights"][0]["min_cosine_vs_fp32"] > 0.9
+
+
 def test_bench_extract_memory_quick(tmp_path):
     r = run("bench_extract.py", tmp_path, "--memory", "--cache", str(tmp_path / "cache"))
     assert [x["images"] for x in r["runs"]] == [200, 1000] and all(x["peak_rss_mib"] > 0 for x in r["runs"])

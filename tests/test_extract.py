@@ -214,9 +214,9 @@ def test_out_of_memory_batch_is_split_and_retried(tiny_dir, tmp_path, backbone):
     wrapped = OomAbove4(backbone.model)
     bb = Backbone(wrapped, backbone.model_name, backbone.weights_source, backbone.weights_sha256,
                   backbone.data_config, backbone.dim, backbone.pooling)
-    # as the backbone is (fold_bn=False, fp32_stem=False): the run must call this wrapper itself,
-    # not a folded copy of it, and the wrapper hides the backbone's feature_info from embedx.mixed
-    plain = dict(fold_bn=False, fp32_stem=False)
+    # the model as it is (fp32, fold_bn=False): the run must call this wrapper itself, not a copy
+    # of it (folded, or with bf16 weights)
+    plain = dict(precision="fp32", fold_bn=False)
     r = extract(tiny_dir, tmp_path / "oom", _cfg(batch_size=16, **plain), backbone=bb)
     assert r.num_embedded == 24 and max(s for s in wrapped.sizes if s <= 4) == 4 and 16 in wrapped.sizes
     extract(tiny_dir, tmp_path / "ref", _cfg(batch_size=4, **plain), backbone=backbone)

@@ -9,9 +9,9 @@ import torch
 from embedx import shards
 from embedx.backbone import load_backbone
 from embedx.errors import EmbedxError
-from embedx.extractor import ExtractConfig, _prepare_model, extract, fp32_modules, prepare_model
+from embedx.extractor import ExtractConfig, _Embedder, _prepare_model, extract, fp32_modules, prepare_model
 from embedx.fold import foldable_pairs
-from embedx.mixed import Float32, half_resolution_modules, keep_fp32
+from embedx.mixed import Float32, half_resolution_modules, keep_fp32, store_bf16_weights
 from embedx.query import QueryEncoder
 
 from .conftest import row_cosines
@@ -128,3 +128,41 @@ def test_a_model_that_wrapping_breaks_is_refused_with_the_way_out(random_backbon
     with pytest.raises(EmbedxError, match="--no-fp32-stem"):
         _prepare_model(broken, "cpu", True, "bf16", fp32_stem=True)
     assert isinstance(model.stem, torch.nn.Conv2d)  # the model itself is left as it was
+
+
+def test_bf16_weights_are_stored_once_with_the_same_output(backbone):
+    """In bf16 the layers outside the fp32 ones keep their weights in bf16: autocast's own cast,
+    done once instead of every batch, so the embeddings are bit for bit the same."""
+    fp32_weights = _prepare_model(backbone, "cpu", True, "bf16", fold_bn=True, fp32_stem=True, bf16_weights=False)
+    model = _prepare_model(backbone, "cpu", True, "bf16", fold_bn=True, fp32_stem=True)
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    kept = [n for n, _ in layers if n.startswith(("conv_stem", "blocks.0."))]
+    assert len(kept) == 3  # conv_stem, and blocks.0's depthwise and pointwise convolutions
+    assert all(m.weight.dtype == (torch.float32 if n in kept else torch.bfloat16) for n, m in layers)
+    assert all(p.dtype == torch.float32 for p in backbone.model.parameters())  # the backbone as it was
+    x = torch.randint(0, 256, (3, *backbone.data_config.input_size), dtype=torch.uint8)
+    with torch.inference_mode():
+        want = _Embedder(fp32_weights, backbone, "cpu", "bf16", False, True).embed(x)
+        got = _Embedder(model, backbone, "cpu", "bf16", False, True).embed(x)
+    assert (got == want).all()
+
+
+class _StandardisedConv(torch.nn.Conv2d):
+    """Uses its weight outside the convolution (weight standardisation, as timm's StdConv2d)."""
+
+    def forward(self, x):
+        w = torch.nn.functional.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None,
+                                           training=True, eps=1e-6).reshape_as(self.weight)
+        return torch.nn.functional.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+def test_bf16_weights_that_would_change_the_output_stay_fp32():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(_StandardisedConv(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 1)).eval()
+    params = list(model.parameters())
+    same, stored = store_bf16_weights(model, (3, 16, 16))
+    assert same is model and stored == 0
+    assert [p is q for p, q in zip(model.parameters(), params)] == [True] * 4  # the fp32 parameters themselves
+    plain = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Linear(16, 4)).eval()
+    plain, stored = store_bf16_weights(plain, (3, 16, 16))
+    assert stored == 2 and all(p.dtype == torch.bfloat16 for p in plain.parameters())
