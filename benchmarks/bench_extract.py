@@ -297,7 +297,13 @@ import torch
 from embedx._malloc import apply_heap
 from embedx.backbone import load_backbone
 from embedx.extractor import _Embedder, _prepare_model
-model, weights, bs, precision, compiled, n = sys.argv[1], sys.argv[2] or None, int(sys.argv[3]), sys.argv[4], sys.argv[5] == "yes", int(sys.argv[6])
+model, weights, bs, precision, compiled, n = sys.argv[1], sys.argv[2] or None, int(sys.argv[3]), sys.argv[4], sys.argv[5] != "no", int(sys.argv[6])
+if sys.argv[5] == "plain":  # compiled without inductor's freezing, whatever the precision
+    import embedx.extractor
+    embedx.extractor.CPU_FREEZING_PRECISIONS = ()
+elif sys.argv[5] == "freezing":  # compiled with inductor's freezing, whatever the precision
+    import embedx.extractor
+    embedx.extractor.CPU_FREEZING_PRECISIONS = (precision,)
 apply_heap("auto", "cpu")  # as the engine runs the model
 backbone = load_backbone(model, weights)
 sys.path.insert(0, sys.argv[7])
@@ -313,20 +319,30 @@ with torch.inference_mode():
     eager = _Embedder(net, backbone, "cpu", precision, normalize=False, channels_last=True).embed(x)
 cos = (got * eager).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(eager, axis=1)
 ips = bench_ceiling(backbone, n, bs, "cpu", precision, compile=compiled)
+# the photos through the same (compiled) model, against unfolded fp32 eager
+from pathlib import Path
+from bench_extract import files_of
+from embedx.extractor import embed_files, prepare_model
+files = files_of(Path(sys.argv[8]))
+ref = embed_files(files, backbone, precision="fp32", model=prepare_model(backbone, "cpu", "fp32", fold_bn=False)).embeddings
+photos = embed_files(files, backbone, precision=precision, batch_size=bs, model=emb.model).embeddings
+pcos = (photos * ref).sum(1) / np.linalg.norm(photos, axis=1) / np.linalg.norm(ref, axis=1)
 print(json.dumps({"images_per_second": ips, "first_call_seconds": first, "still_compiled": emb.compiled,
-                  "min_cosine_vs_eager": float(cos.min())}))
+                  "min_cosine_vs_eager": float(cos.min()), "min_cosine_vs_fp32": float(pcos.min()),
+                  "mean_cosine_vs_fp32": float(pcos.mean())}))
 """
 
 
 def bench_compile(model: str, weights: str | None, batch_size: int, precisions: list[str], rounds: int,
-                  n: int) -> dict:
-    """Model-only img/s on the CPU, eager vs torch.compile, per precision: each run a fresh process
-    with the engine's heap setting and an empty inductor cache (so the first call pays the whole
-    compile, as a user's first compiled run does), rounds interleaving the variants. Returns
-    {(precision, compiled): [run, ...]}."""
-    variants = [(p, c) for p in precisions for c in ("no", "yes")]
+                  n: int, photos: Path) -> dict:
+    """Model-only img/s on the CPU, eager vs torch.compile without and with inductor's freezing
+    (the engine uses it at `CPU_FREEZING_PRECISIONS`), per precision: each run a fresh process with the engine's heap
+    setting and an empty inductor cache (so the first call pays the whole compile, as a user's
+    first compiled run does), rounds interleaving the variants; and each variant's cosine to
+    unfolded fp32 eager on the photos. Returns {(precision, "no" | "plain" | "freezing"): [run, ...]}."""
+    variants = [(p, c) for p in precisions for c in ("no", "plain", "freezing")]
     return _fresh_process_rounds(_ONE_COMPILE, variants, rounds, lambda v: [
-        model, weights or "", str(batch_size), v[0], v[1], str(n), _HERE],
+        model, weights or "", str(batch_size), v[0], v[1], str(n), _HERE, str(photos)],
         lambda v, scratch: {**os.environ, "TORCHINDUCTOR_CACHE_DIR": scratch})
 
 
@@ -364,6 +380,10 @@ def bench_switch(switch: str, model: str, weights: str | None, batch_size: int, 
     variants = [(p, f) for p in precisions for f in ("no", "yes")]
     return _fresh_process_rounds(_ONE_SWITCH, variants, rounds, lambda v: [
         model, weights or "", str(batch_size), v[0], v[1], str(n), _HERE, str(photos), switch])
+
+
+def _median_ratio(runs: list[dict], baseline: list[dict]) -> float:
+    return float(np.median([r["images_per_second"] for r in runs]) / np.median([r["images_per_second"] for r in baseline]))
 
 
 def main() -> None:
@@ -460,29 +480,41 @@ def main() -> None:
         default = ["bf16"] if args.fp32_stem or args.bf16_weights else ["fp32", "bf16"]
         precisions = default if args.precisions == "auto" else args.precisions.split(",")
         weights, rounds, n = "random" if args.quick else None, 1 if args.quick else args.rounds, bs * 2 if args.quick else 1024
+        photos = photo_folder(16 if args.quick else 128, cache)
+        table = {}
         if args.compile:
-            runs, names, kind = bench_compile(model, weights, bs, precisions, rounds, n), ("eager", "compiled"), "compile"
+            from embedx.extractor import CPU_FREEZING_PRECISIONS
+
+            runs, kind = bench_compile(model, weights, bs, precisions, rounds, n, photos), "compile"
+            for precision in precisions:
+                eager = runs[(precision, "no")]
+                table[precision] = {"eager": eager, "engine_compiles_with": "freezing" if precision in CPU_FREEZING_PRECISIONS
+                                    else "no freezing"}
+                line = f"{precision}: eager " + ", ".join(f"{r['images_per_second']:.1f}" for r in eager) + " img/s"
+                for variant, name in (("plain", "compiled"), ("freezing", "compiled_freezing")):
+                    rs = runs[(precision, variant)]
+                    ratio = _median_ratio(rs, eager)
+                    table[precision].update({name: rs, f"{name}_over_eager": ratio})
+                    line += (f"; {name} " + ", ".join(f"{r['images_per_second']:.1f}" for r in rs) + f" ({ratio:.2f}x, first "
+                             f"call {np.median([r['first_call_seconds'] for r in rs]):.1f} s)")
+                line += "; cosine to fp32 on the photos, min/mean: " + ", ".join(
+                    f"{name} {runs[(precision, v)][0]['min_cosine_vs_fp32']:.5f}/{runs[(precision, v)][0]['mean_cosine_vs_fp32']:.5f}"
+                    for v, name in (("no", "eager"), ("plain", "compiled"), ("freezing", "compiled_freezing")))
+                print(line)
         else:
-            photos = photo_folder(16 if args.quick else 128, cache)
             switch, names, kind = (("fold_bn", ("unfolded", "folded"), "fold") if args.fold else
                                    ("fp32_stem", ("bf16_stem", "fp32_stem"), "fp32_stem") if args.fp32_stem else
                                    ("bf16_weights", ("fp32_weights", "bf16_weights"), "bf16_weights"))
             runs = bench_switch(switch, model, weights, bs, precisions, rounds, n, photos)
-        table = {}
-        for precision in precisions:
-            off, on = runs[(precision, "no")], runs[(precision, "yes")]
-            ratio = float(np.median([r["images_per_second"] for r in on]) / np.median([r["images_per_second"] for r in off]))
-            table[precision] = {names[0]: off, names[1]: on, f"{names[1]}_over_{names[0]}": ratio}
-            line = (f"{precision}: {names[0]} " + ", ".join(f"{r['images_per_second']:.1f}" for r in off) + f" img/s; {names[1]} "
-                    + ", ".join(f"{r['images_per_second']:.1f}" for r in on) + f" img/s ({ratio:.2f}x by the medians); ")
-            if args.compile:
-                line += ("first compiled call " + ", ".join(f"{r['first_call_seconds']:.1f}" for r in on)
-                         + f" s; cosine vs eager >= {min(r['min_cosine_vs_eager'] for r in on):.5f}")
-            else:
-                line += (f"cosine to unfolded fp32 on {len(files_of(photos))} photos: {names[0]} min "
-                         f"{off[0]['min_cosine_vs_fp32']:.5f} mean {off[0]['mean_cosine_vs_fp32']:.5f}, {names[1]} min "
-                         f"{on[0]['min_cosine_vs_fp32']:.5f} mean {on[0]['mean_cosine_vs_fp32']:.5f}")
-            print(line)
+            for precision in precisions:
+                off, on = runs[(precision, "no")], runs[(precision, "yes")]
+                ratio = _median_ratio(on, off)
+                table[precision] = {names[0]: off, names[1]: on, f"{names[1]}_over_{names[0]}": ratio}
+                print(f"{precision}: {names[0]} " + ", ".join(f"{r['images_per_second']:.1f}" for r in off)
+                      + f" img/s; {names[1]} " + ", ".join(f"{r['images_per_second']:.1f}" for r in on)
+                      + f" img/s ({ratio:.2f}x by the medians); cosine to unfolded fp32 on {len(files_of(photos))} "
+                      f"photos: {names[0]} min {off[0]['min_cosine_vs_fp32']:.5f} mean {off[0]['mean_cosine_vs_fp32']:.5f}, "
+                      f"{names[1]} min {on[0]['min_cosine_vs_fp32']:.5f} mean {on[0]['mean_cosine_vs_fp32']:.5f}")
         result = {"benchmark": f"extract-{kind}", "model": model, "batch_size": bs, "env": env, "precisions": table}
         write_result(result, f"extract_{kind}", args.quick, args.out)
         return

@@ -73,9 +73,17 @@ class ExtractConfig:
 #: torch.compile costs ~20-60 s on 2 CPU cores (EfficientNet-Lite0) and gains 1.3-1.4x there in
 #: fp32; it pays off from a few thousand images. These thresholds keep well clear of break-even.
 COMPILE_MIN_IMAGES = {"cpu": 20_000, "cuda": 200_000}
-#: CPU precisions where `--compile auto` may compile. Not bf16: on an AVX-512-bf16 CPU the
-#: compiled Lite0 ran 0.92x eager bf16 (`python benchmarks/bench_extract.py --compile`, fp32 1.31x).
+#: CPU precisions where `--compile auto` may compile. Not bf16: compiled with freezing, Lite0 ran
+#: ~1.35x eager bf16 on an AVX-512-bf16 CPU, but inductor then folds every BatchNorm into its
+#: convolution in bf16 too, which cost accuracy (cosine to fp32 on real photos min 0.9986 vs
+#: eager's 0.9991); without freezing it ran 0.92x. `python benchmarks/bench_extract.py --compile`.
 CPU_COMPILE_PRECISIONS = ("fp32",)
+#: CPU precisions whose compiled model runs with inductor's freezing (the weights as constants:
+#: BatchNorm folding, oneDNN weight prepacking, fused pointwise ops; Dynamo reads the flag while
+#: it traces, so it is set around each call, never for the whole process). fp32: the same output.
+#: Not bf16: inductor then folds every BatchNorm in bf16 too, like `embedx.fold` declines to, which
+#: cost accuracy (cosine to fp32 on real photos min 0.9986 vs 0.9991). `bench_extract.py --compile`.
+CPU_FREEZING_PRECISIONS = ("fp32",)
 
 
 def should_compile(choice: str, device: str, num_images: int, precision: str = "fp32") -> bool:
@@ -727,6 +735,7 @@ class _Embedder:
             log.info("compiling the backbone with torch.compile (first batch is slow)")
             self.model = torch.compile(model)
         self.compiled = compile
+        self.freezing = compile and device == "cpu" and precision in CPU_FREEZING_PRECISIONS
         self.device = device
         self.precision = precision
         self.normalize = normalize
@@ -775,7 +784,7 @@ class _Embedder:
         x = x.float().mul_(self.scale).add_(self.shift)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(self.device, self.precision):
+        with autocast(self.device, self.precision), _inductor_freezing(self.freezing and self.compiled):
             try:
                 feats = self.model(x)
             except Exception as e:  # noqa: BLE001
@@ -795,6 +804,15 @@ class _Embedder:
 
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def _inductor_freezing(on: bool):
+    """Inductor's freezing for the compiles (first call, recompiles) within; nothing when off."""
+    if not on:
+        return contextlib.nullcontext()
+    import torch._inductor.config
+
+    return torch._inductor.config.patch(freezing=True)
 
 
 class _HostCopy:

@@ -55,11 +55,15 @@ def test_bench_extract_heaps_and_jpeg_decoders_quick(tmp_path):
 
 
 def test_bench_extract_compile_quick(tmp_path):
-    r = run("bench_extract.py", tmp_path, "--compile", "--precisions", "fp32")
+    r = run("bench_extract.py", tmp_path, "--compile", "--precisions", "fp32", "--cache", str(tmp_path / "cache"))
     fp32 = r["precisions"]["fp32"]
-    assert fp32["eager"][0]["images_per_second"] > 0 and fp32["compiled"][0]["images_per_second"] > 0
-    assert fp32["compiled"][0]["still_compiled"] and fp32["compiled"][0]["min_cosine_vs_eager"] > 0.999
-    assert not fp32["eager"][0]["still_compiled"]
+    assert fp32["engine_compiles_with"] == "freezing"
+    assert not fp32["eager"][0]["still_compiled"] and fp32["eager"][0]["images_per_second"] > 0
+    for name in ("compiled", "compiled_freezing"):  # without and with inductor's freezing
+        run_ = fp32[name][0]
+        assert run_["still_compiled"] and run_["images_per_second"] > 0 and run_["min_cosine_vs_eager"] > 0.999
+        assert run_["min_cosine_vs_fp32"] > 0.999  # the photos through the compiled model
+        assert fp32[f"{name}_over_eager"] > 0
 
 
 def test_bench_extract_fold_quick(tmp_path):

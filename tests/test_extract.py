@@ -388,7 +388,8 @@ def test_default_cpu_batch_follows_the_cpu(monkeypatch):
 
 def test_compile_auto_follows_length_device_and_precision(tiny_dir, tmp_path, backbone, monkeypatch):
     """--compile auto compiles long runs, on a CPU only in fp32 (in bf16 the compiled model was
-    slower: bench_extract.py --compile); yes/no are obeyed; the rule reaches the engine."""
+    slower, or with freezing less accurate: bench_extract.py --compile); yes/no are obeyed; the
+    rule and the CPU's compile options reach the engine."""
     import torch
 
     from embedx import extractor
@@ -403,9 +404,22 @@ def test_compile_auto_follows_length_device_and_precision(tiny_dir, tmp_path, ba
     with pytest.raises(InputError, match="auto, yes or no"):
         extractor.should_compile("always", "cpu", 1)
 
-    compiled = []
-    monkeypatch.setattr(torch, "compile", lambda model, **kw: compiled.append(model) or model)
+    import torch._inductor.config
+
+    compiled, freezing = [], []
+
+    def spy_compile(model):
+        compiled.append(model)
+
+        def call(x):  # what the compiled model would see: inductor's freezing flag while it traces
+            freezing.append(torch._inductor.config.freezing)
+            return model(x)
+        return call
+
+    monkeypatch.setattr(torch, "compile", spy_compile)
     monkeypatch.setitem(extractor.COMPILE_MIN_IMAGES, "cpu", 1)
     for precision in ("bf16", "fp32"):
         extract(tiny_dir, tmp_path / precision, ExtractConfig(precision=precision, progress=False), backbone=backbone)
     assert len(compiled) == 1  # the fp32 run only
+    assert freezing and all(freezing)  # with inductor's freezing on a CPU in fp32 ...
+    assert not torch._inductor.config.freezing  # ... around its calls only

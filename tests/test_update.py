@@ -28,6 +28,23 @@ def _names(tiny_dir):
     return sorted(str(p.relative_to(tiny_dir)) for p in tiny_dir.rglob("*.*"))
 
 
+def _interrupted_at_second_shard(monkeypatch, run) -> None:
+    """`run()` with its second shard write failing (disk full, simulated): it must raise; shard
+    writes work again afterwards."""
+    real_write, calls = shards.write_shard, []
+
+    def failing_write(*args, **kw):
+        calls.append(args[1])
+        if len(calls) == 2:
+            raise OSError("disk full (simulated)")
+        return real_write(*args, **kw)
+
+    monkeypatch.setattr(shards, "write_shard", failing_write)
+    with pytest.raises((EmbedxError, OSError)):
+        run()
+    monkeypatch.setattr(shards, "write_shard", real_write)
+
+
 def _shard_bytes(out):
     return {p.name: p.read_bytes() for p in sorted(out.glob("part-*.parquet"))}
 
@@ -116,18 +133,8 @@ def test_interrupted_update_resumes_its_planned_rows(tiny_dir, tmp_path, backbon
     extract(src, out, _cfg(), backbone=backbone)  # rows 0-5, shards 0-1
     _copy(tiny_dir, src, names[6:16])  # 10 new: rows 8-17, shards 2-4
 
-    real_write, calls = shards.write_shard, []
-
-    def failing_write(*args, **kw):
-        calls.append(args[1])
-        if len(calls) == 2:
-            raise OSError("disk full (simulated)")
-        return real_write(*args, **kw)
-
-    monkeypatch.setattr(shards, "write_shard", failing_write)
-    with pytest.raises((EmbedxError, OSError)):
-        extract(src, out, _cfg(update=True), backbone=backbone)
-    monkeypatch.setattr(shards, "write_shard", real_write)
+    real_write = shards.write_shard
+    _interrupted_at_second_shard(monkeypatch, lambda: extract(src, out, _cfg(update=True), backbone=backbone))
     m = shards.read_manifest(out)
     assert not m["complete"] and sorted(s["index"] for s in m["shards"]) == [0, 1, 2]
     assert m["segments"] == [{"first_row": 0, "num_images": 6}, {"first_row": 8, "num_images": 10}]
@@ -136,7 +143,6 @@ def test_interrupted_update_resumes_its_planned_rows(tiny_dir, tmp_path, backbon
     # images get a segment of their own after it; that rerun is interrupted too, before any
     # shard: two unfinished updates
     _copy(tiny_dir, src, names[16:20])
-    calls.clear()
     monkeypatch.setattr(shards, "write_shard", lambda *a, **k: (_ for _ in ()).throw(OSError("simulated")))
     with pytest.raises((EmbedxError, OSError)):
         extract(src, out, _cfg(update=True), backbone=backbone)
@@ -239,17 +245,8 @@ def test_a_run_recorded_by_an_older_embedx_resumes_and_updates(tiny_dir, tmp_pat
     newer = extractor.provenance
     monkeypatch.setattr(extractor, "provenance",
                         lambda *a, **k: {key: v for key, v in newer(*a, **k).items() if key != "fp32_modules"})
-    real_write, calls = shards.write_shard, []
-
-    def failing_write(*args, **kw):
-        calls.append(args[1])
-        if len(calls) == 2:
-            raise OSError("disk full (simulated)")
-        return real_write(*args, **kw)
-
-    monkeypatch.setattr(shards, "write_shard", failing_write)
-    with pytest.raises((EmbedxError, OSError)):
-        extract(src, out, _cfg(precision="bf16"), backbone=backbone)  # the older embedx, interrupted
+    # the older embedx, interrupted
+    _interrupted_at_second_shard(monkeypatch, lambda: extract(src, out, _cfg(precision="bf16"), backbone=backbone))
     monkeypatch.undo()
     assert "fp32_modules" not in shards.read_manifest(out)["metadata"]
     r = extract(src, out, _cfg(precision="bf16"), backbone=backbone)  # this one: resumes
