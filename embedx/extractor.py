@@ -73,10 +73,10 @@ class ExtractConfig:
 #: torch.compile costs ~20-60 s on 2 CPU cores (EfficientNet-Lite0) and gains 1.3-1.4x there in
 #: fp32; it pays off from a few thousand images. These thresholds keep well clear of break-even.
 COMPILE_MIN_IMAGES = {"cpu": 20_000, "cuda": 200_000}
-#: CPU precisions where `--compile auto` may compile. Not bf16: compiled with freezing, Lite0 ran
-#: ~1.35x eager bf16 on an AVX-512-bf16 CPU, but inductor then folds every BatchNorm into its
-#: convolution in bf16 too, which cost accuracy (cosine to fp32 on real photos min 0.9986 vs
-#: eager's 0.9991); without freezing it ran 0.92x. `python benchmarks/bench_extract.py --compile`.
+#: CPU precisions where `--compile auto` may compile. Not bf16 (Lite0, AVX-512-bf16 CPU, `python
+#: benchmarks/bench_extract.py --compile`): with freezing 1.33x eager, but inductor then folds every
+#: BatchNorm in bf16 (cosine to fp32 on real photos min 0.9986 vs eager's 0.9991); without it
+#: 0.92x (session 11) to 1.18x (session 12) for an 18 s first call, which pays only from ~40k images.
 CPU_COMPILE_PRECISIONS = ("fp32",)
 #: CPU precisions whose compiled model runs with inductor's freezing (the weights as constants:
 #: BatchNorm folding, oneDNN weight prepacking, fused pointwise ops; Dynamo reads the flag while
@@ -1010,7 +1010,8 @@ def embed_files(files: list[str], backbone: Backbone, *, device: str = "auto", p
     Args:
         model: `backbone`'s model already prepared for `device` by `prepare_model`, so that
             callers embedding many small batches (a server's queries) do not pay for that on
-            every call (~5 ms for Lite0 on a CPU, a forward pass of one image being ~7 ms).
+            every call (Lite0 on a CPU, with the copy, folding and checks: ~35 ms in fp32, ~60 ms
+            in bf16; a forward pass of one image is ~7 ms).
     """
     import torch
 

@@ -1,4 +1,5 @@
-"""Keep a model's half-resolution layers in fp32 while the rest runs in bf16 (on a CPU).
+"""Precision placement for bf16 on a CPU: the half-resolution layers kept in fp32 (`keep_fp32`),
+the other layers' weights stored in bf16 once (`store_bf16_weights`).
 
 In bf16 the first layers cost accuracy out of proportion to their share of the work: the input
 pixels are rounded to 8 significant bits, and the stem and the first block work on few
@@ -105,7 +106,8 @@ def store_bf16_weights(model: torch.nn.Module, input_size: tuple[int, int, int])
     """`model` with the weights and biases of its `nn.Conv2d` and `nn.Linear` layers (outside
     `Float32` wrappers) stored in bf16, changed in place, and how many layers; for a model run
     under bf16 autocast, which otherwise casts every one of them again on every forward pass
-    (the cast is no longer needed: Lite0, batch 16, 2 threads, 1.02-1.04x). Autocast's cast
+    (the cast is no longer needed: Lite0, batch 16, 2 threads, model-only 1.06x, `python
+    benchmarks/bench_extract.py --bf16-weights`). Autocast's cast
     and this one round the same way, so the output must stay bit for bit the same: checked
     under autocast on one random image; where it does not (a layer that uses its weight outside
     the convolution, e.g. weight standardisation), `model` is returned as it was, with 0."""
