@@ -94,6 +94,19 @@ def bench_ceiling(backbone, n: int, batch_size: int, device: str, precision: str
     return done / (time.perf_counter() - t0)
 
 
+def cosines_to_fp32(backbone, photos: str, precision: str, model, batch_size: int | None = None) -> dict:
+    """min and mean cosine of the photos' embeddings by `model` at `precision` to those of the
+    unfolded fp32 model (the reference every faster mode is held to)."""
+    from embedx.extractor import embed_files, prepare_model
+
+    files = files_of(Path(photos))
+    ref = embed_files(files, backbone, precision="fp32", model=prepare_model(backbone, "cpu", "fp32", fold_bn=False))
+    got = embed_files(files, backbone, precision=precision, batch_size=batch_size, model=model)
+    cos = (got.embeddings * ref.embeddings).sum(1) / np.linalg.norm(got.embeddings, axis=1) / np.linalg.norm(
+        ref.embeddings, axis=1)
+    return {"min_cosine_vs_fp32": float(cos.min()), "mean_cosine_vs_fp32": float(cos.mean())}
+
+
 def bench_naive(backbone, files: list[str]) -> float:
     import torch
     from PIL import Image
@@ -319,17 +332,10 @@ with torch.inference_mode():
     eager = _Embedder(net, backbone, "cpu", precision, normalize=False, channels_last=True).embed(x)
 cos = (got * eager).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(eager, axis=1)
 ips = bench_ceiling(backbone, n, bs, "cpu", precision, compile=compiled)
-# the photos through the same (compiled) model, against unfolded fp32 eager
-from pathlib import Path
-from bench_extract import files_of
-from embedx.extractor import embed_files, prepare_model
-files = files_of(Path(sys.argv[8]))
-ref = embed_files(files, backbone, precision="fp32", model=prepare_model(backbone, "cpu", "fp32", fold_bn=False)).embeddings
-photos = embed_files(files, backbone, precision=precision, batch_size=bs, model=emb.model).embeddings
-pcos = (photos * ref).sum(1) / np.linalg.norm(photos, axis=1) / np.linalg.norm(ref, axis=1)
+from bench_extract import cosines_to_fp32  # the photos through the same (compiled) model
 print(json.dumps({"images_per_second": ips, "first_call_seconds": first, "still_compiled": emb.compiled,
-                  "min_cosine_vs_eager": float(cos.min()), "min_cosine_vs_fp32": float(pcos.min()),
-                  "mean_cosine_vs_fp32": float(pcos.mean())}))
+                  "min_cosine_vs_eager": float(cos.min()),
+                  **cosines_to_fp32(backbone, sys.argv[8], precision, emb.model, batch_size=bs)}))
 """
 
 
@@ -348,24 +354,19 @@ def bench_compile(model: str, weights: str | None, batch_size: int, precisions: 
 
 _ONE_SWITCH = """
 import json, sys
-import numpy as np
 from embedx._malloc import apply_heap
 from embedx.backbone import load_backbone
-from embedx.extractor import _prepare_model, embed_files, prepare_model
+from embedx.extractor import _prepare_model
 model, weights, bs, precision, n = sys.argv[1], sys.argv[2] or None, int(sys.argv[3]), sys.argv[4], int(sys.argv[6])
 switch = {sys.argv[9]: sys.argv[5] == "yes"}  # fold_bn, fp32_stem or bf16_weights; the others as the engine has them
 apply_heap("auto", "cpu")  # as the engine runs the model
 backbone = load_backbone(model, weights)
 sys.path.insert(0, sys.argv[7])
-from bench_extract import bench_ceiling, files_of
+from bench_extract import bench_ceiling, cosines_to_fp32
 ips = bench_ceiling(backbone, n, bs, "cpu", precision, **switch)
-from pathlib import Path
-files = files_of(Path(sys.argv[8]))
-ref = embed_files(files, backbone, precision="fp32", model=prepare_model(backbone, "cpu", "fp32", fold_bn=False)).embeddings
 settings = {"fold_bn": True, "fp32_stem": True, "bf16_weights": True, **switch}  # as the engine has them, but one
-got = embed_files(files, backbone, precision=precision, model=_prepare_model(backbone, "cpu", True, precision, **settings)).embeddings
-cos = (got * ref).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(ref, axis=1)
-print(json.dumps({"images_per_second": ips, "min_cosine_vs_fp32": float(cos.min()), "mean_cosine_vs_fp32": float(cos.mean())}))
+net = _prepare_model(backbone, "cpu", True, precision, **settings)
+print(json.dumps({"images_per_second": ips, **cosines_to_fp32(backbone, sys.argv[8], precision, net)}))
 """
 
 

@@ -70,19 +70,18 @@ class ExtractConfig:
     decode_threads: int | None = None  # with 0 decoder processes: threads decoding each batch (model waiting); None: default_decode_threads
 
 
-#: torch.compile costs ~20-60 s on 2 CPU cores (EfficientNet-Lite0) and gains 1.3-1.4x there in
+#: torch.compile costs ~10-60 s on 2 CPU cores (EfficientNet-Lite0) and gains 1.2-1.4x there in
 #: fp32; it pays off from a few thousand images. These thresholds keep well clear of break-even.
 COMPILE_MIN_IMAGES = {"cpu": 20_000, "cuda": 200_000}
 #: CPU precisions where `--compile auto` may compile. Not bf16 (Lite0, AVX-512-bf16 CPU, `python
-#: benchmarks/bench_extract.py --compile`): with freezing 1.33x eager, but inductor then folds every
-#: BatchNorm in bf16 (cosine to fp32 on real photos min 0.9986 vs eager's 0.9991); without it
-#: 0.92x (session 11) to 1.18x (session 12) for an 18 s first call, which pays only from ~40k images.
+#: benchmarks/bench_extract.py --compile`): compiled without freezing (see below) it ran 0.92x
+#: (session 11) to 1.18x (session 12) eager, for an 18 s first call: it pays only from ~40k images.
 CPU_COMPILE_PRECISIONS = ("fp32",)
 #: CPU precisions whose compiled model runs with inductor's freezing (the weights as constants:
 #: BatchNorm folding, oneDNN weight prepacking, fused pointwise ops; Dynamo reads the flag while
 #: it traces, so it is set around each call, never for the whole process). fp32: the same output.
-#: Not bf16: inductor then folds every BatchNorm in bf16 too, like `embedx.fold` declines to, which
-#: cost accuracy (cosine to fp32 on real photos min 0.9986 vs 0.9991). `bench_extract.py --compile`.
+#: Not bf16: inductor then folds every BatchNorm in bf16 too, as `embedx.fold` declines to, which
+#: cost accuracy (cosine to fp32 on real photos min 0.9986 vs eager's 0.9991) for 1.33x eager.
 CPU_FREEZING_PRECISIONS = ("fp32",)
 
 
@@ -532,7 +531,7 @@ def _run_local(plan: _Plan, out: Path, config: ExtractConfig, timer: "_StageTime
     return counts["embedded"], counts["errors"]
 
 
-def provenance(backbone: Backbone, config: ExtractConfig, precision: str, device: str = "cpu") -> dict:
+def provenance(backbone: Backbone, config: ExtractConfig, precision: str, device: str) -> dict:
     """The `embedx` schema metadata: everything needed to reproduce or query the embeddings."""
     from . import __version__
 
@@ -1021,7 +1020,7 @@ def embed_files(files: list[str], backbone: Backbone, *, device: str = "auto", p
     precision = resolve_precision(precision, device)
     records = [ImageRecord(i, str(f), str(Path(f).resolve()), None) for i, f in enumerate(files)]
     if model is None:
-        model = _prepare_model(backbone, device, True, precision, fold_bn=True, fp32_stem=True)
+        model = prepare_model(backbone, device, precision)
     runner = _Embedder(model, backbone, device, precision, normalize, channels_last=True)
     dataset = ImageDataset(records, backbone.decode_spec(fast_decode, max_pixels))
     loader = make_loader(dataset, batch_size or default_batch_size(device), num_workers, pin_memory=device.startswith("cuda"),

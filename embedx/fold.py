@@ -87,15 +87,35 @@ def _fold_pair(parent, conv_name: str, bn_name: str) -> None:
     setattr(parent, bn_name, torch.nn.Sequential(*after) if after else torch.nn.Identity())
 
 
+def forward_random_image(model, input_size: tuple[int, int, int], autocast_dtype=None):
+    """(x, model(x)) for one random image x on the model's device, at 64 x 64 pixels where the
+    model takes that (checks at 224 cost ten times more, and what they check does not depend on
+    the size), else at `input_size`; under autocast to `autocast_dtype` when given. Raises what
+    the model raises at `input_size`."""
+    import torch
+
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    channels, height, width = input_size
+    sizes = list(dict.fromkeys([(channels, min(height, 64), min(width, 64)), (channels, height, width)]))
+    for size in sizes:
+        x = torch.randn((1, *size), generator=torch.Generator().manual_seed(0)).to(device)
+        try:
+            with torch.inference_mode(), torch.autocast(device.type, dtype=autocast_dtype,
+                                                        enabled=autocast_dtype is not None):
+                return x, model(x)
+        except Exception:  # noqa: BLE001 - a model that takes only its own size
+            if size == sizes[-1]:
+                raise
+
+
 def fold_batchnorm(model, input_size: tuple[int, int, int], *, depthwise: bool | tuple[str, ...] = True,
                    tolerance: float = 1e-3) -> tuple[object, int]:
     """A copy of `model` with its (eval-mode) Conv2d -> BatchNorm pairs folded, and how many
     (`depthwise`: which grouped convolutions, see `foldable_pairs`);
     `model` itself when there is nothing to fold or the copy's output differs from the
     original's (max abs difference > tolerance x the output's largest magnitude, fp32, one
-    random image on the model's device): then a warning says so. The check runs at 64 x 64
-    pixels where the model takes that (a tenth of the time at 224: the pairing does not depend
-    on the size), else at `input_size`."""
+    random image on the model's device, `forward_random_image`): then a warning says so."""
     import torch
 
     if not foldable_pairs(model, depthwise):
@@ -104,21 +124,15 @@ def fold_batchnorm(model, input_size: tuple[int, int, int], *, depthwise: bool |
     pairs = foldable_pairs(folded, depthwise)
     for pair in pairs:
         _fold_pair(*pair)
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
-    channels, height, width = input_size
-    sizes = [(channels, min(height, 64), min(width, 64)), (channels, height, width)]
-    for size in dict.fromkeys(sizes):
-        x = torch.randn((1, *size), generator=torch.Generator().manual_seed(0)).to(device)
-        try:
-            with torch.inference_mode():
-                want, got = model(x).float(), folded(x).float()
-            break
-        except Exception as e:  # noqa: BLE001 - a model that takes only its own size; or one that fails
-            if size == sizes[-1]:
-                log.warning("BatchNorm folding could not be checked (%s: %s): running the model unfolded",
-                            type(e).__name__, str(e)[:200])
-                return model, 0
+    try:
+        x, want = forward_random_image(model, input_size)
+        with torch.inference_mode():
+            got = folded(x)
+    except Exception as e:  # noqa: BLE001 - a model that takes neither size, or one that fails
+        log.warning("BatchNorm folding could not be checked (%s: %s): running the model unfolded",
+                    type(e).__name__, str(e)[:200])
+        return model, 0
+    want, got = want.float(), got.float()
     err = (want - got).abs().max().item()
     limit = tolerance * max(want.abs().max().item(), 1e-6)
     if not err <= limit:
@@ -128,4 +142,4 @@ def fold_batchnorm(model, input_size: tuple[int, int, int], *, depthwise: bool |
     return folded, len(pairs)
 
 
-__all__ = ["fold_batchnorm", "foldable_pairs"]
+__all__ = ["fold_batchnorm", "foldable_pairs", "forward_random_image"]

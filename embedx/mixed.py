@@ -24,6 +24,8 @@ import copy
 
 import torch
 
+from .fold import forward_random_image
+
 
 class Float32(torch.nn.Module):
     """`module` run in fp32 with autocast off, whatever the precision around it: floating tensor
@@ -68,10 +70,10 @@ def keep_fp32(model: torch.nn.Module, names: list[str], input_size: tuple[int, i
               inplace: bool = False) -> torch.nn.Module:
     """`model` (with `inplace`) or a copy of it with the modules `names` wrapped in `Float32`.
     It is checked in fp32 (where the wrappers change nothing) against the model before wrapping
-    on one random image, at 64 x 64 pixels where the model takes that, else at `input_size`: any
+    on one random image (`embedx.fold.forward_random_image`): any
     difference means wrapping changed what the model computes (e.g. its forward reads an
     attribute of a wrapped module), and raises ValueError saying how."""
-    x, want = _check_input(model, input_size)
+    x, want = forward_random_image(model, input_size)
     kept = model if inplace else copy.deepcopy(model)
     for name in names:
         parent_name, _, child = name.rpartition(".")
@@ -85,21 +87,6 @@ def keep_fp32(model: torch.nn.Module, names: list[str], input_size: tuple[int, i
     if not torch.equal(want, got):
         raise ValueError(f"its fp32 output changed by up to {(want - got).abs().max().item():.3g}")
     return kept
-
-
-def _check_input(model: torch.nn.Module, input_size: tuple[int, int, int]):
-    """One random image (64 x 64 where the model takes that, else `input_size`) on the model's
-    device, and the model's fp32 output for it."""
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
-    channels, height, width = input_size
-    with torch.inference_mode():
-        try:
-            x = torch.randn((1, channels, min(height, 64), min(width, 64)), generator=torch.Generator().manual_seed(0))
-            return x.to(device), model(x.to(device))
-        except Exception:  # noqa: BLE001 - a model that takes only its own size
-            x = torch.randn((1, *input_size), generator=torch.Generator().manual_seed(0))
-            return x.to(device), model(x.to(device))
 
 
 def store_bf16_weights(model: torch.nn.Module, input_size: tuple[int, int, int]) -> tuple[torch.nn.Module, int]:
@@ -116,9 +103,7 @@ def store_bf16_weights(model: torch.nn.Module, input_size: tuple[int, int, int])
               and m.weight.dtype == torch.float32]
     if not layers:
         return model, 0
-    x, _ = _check_input(model, input_size)
-    with torch.inference_mode(), torch.autocast(x.device.type, dtype=torch.bfloat16):
-        want = model(x)
+    x, want = forward_random_image(model, input_size, torch.bfloat16)
     before = [(m, m.weight, m.bias) for m in layers]
     for m in layers:
         for name in ("weight", "bias"):

@@ -15,6 +15,7 @@ from embedx.mixed import Float32, half_resolution_modules, keep_fp32, store_bf16
 from embedx.query import QueryEncoder
 
 from .conftest import row_cosines
+from .test_fold import _batchnorms
 
 
 @pytest.mark.parametrize("name,expected", [
@@ -92,17 +93,14 @@ def test_bf16_folds_the_depthwise_convolutions_of_the_kept_layers_only(backbone)
     assert len(inside) == len(pointwise) + len(extra) and len(extra) == 1
     assert extra[0][0] is backbone.model.blocks[0][0]  # the depthwise convolution of blocks.0
 
-    def batchnorms(model):
-        return sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
-
-    before = batchnorms(backbone.model)
+    before = _batchnorms(backbone.model)
     model = prepare_model(backbone, "cpu", "bf16")
-    assert batchnorms(model) == before - len(inside)
+    assert _batchnorms(model) == before - len(inside)
     assert [n for n, m in model.named_modules() if isinstance(m, Float32)] == kept
     assert not any(isinstance(m, Float32) for m in prepare_model(backbone, "cpu", "bf16", fp32_stem=False).modules())
     assert not any(isinstance(m, Float32) for m in prepare_model(backbone, "cpu", "fp32").modules())
     unfolded = prepare_model(backbone, "cpu", "bf16", fold_bn=False)  # a copy: the backbone stays as it was
-    assert unfolded is not backbone.model and batchnorms(unfolded) == before
+    assert unfolded is not backbone.model and _batchnorms(unfolded) == before
     assert not any(isinstance(m, Float32) for m in backbone.model.modules())
 
 
