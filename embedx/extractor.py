@@ -1009,7 +1009,7 @@ def embed_files(files: list[str], backbone: Backbone, *, device: str = "auto", p
     Args:
         model: `backbone`'s model already prepared for `device` by `prepare_model`, so that
             callers embedding many small batches (a server's queries) do not pay for that on
-            every call (Lite0 on a CPU, with the copy, folding and checks: ~35 ms in fp32, ~60 ms
+            every call (Lite0 on a CPU, with the copy, folding and checks: ~28 ms in fp32, 42-57 ms
             in bf16; a forward pass of one image is ~7 ms).
     """
     import torch
