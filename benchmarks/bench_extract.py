@@ -69,7 +69,7 @@ def files_of(d: Path) -> list[str]:
 
 
 def bench_ceiling(backbone, n: int, batch_size: int, device: str, precision: str, compile: bool = False,
-                  fold_bn: bool = True, fp32_stem: bool = True, bf16_weights: bool = True) -> float:
+                  fold_bn: bool = True, fp32_stem: bool | None = None, bf16_weights: bool = True) -> float:
     import torch
 
     from embedx.extractor import _Embedder, _prepare_model

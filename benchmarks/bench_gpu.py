@@ -111,7 +111,7 @@ def main() -> None:
 
     from bench_extract import bench_ceiling
     from embedx.backbone import load_backbone, resolve_precision
-    from embedx.extractor import ExtractConfig, default_num_workers, extract
+    from embedx.extractor import ExtractConfig, default_num_workers, extract, fp32_modules
     from embedx.images import jpeg_decoder
 
     tmp = Path(tempfile.mkdtemp(prefix="embedx-gpu-"))
@@ -136,7 +136,15 @@ def main() -> None:
         for name in args.models.split(","):
             backbone = load_backbone(name, "random")
             row = {"model": name, "dim": backbone.dim}
-            row["ceiling"] = bench_ceiling(backbone, max(4096, args.batch_size * 16), args.batch_size, args.device, precision)
+            n = max(4096, args.batch_size * 16)
+            # bf16 with the half-resolution layers in fp32 (--fp32-stem; by default on CPUs only): what
+            # it costs here (its accuracy on real photos is tests/test_gpu.py's). A fresh backbone,
+            # still on the CPU, so that the wrapping is checked there as in a user's run
+            row["fp32_modules"] = fp32_modules(backbone, args.device, precision, fp32_stem=True)
+            if row["fp32_modules"]:
+                row["ceiling_fp32_stem"] = bench_ceiling(load_backbone(name, "random"), n, args.batch_size, args.device,
+                                                         precision, fp32_stem=True)
+            row["ceiling"] = bench_ceiling(backbone, n, args.batch_size, args.device, precision, fp32_stem=None)
             if name == first:
                 row["device_decode_stage"] = {d: bench_device_decode(files, backbone, args.device, args.batch_size, d)
                                               for d in env["device_decoders"]}
@@ -147,24 +155,26 @@ def main() -> None:
             # and the device decoding a share of the JPEGs while the CPU workers decode the rest
             # --decode device uses the default decoder (TorchCodec when it loads); with both
             # installed, the first model also runs torchvision's, side by side
-            variants = [("pil", 2, 1.0, "auto"), ("device", 2, 1.0, "auto")]
+            # and, where the model has half-resolution layers, GPU decode with them in fp32
+            variants = [("pil", 2, 1.0, "auto", None), ("device", 2, 1.0, "auto", None)]
             if name == first:
-                variants += [("pil", 0, 1.0, "auto"), ("device", 0, 1.0, "auto")]
-                variants += [("device", 2, x, "auto") for x in SHARES]
-                variants += [("device", 2, 1.0, d) for d in env["device_decoders"][1:]]
-            for decode, prefetch, share, device_decoder in variants:
+                variants += [("pil", 0, 1.0, "auto", None), ("device", 0, 1.0, "auto", None)]
+                variants += [("device", 2, x, "auto", None) for x in SHARES]
+                variants += [("device", 2, 1.0, d, None) for d in env["device_decoders"][1:]]
+                variants += [("device", 2, 1.0, "auto", True)] if row["fp32_modules"] else []
+            for decode, prefetch, share, device_decoder, stem in variants:
                 key = (decode + ("" if prefetch else "_prefetch0") + ("" if share == 1.0 else f"_share{share}")
-                       + ("" if device_decoder == "auto" else f"_{device_decoder}"))
+                       + ("" if device_decoder == "auto" else f"_{device_decoder}") + ("_fp32_stem" if stem else ""))
                 out = tmp / f"out-{name}-{key}"
                 cfg = ExtractConfig(model=name, batch_size=args.batch_size, device=args.device, decode=decode,
                                     device_share=share, device_decoder=device_decoder, prefetch=prefetch,
-                                    progress=False, compile="no")
+                                    progress=False, compile="no", fp32_stem=stem)
                 t = time.perf_counter()
-                r = extract(folder, out, cfg, backbone=backbone)
+                r = extract(folder, out, cfg, backbone=load_backbone(name, "random") if stem else backbone)
                 row[f"e2e_{key}"] = r.num_embedded / (time.perf_counter() - t)
                 row[f"stages_{key}"] = {k: round(v, 3) for k, v in (r.stage_seconds or {}).items()}
                 shutil.rmtree(out, ignore_errors=True)
-            best = max(v for k, v in row.items() if k.startswith("e2e_"))
+            best = max(v for k, v in row.items() if k.startswith("e2e_") and not k.endswith("_fp32_stem"))
             row["efficiency_pil"] = row["e2e_pil"] / row["ceiling"]
             row["efficiency_device"] = row["e2e_device"] / row["ceiling"]
             row["efficiency_best"] = best / row["ceiling"]
@@ -182,6 +192,10 @@ def main() -> None:
                 for x in SHARES:
                     r_ = row[f"e2e_device_share{x}"]
                     print(f"{'':>24}  device share {x}: e2e {r_:8.0f} img/s ({r_ / row['ceiling']:.2f})", flush=True)
+                if "e2e_device_fp32_stem" in row:
+                    print(f"{'':>24}  with {', '.join(row['fp32_modules'])} in fp32: ceiling "
+                          f"{row['ceiling_fp32_stem']:8.0f} img/s ({row['ceiling_fp32_stem'] / row['ceiling']:.2f}x), "
+                          f"e2e GPU-decode {row['e2e_device_fp32_stem']:8.0f} img/s", flush=True)
                 for d in env["device_decoders"][1:]:
                     r_ = row[f"e2e_device_{d}"]
                     print(f"{'':>24}  GPU-decode with {d}'s decoder: e2e {r_:8.0f} img/s ({r_ / row['ceiling']:.2f}) "

@@ -99,7 +99,7 @@ def extract(
     prefetch: Optional[int] = typer.Option(None, help="Batches prepared ahead (copied to / decoded on the device) on a background thread; 0: inline [default: 2; 0 on a CPU that decodes in-process]."),
     compile: str = typer.Option("auto", help="auto (for runs of 20k+ images on a CPU in fp32, 200k+ on a GPU) | yes | no: torch.compile the backbone."),
     fold_bn: bool = typer.Option(True, "--fold-bn/--no-fold-bn", help="On a CPU, fold the model's BatchNorms into the convolutions before them (checked against the unfolded model; in bf16 pointwise convolutions only, and depthwise ones in the layers --fp32-stem keeps in fp32)."),
-    fp32_stem: bool = typer.Option(True, "--fp32-stem/--no-fp32-stem", help="On a CPU in bf16, run the model's half-resolution layers (its stem and first block) in fp32: bf16 embeddings within cosine ~0.999 of fp32's instead of ~0.993, for a few per cent of the speed."),
+    fp32_stem: Optional[bool] = typer.Option(None, "--fp32-stem/--no-fp32-stem", show_default=False, help="In bf16, run the model's half-resolution layers (its stem and first block) in fp32: on a CPU bf16 embeddings within cosine ~0.999 of fp32's instead of ~0.993, for a few per cent of the speed [default: on a CPU; --fp32-stem on a GPU too, not yet measured there]."),
     heap: str = typer.Option("auto", help="auto (keep on CPU) | keep | release: keep = glibc reuses freed memory instead of returning it to the OS (no page faults per batch; the process keeps its peak)."),
     engine: str = typer.Option("local", help="local | ray (Ray Data on a cluster: pip install 'embedx[ray]')."),
     address: Optional[str] = typer.Option(None, help="Ray cluster address for --engine ray (e.g. ray://head:10001, auto)."),

@@ -66,7 +66,9 @@ class ExtractConfig:
     update: bool = False  # out holds this run already: embed the images new since, as new shards (see segments)
     retry_errors: bool = False  # out holds this run already: embed again the inputs errors.parquet lists
     fold_bn: bool = True  # on a CPU, run a copy of the model with its BatchNorms folded into the convolutions (embedx.fold)
-    fp32_stem: bool = True  # on a CPU in bf16, run the model's half-resolution layers in fp32 (embedx.mixed)
+    # in bf16, run the model's half-resolution layers in fp32 (embedx.mixed): None (auto) on a CPU,
+    # True on any device (GPUs: not yet measured), False nowhere
+    fp32_stem: bool | None = None
     decode_threads: int | None = None  # with 0 decoder processes: threads decoding each batch (model waiting); None: default_decode_threads
 
 
@@ -606,19 +608,23 @@ def _clear(out: Path) -> None:
 
 
 def prepare_model(backbone: Backbone, device: str, precision: str = "auto", fold_bn: bool = True,
-                  fp32_stem: bool = True):
+                  fp32_stem: bool | None = None):
     """`backbone`'s model on `device` as `embed_files` runs it at `precision`: channels_last, and
-    on a CPU with its BatchNorms folded (`embedx.fold`) unless `fold_bn` is False and, in bf16,
-    its half-resolution layers in fp32 (`embedx.mixed`) unless `fp32_stem` is False."""
+    on a CPU with its BatchNorms folded (`embedx.fold`) unless `fold_bn` is False; in bf16, its
+    half-resolution layers in fp32 as `fp32_stem` says (`fp32_modules`)."""
     device = resolve_device(device)
     return _prepare_model(backbone, device, True, resolve_precision(precision, device), fold_bn=fold_bn,
                           fp32_stem=fp32_stem)
 
 
-def fp32_modules(backbone: Backbone, device: str, precision: str, fp32_stem: bool = True) -> list[str]:
-    """The modules `_prepare_model` keeps in fp32 with these settings: with `fp32_stem`, on a CPU
-    in bf16, the model's half-resolution layers (`embedx.mixed`); else none."""
-    if not (fp32_stem and device == "cpu" and precision == "bf16"):
+def fp32_modules(backbone: Backbone, device: str, precision: str, fp32_stem: bool | None = None) -> list[str]:
+    """The modules `_prepare_model` keeps in fp32 with these settings: in bf16 or fp16, the model's
+    half-resolution layers (`embedx.mixed`) where `fp32_stem` says so: None (the default) on a
+    CPU only, where they were measured (bf16 cosine to fp32 min 0.993 -> 0.999); True on any
+    device (on a GPU bf16 was min 0.99877 without them in session 3; with them, not yet
+    measured: `benchmarks/bench_gpu.py`, `tests/test_gpu.py`); False nowhere. Else none."""
+    wanted = device == "cpu" if fp32_stem is None else fp32_stem
+    if not (wanted and precision in ("bf16", "fp16")):
         return []
     from .mixed import half_resolution_modules
 
@@ -626,11 +632,12 @@ def fp32_modules(backbone: Backbone, device: str, precision: str, fp32_stem: boo
 
 
 def _prepare_model(backbone: Backbone, device: str, channels_last: bool, precision: str | None = None,
-                   fold_bn: bool = False, fp32_stem: bool = False, bf16_weights: bool = True):
+                   fold_bn: bool = False, fp32_stem: bool | None = False, bf16_weights: bool = True):
     """The model to run: `backbone.model` itself (moved to `device`), or on a CPU a copy with
     - with `fold_bn`, at precision fp32 or bf16, its BatchNorms folded into the convolutions before
       them (bf16: pointwise ones, and depthwise ones in the layers kept in fp32; see `embedx.fold`);
-    - with `fp32_stem`, in bf16, its half-resolution layers in fp32 (`fp32_modules`, `embedx.mixed`);
+    - in bf16 (or fp16), as `fp32_stem` says, its half-resolution layers in fp32 (`fp32_modules`,
+      `embedx.mixed`; on any device);
     - in bf16, the other layers' weights stored in bf16 (`embedx.mixed.store_bf16_weights`: the
       same output, checked; `bf16_weights=False` leaves them fp32, for benchmarks).
 

@@ -1,5 +1,6 @@
-"""Precision placement for bf16 on a CPU: the half-resolution layers kept in fp32 (`keep_fp32`),
-the other layers' weights stored in bf16 once (`store_bf16_weights`).
+"""Precision placement for bf16: the half-resolution layers kept in fp32 (`keep_fp32`; on CPUs by
+default, on GPUs when asked for: `extractor.fp32_modules`), and on CPUs the other layers' weights
+stored in bf16 once (`store_bf16_weights`).
 
 In bf16 the first layers cost accuracy out of proportion to their share of the work: the input
 pixels are rounded to 8 significant bits, and the stem and the first block work on few

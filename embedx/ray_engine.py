@@ -68,7 +68,7 @@ class _EmbedActor:
     def __init__(self, model_name: str, weights: str | None, device: str, precision: str, normalize: bool,
                  channels_last: bool, expected_sha256: str | None, threads: int | None,
                  random_state: dict | None = None, heap: str = "auto", pool: str | None = None,
-                 fold_bn: bool = True, fp32_stem: bool = True):
+                 fold_bn: bool = True, fp32_stem: bool | None = None):
         import torch
 
         from ._malloc import apply_heap

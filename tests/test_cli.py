@@ -110,3 +110,19 @@ def test_import_embedx_is_light():
 @pytest.mark.parametrize("name", ["extract", "read_features", "ExtractConfig", "load_backbone"])
 def test_public_api_names(name):
     assert callable(getattr(embedx, name))
+
+
+@pytest.mark.parametrize("flag, expected", [([], None), (["--fp32-stem"], True), (["--no-fp32-stem"], False)])
+def test_extract_fp32_stem_flag_is_auto_unless_given(tmp_path, monkeypatch, flag, expected):
+    """Unset, the engine decides (on a CPU only); --fp32-stem asks for it on any device."""
+    import embedx.extractor
+
+    seen = {}
+
+    def capture(inputs, out, config, **kwargs):
+        seen["fp32_stem"] = config.fp32_stem
+        raise KeyboardInterrupt  # stop before any work
+
+    monkeypatch.setattr(embedx.extractor, "extract", capture)
+    runner.invoke(app, ["extract", str(tmp_path), "--out", str(tmp_path / "f"), *flag])
+    assert seen == {"fp32_stem": expected}

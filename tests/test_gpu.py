@@ -25,6 +25,26 @@ def test_cuda_bf16_close_to_cpu_fp32(photo_dir, tmp_path, backbone):
     assert cos.min() > 0.99
 
 
+def test_cuda_bf16_with_the_fp32_stem_within_0_999_of_cpu_fp32(photo_dir, tmp_path, backbone):
+    """--fp32-stem asked for on a GPU (by default it is on for CPUs only): on the CPU it brought
+    bf16 from min cosine 0.993 to 0.999 of fp32 (test_mixed); on the GPU bf16 alone was min 0.99877
+    (session 3). Printed for the README; held to the CPU's 0.999. A copy of the backbone still on
+    the CPU, so that the wrapping is checked there, as in a user's run."""
+    import copy
+    import dataclasses
+
+    fresh = dataclasses.replace(backbone, model=copy.deepcopy(backbone.model).cpu())
+    s = extract(photo_dir, tmp_path / "s", ExtractConfig(device="cuda", fp32_stem=True, progress=False, num_workers=2),
+                backbone=fresh)
+    extract(photo_dir, tmp_path / "c", ExtractConfig(device="cpu", precision="fp32", progress=False, num_workers=0),
+            backbone=fresh)
+    fs, fc = embedx.read_features(tmp_path / "s"), embedx.read_features(tmp_path / "c")
+    assert s.precision == "bf16" and fs.metadata["fp32_modules"] == ["conv_stem", "bn1", "blocks.0"]
+    cos = row_cosines(fs.embeddings, fc.embeddings)
+    print(f"bf16 + fp32 stem (cuda) vs fp32 (cpu) cosine: min {cos.min():.5f} mean {cos.mean():.5f}")
+    assert cos.min() > 0.999
+
+
 def test_collecting_a_batch_does_not_wait_for_the_next_one():
     """The engine launches batch i+1 before collecting batch i: collecting must wait for batch i
     only, so the GPU keeps running i+1 while the host writes i's rows."""

@@ -87,6 +87,9 @@ def test_bf16_folds_the_depthwise_convolutions_of_the_kept_layers_only(backbone)
     kept = fp32_modules(backbone, "cpu", "bf16")
     assert kept == half_resolution_modules(backbone.model) and fp32_modules(backbone, "cuda", "bf16") == []
     assert fp32_modules(backbone, "cpu", "fp32") == fp32_modules(backbone, "cpu", "bf16", fp32_stem=False) == []
+    # asked for (--fp32-stem), on any device and in either half precision; never in fp32
+    assert fp32_modules(backbone, "cuda", "bf16", fp32_stem=True) == fp32_modules(backbone, "cuda:1", "fp16", True) == kept
+    assert fp32_modules(backbone, "cuda", "fp32", fp32_stem=True) == []
     pointwise = foldable_pairs(backbone.model, depthwise=False)
     inside = foldable_pairs(backbone.model, depthwise=tuple(kept))
     extra = [(p, c) for p, c, _ in inside if p.get_submodule(c).groups != 1]
@@ -164,3 +167,14 @@ def test_bf16_weights_that_would_change_the_output_stay_fp32():
     plain = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Linear(16, 4)).eval()
     plain, stored = store_bf16_weights(plain, (3, 16, 16))
     assert stored == 2 and all(p.dtype == torch.bfloat16 for p in plain.parameters())
+
+
+def test_fp32_stem_asked_for_off_the_cpu_wraps_the_layers_and_nothing_else(backbone):
+    """--fp32-stem on a GPU (measured there by bench_gpu.py / test_gpu.py when one is lent): the
+    same layers wrapped, checked on the CPU before the move, and none of the CPU-only steps
+    (folding, bf16 weights). The "meta" device stands in for a GPU: the model moves, no data."""
+    model = _prepare_model(backbone, "meta", True, "bf16", fold_bn=True, fp32_stem=True)
+    assert [n for n, m in model.named_modules() if isinstance(m, Float32)] == half_resolution_modules(backbone.model)
+    assert _batchnorms(model) == _batchnorms(backbone.model)  # nothing folded
+    assert {p.dtype for p in model.parameters()} == {torch.float32} and {p.device.type for p in model.parameters()} == {"meta"}
+    assert next(backbone.model.parameters()).device.type == "cpu"  # wrapped on a copy: the backbone stays
