@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU session's checks, in one call (the machine is lent for minutes): install the carried
 # wheels (benchmarks/gpu_wheels.sh) into a scratch directory, run the extraction benchmark
-# (gpu_extract.sh, under 5 minutes) and the GPU tests. Results and logs go to $OUT (default
+# (gpu_extract.sh, under 5 minutes), the GPU tests, and the CPU engine on the many cores there
+# (bench_extract.py, cut at 150 s). Results and logs go to $OUT (default
 # benchmarks/results). Each step runs even if the one before failed; the exit code is the worst.
 #   bash benchmarks/gpu_session.sh
 set -uo pipefail
@@ -18,4 +19,10 @@ python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.versio
 rc=0
 OUT="$OUT" bash benchmarks/gpu_extract.sh 2>&1 | tee "$OUT/gpu_extract.log" || rc=1
 HF_HUB_OFFLINE=1 python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" || rc=1
+# last, and cut short if time runs out: the CPU engine on this machine's many cores (only 2-core
+# CPUs have been measured): the default loader (decoder processes, one per 4 cores) against
+# decoding between batches and other worker counts; CUDA hidden so that the engine runs on the CPU
+CUDA_VISIBLE_DEVICES= HF_HUB_OFFLINE=1 timeout "${CPU_BENCH_SECONDS:-150}" python3 benchmarks/bench_extract.py \
+  --images 1024 --batch-sizes 32 --loaders auto,0:0,2:2,8:2 --rounds 1 --out "$OUT/extract_cpu_many_cores.json" \
+  2>&1 | tee "$OUT/extract_cpu_many_cores.log" || rc=1
 exit "$rc"
