@@ -269,13 +269,18 @@ def create_model(model_name: str, *, num_classes: int = 0, pretrained_from_hub: 
         ) from None
 
 
+#: the seed of weights="random": the same network in every process (for one torch and timm version)
+RANDOM_INIT_SEED = 0
+
+
 def load_backbone(model_name: str = DEFAULT_MODEL, weights: str | None = None) -> Backbone:
     """Build a frozen, headless timm backbone with its preprocessing.
 
     Args:
         model_name: any timm model name.
         weights: None/"auto" (bundled weights if a package ships them, else timm's hub
-            weights), "bundled", "hub", "random", or a checkpoint path.
+            weights), "bundled", "hub", "random" (timm's initialisation, seeded with
+            `RANDOM_INIT_SEED`), or a checkpoint path.
 
     Raises:
         WeightsError: weights missing, unreachable, or not fitting the model.
@@ -291,7 +296,12 @@ def load_backbone(model_name: str = DEFAULT_MODEL, weights: str | None = None) -
         source = f"hub:{hub_id}"
         sha = weights_mod.state_dict_digest(model.state_dict())
     else:
-        model = create_model(model_name)
+        if spec.file is None:  # random weights: seeded, so that every process builds the same network
+            with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
+                torch.manual_seed(RANDOM_INIT_SEED)
+                model = create_model(model_name)
+        else:
+            model = create_model(model_name)
         source = spec.source
         sha = None
         if spec.file is not None:
@@ -406,8 +416,8 @@ def load_matching(model_name: str, weights: str | None, expected_sha256: str | N
                   random_state: dict | None = None) -> Backbone:
     """Load a backbone and check that its weights are the expected ones (by sha256).
 
-    `random_state`: for weights="random", the state dict of the network to reproduce (another
-    process's random init cannot be rebuilt from a seed it never recorded).
+    `random_state`: for weights="random", the state dict of the network to reproduce (the init is
+    seeded, but another node's torch or timm may initialise differently: the weights are shipped).
     """
     backbone = load_backbone(model_name, weights)
     if random_state is not None:

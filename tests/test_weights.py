@@ -108,6 +108,28 @@ def test_random_only_when_asked(random_backbone):
         load_backbone("test_efficientnet", weights="bundled")
 
 
+def test_random_weights_are_the_same_network_in_every_process(tmp_path):
+    """weights="random" is seeded: another process builds the very same network (benchmarks and
+    scale-out compare random-weight runs across processes), and the caller's random state is
+    left as it was."""
+    import subprocess
+    import sys
+
+    torch.manual_seed(123)
+    expected_next = torch.rand(3, generator=torch.Generator().manual_seed(123))
+    b = load_backbone("test_efficientnet", weights="random")
+    assert torch.equal(torch.rand(3), expected_next)  # the global generator was not touched
+    again = load_backbone("test_efficientnet", weights="random")
+    state = b.model.state_dict()
+    assert all(torch.equal(v, again.model.state_dict()[k]) for k, v in state.items())
+    code = ("import torch; from embedx.backbone import load_backbone; "
+            f"torch.save(load_backbone('test_efficientnet', 'random').model.state_dict(), {str(tmp_path / 'sd.pt')!r})")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    other = torch.load(tmp_path / "sd.pt")
+    assert other.keys() == state.keys() and all(torch.equal(v, other[k]) for k, v in state.items())
+    assert any(v.is_floating_point() and v.std() > 0 for v in state.values())  # initialised, not zeros
+
+
 def test_preprocessing_comes_from_the_model():
     b = load_backbone("test_efficientnet", weights="random")
     # timm's test model is 160 px: no hard-coded 224
