@@ -50,6 +50,19 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
+def _echo_time_shares(r) -> None:
+    """One line on stderr: where the run's time went (the knobs to turn depend on it)."""
+    shares = r.time_shares()
+    if not shares or r.num_done == 0 or r.seconds <= 0:
+        return
+    parts = [f"{name} {sec:.1f} s ({sec / r.seconds:.0%})" for name, sec in shares.items() if sec / r.seconds >= 0.005]
+    typer.echo("Time: " + ", ".join(parts), err=True)
+    waiting = shares["waiting for images"] / r.seconds
+    if r.device.startswith("cuda") and waiting >= 0.25:
+        typer.echo(f"The GPU waited for images {waiting:.0%} of the time: the decoders are the bottleneck. More "
+                   "--num-workers, or --decode device (nvJPEG), feed it faster.", err=True)
+
+
 def _human_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1024 or unit == "TB":
@@ -143,6 +156,7 @@ def extract(
             f"start-up (imports, model loading) on {r.device}, {r.precision}; "
             f"{_human_bytes(r.bytes_written)} in {r.out_dir}"
         )
+    _echo_time_shares(r)
     if r.num_retried:
         typer.echo(f"Retried {_count(r.num_retried, 'input')} recorded as errors before; {r.num_errors} errors now.", err=True)
     if r.num_added:

@@ -146,6 +146,19 @@ class ExtractResult:
         stages = self.stage_seconds or {}
         return stages.get("plan", 0.0) + stages.get("startup", 0.0)
 
+    def time_shares(self) -> dict[str, float]:
+        """Where this call's seconds went on the engine's main thread, in order: {"model",
+        "waiting for images" (the decode, or decoders not keeping up), "writing", "start-up",
+        "other" (listing, finishing)}; {} for engines that do not time their stages (Ray,
+        several devices)."""
+        stages = self.stage_seconds or {}
+        if "model" not in stages:
+            return {}
+        shares = {"model": stages["model"], "waiting for images": stages.get("input_wait", 0.0),
+                  "writing": stages.get("write", 0.0), "start-up": self.setup_seconds}
+        shares["other"] = max(0.0, self.seconds - sum(shares.values()))
+        return shares
+
     @property
     def engine_images_per_second(self) -> float:
         """Images done per second after the start-up (`setup_seconds`): the engine's rate."""

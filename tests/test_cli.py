@@ -48,6 +48,7 @@ def test_cli_extract_says_what_it_left_out_and_when_nothing_is_left(tiny_dir, tm
     assert result.exit_code == 0, result.output
     assert "2 embedded, 0 errors" in result.output
     assert "Left out as not images by their extension: 2 files (.json: 1, .txt: 1)" in result.output
+    assert re.search(r"Time: model \d+\.\d s \(\d+%\)", result.output), result.output  # where the time went
     # the same command again: nothing left to do, and it says so (no "0.0 img/s")
     again = runner.invoke(app, ["extract", str(src), "--out", str(tmp_path / "f"), "--num-workers", "0",
                                 "--no-progress"])
@@ -126,3 +127,21 @@ def test_extract_fp32_stem_flag_is_auto_unless_given(tmp_path, monkeypatch, flag
     monkeypatch.setattr(embedx.extractor, "extract", capture)
     runner.invoke(app, ["extract", str(tmp_path), "--out", str(tmp_path / "f"), *flag])
     assert seen == {"fp32_stem": expected}
+
+
+def test_time_shares_say_where_the_time_went_and_when_the_gpu_starved(capsys):
+    from embedx.cli import _echo_time_shares
+    from embedx.extractor import ExtractResult
+
+    stages = {"plan": 0.2, "startup": 0.3, "input_wait": 4.0, "model": 5.0, "write": 0.4, "loader_wait": 3.9}
+    r = ExtractResult("out", 100, 100, 0, 0, 10.0, 1, "bf16", "cuda", stage_seconds=stages)
+    assert r.time_shares() == pytest.approx({"model": 5.0, "waiting for images": 4.0, "writing": 0.4, "start-up": 0.5,
+                                             "other": 0.1})
+    _echo_time_shares(r)
+    err = capsys.readouterr().err
+    assert "Time: model 5.0 s (50%), waiting for images 4.0 s (40%), writing 0.4 s (4%), start-up 0.5 s (5%)" in err
+    assert "the decoders are the bottleneck" in err
+    # the same share on a CPU (decoding between batches, by design): no GPU advice; engines without stages: no line
+    _echo_time_shares(ExtractResult("out", 100, 100, 0, 0, 10.0, 1, "bf16", "cpu", stage_seconds=stages))
+    assert "bottleneck" not in capsys.readouterr().err
+    assert ExtractResult("out", 100, 100, 0, 0, 10.0, 1, "bf16", "cpu", stage_seconds={"ray": 9.0}).time_shares() == {}
