@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from . import shards
+from ._arrow import numeric_array, string_array
 from .errors import DependencyError, FeaturesError, InputError, SearchIndexError
 
 log = logging.getLogger(__name__)
@@ -320,10 +321,10 @@ def write_rows(path: Path, row_ids, paths, labels, sources) -> None:
     import pyarrow.parquet as pq
 
     table = pa.table({
-        "row_id": pa.array(np.asarray(row_ids, np.int64)),
-        "path": pa.array(paths, pa.string()),
-        "label": pa.array(labels, pa.string()),
-        "source": pa.array(np.asarray(sources, np.int32)),
+        "row_id": numeric_array(row_ids, np.int64),
+        "path": string_array(paths),
+        "label": string_array(labels),
+        "source": numeric_array(sources, np.int32),
     })
     tmp = path.with_suffix(".tmp")
     pq.write_table(table, tmp)

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ._arrow import numeric_array, string_array
 from .errors import FeaturesError, LockedError
 
 MANIFEST = "manifest.json"
@@ -112,8 +113,8 @@ def write_plan(path: Path, row_ids: list[int], paths: list[str], files: list[str
     import pyarrow as pa
 
     _atomic_write_table(Path(path), pa.table({
-        "row_id": pa.array(row_ids, pa.int64()), "path": pa.array(paths, pa.string()),
-        "file": pa.array(files, pa.string()), "label": pa.array(labels, pa.string()),
+        "row_id": numeric_array(row_ids, np.int64), "path": string_array(paths),
+        "file": string_array(files), "label": string_array(labels),
     }))
 
 
@@ -144,15 +145,15 @@ def write_shard(directory: Path, index: int, rows: ShardRows, dim: int, dtype: s
     if emb.ndim != 2 or emb.shape[1] != dim or emb.shape[0] != len(rows.paths):
         raise ValueError(f"embeddings shape {emb.shape} does not fit {len(rows.paths)} rows x {dim}")
     sch = schema(dim, dtype, metadata)
-    values = pa.array(emb.reshape(-1), type=sch.field("embedding").type.value_type)
+    values = numeric_array(emb, emb.dtype)  # the schema's value type: float16 or float32, as emb
     table = pa.Table.from_arrays(
         [
-            pa.array(np.asarray(rows.row_ids, dtype=np.int64)),
-            pa.array(rows.paths, type=pa.string()),
-            pa.array(rows.labels, type=pa.string()),
+            numeric_array(rows.row_ids, np.int64),
+            string_array(rows.paths),
+            string_array(rows.labels),
             pa.FixedSizeListArray.from_arrays(values, dim),
-            pa.array(np.asarray(rows.widths, dtype=np.int32)),
-            pa.array(np.asarray(rows.heights, dtype=np.int32)),
+            numeric_array(rows.widths, np.int32),
+            numeric_array(rows.heights, np.int32),
         ],
         schema=sch,
     )
@@ -166,10 +167,10 @@ def write_errors(directory: Path, errors: list[ErrorRow]) -> None:
 
     table = pa.table(
         {
-            "row_id": pa.array([e.row_id for e in errors], type=pa.int64()),
-            "path": pa.array([e.path for e in errors], type=pa.string()),
-            "error": pa.array([e.error for e in errors], type=pa.string()),
-            "message": pa.array([e.message for e in errors], type=pa.string()),
+            "row_id": numeric_array([e.row_id for e in errors], np.int64),
+            "path": string_array([e.path for e in errors]),
+            "error": string_array([e.error for e in errors]),
+            "message": string_array([e.message for e in errors]),
         }
     )
     _atomic_write_table(Path(directory) / ERRORS, table)
