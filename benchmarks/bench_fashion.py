@@ -63,10 +63,13 @@ def main() -> None:
     if not (cmp_dir / "images" / ".done").exists():
         write_fashion_mnist(cmp_dir / "images", args.cmp_per_class, args.cmp_per_class, seed=2)
         (cmp_dir / "images" / ".done").write_text("ok")
-    for name, weights in (("real", None), ("random", "random")):
+    # one random network for both splits: a head trained on one network's features and tested on
+    # another's is at chance (session 1's "0.100" was that: each extract drew its own random init)
+    random_backbone = load_backbone(weights="random")
+    for name, net in (("real", backbone), ("random", random_backbone)):
         for split in ("train", "test"):
-            extract(cmp_dir / "images" / split, cmp_dir / f"{name}-{split}", ExtractConfig(weights=weights, progress=False),
-                    backbone=backbone if weights is None else None)
+            extract(cmp_dir / "images" / split, cmp_dir / f"{name}-{split}",
+                    ExtractConfig(weights=None if net is backbone else "random", progress=False), backbone=net)
     results = {}
     for head in ("linear", "mlp"):
         m = train_head(w / "real-train", w / f"head-{head}", HeadConfig(head=head), val=w / "real-test")
