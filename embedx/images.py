@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import archives
+from ._arrow import read_table
 from .errors import InputError
 
 IMAGE_EXTENSIONS = frozenset(
@@ -224,9 +225,7 @@ def _read_list_file(path: Path, labels: str) -> list[tuple[str, str, str | None]
                 raise InputError(f"{path}: a CSV list needs a 'path' column (and optionally 'label').")
             rows = [(r["path"], r.get("label") or None) for r in reader]
     elif suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(path)
+        table = read_table(path)
         if "path" not in table.column_names:
             raise InputError(f"{path}: a Parquet list needs a 'path' column (and optionally 'label').")
         paths = table.column("path").to_pylist()

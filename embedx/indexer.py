@@ -17,6 +17,7 @@ import numpy as np
 
 from . import index as fx
 from . import shards
+from ._arrow import read_table
 from ._progress import progress_bar
 from .errors import FeaturesError, InputError, SearchIndexError
 
@@ -328,9 +329,7 @@ def _add(index, x: np.ndarray, bar, step: int = 16_384) -> None:
 
 
 def load_rows(index_dir) -> Rows:
-    import pyarrow.parquet as pq
-
-    t = pq.read_table(Path(index_dir) / fx.ROWS_FILE)
+    t = read_table(Path(index_dir) / fx.ROWS_FILE)
     return Rows(t.column("row_id").to_numpy(), t.column("path").to_pylist(), t.column("label").to_pylist(),
                 t.column("source").to_numpy())
 

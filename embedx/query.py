@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from . import index as fx
+from ._arrow import read_table
 from .errors import EmbedxError, InputError, SearchIndexError
 from .indexer import Rows, load_rows
 
@@ -300,11 +301,9 @@ def load_vectors(path: str | os.PathLike) -> np.ndarray:
     if path.suffix == ".npy":
         return np.load(path)
     if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
         from .shards import embeddings_of
 
-        t = pq.read_table(path)
+        t = read_table(path)
         if "embedding" not in t.column_names:
             raise InputError(f"{path} has no 'embedding' column.")
         if hasattr(t.schema.field("embedding").type, "list_size") and t.schema.field("embedding").type.list_size > 0:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._arrow import numeric_array, string_array
+from ._arrow import numeric_array, read_table, string_array
 from .errors import FeaturesError, LockedError
 
 MANIFEST = "manifest.json"
@@ -119,9 +119,7 @@ def write_plan(path: Path, row_ids: list[int], paths: list[str], files: list[str
 
 
 def read_plan(path: Path) -> tuple[list[int], list[str], list[str], list[str | None]]:
-    import pyarrow.parquet as pq
-
-    t = pq.read_table(path).to_pydict()
+    t = read_table(path).to_pydict()
     return t["row_id"], t["path"], t["file"], t["label"]
 
 
@@ -183,12 +181,10 @@ def write_errors_of(directory: Path, manifest: dict) -> None:
 
 def read_errors(directory: str | os.PathLike):
     """The errors table (pyarrow) of a shard directory; empty if there were none."""
-    import pyarrow.parquet as pq
-
     path = Path(directory) / ERRORS
     if not path.exists():
         return None
-    return pq.read_table(path)
+    return read_table(path)
 
 
 # ---------------------------------------------------------------------------------------
@@ -344,15 +340,13 @@ def iter_shards(directory: str | os.PathLike, columns: list[str] | None = None,
     """Yield one pyarrow Table per completed shard (bounded memory for streaming consumers);
     with `skip_row_ids`, without those rows (a shard holding only such rows is not read past
     its row ids). For a few given rows, `read_rows`."""
-    import pyarrow.parquet as pq
-
     for f in shard_files(directory):
         keep = None
         if skip_row_ids is not None and len(skip_row_ids):
-            keep = ~np.isin(pq.read_table(f, columns=["row_id"]).column("row_id").to_numpy(), skip_row_ids)
+            keep = ~np.isin(read_table(f, columns=["row_id"]).column("row_id").to_numpy(), skip_row_ids)
             if not keep.any():
                 continue
-        table = pq.read_table(f, columns=columns)
+        table = read_table(f, columns=columns)
         yield table if keep is None or keep.all() else table.filter(keep)
 
 
@@ -439,7 +433,7 @@ def read_features(directory: str | os.PathLike, *, dtype=np.float32) -> FeatureT
     labels: list[str | None] = []
     pos = 0
     for f in files:
-        table = pq.read_table(f)
+        table = read_table(f)
         n = table.num_rows
         if table.schema.field("embedding").type.list_size != dim:
             raise FeaturesError(f"{f} has another embedding size than the first shard: mixed directories?")

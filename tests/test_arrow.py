@@ -10,7 +10,7 @@ import pyarrow as pa
 import pytest
 
 from embedx import shards
-from embedx._arrow import numeric_array, string_array
+from embedx._arrow import numeric_array, read_table, string_array
 
 
 @pytest.mark.parametrize("values", [
@@ -60,3 +60,18 @@ print("pandas" in sys.modules)
     assert t.column("embedding").to_pylist() == [[1.0] * 4] * 2 and t.column("height").to_pylist() == [7, 8]
     assert pq.read_table(tmp_path / shards.ERRORS).to_pylist() == [
         {"row_id": 2, "path": "c.jpg", "error": "decode_error", "message": "bad"}]
+
+
+def test_read_table_is_pyarrows_without_the_dataset_module(tmp_path):
+    import pyarrow.parquet as pq
+
+    table = pa.table({"a": numeric_array([1, 2, 3], np.int64), "b": string_array(["x", None, "z"])},
+                     metadata={b"embedx": b'{"model": "m"}'})
+    pq.write_table(table, tmp_path / "t.parquet")
+    got = read_table(tmp_path / "t.parquet")
+    assert got.equals(pq.read_table(tmp_path / "t.parquet")) and got.schema.metadata[b"embedx"] == b'{"model": "m"}'
+    assert read_table(tmp_path / "t.parquet", columns=["b"]).column_names == ["b"]
+    code = (f"import sys; from embedx._arrow import read_table; read_table({str(tmp_path / 't.parquet')!r}); "
+            "print('pyarrow.dataset' in sys.modules, 'pandas' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "False False", out.stderr
