@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from . import shards
-from ._arrow import numeric_array, string_array
+from ._arrow import numeric_array, string_array, to_numpy
 from .errors import DependencyError, FeaturesError, InputError, SearchIndexError
 
 log = logging.getLogger(__name__)
@@ -149,7 +149,7 @@ def iter_vectors(features_dir, metric: str, batch_size: int, skip_row_ids: np.nd
     id is in `skip_row_ids` are left out (a shard holding only such rows is not read)."""
     for table in shards.iter_shards(features_dir, skip_row_ids=skip_row_ids):
         emb = shards.embeddings_of(table)
-        ids = table.column("row_id").to_numpy()
+        ids = to_numpy(table.column("row_id"))
         paths = table.column("path").to_pylist()
         labels = table.column("label").to_pylist()
         for s in range(0, len(ids), batch_size):

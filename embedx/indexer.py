@@ -17,7 +17,7 @@ import numpy as np
 
 from . import index as fx
 from . import shards
-from ._arrow import read_table
+from ._arrow import read_table, to_numpy
 from ._progress import progress_bar
 from .errors import FeaturesError, InputError, SearchIndexError
 
@@ -124,7 +124,7 @@ def build_index(features_dir, out_dir, config: fx.IndexConfig = fx.IndexConfig()
             bar.update(len(x))
             names.append(blocks / f"block_{s:05d}.index")
             fx.save(part, names[-1])
-            row_ids.append(table.column("row_id").to_numpy())
+            row_ids.append(to_numpy(table.column("row_id")))
             paths.extend(table.column("path").to_pylist())
             labels.extend(table.column("label").to_pylist())
             start += len(x)
@@ -330,6 +330,6 @@ def _add(index, x: np.ndarray, bar, step: int = 16_384) -> None:
 
 def load_rows(index_dir) -> Rows:
     t = read_table(Path(index_dir) / fx.ROWS_FILE)
-    return Rows(t.column("row_id").to_numpy(), t.column("path").to_pylist(), t.column("label").to_pylist(),
-                t.column("source").to_numpy())
+    return Rows(to_numpy(t.column("row_id")), t.column("path").to_pylist(), t.column("label").to_pylist(),
+                to_numpy(t.column("source")))
 

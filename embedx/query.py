@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from . import index as fx
-from ._arrow import read_table
+from ._arrow import read_table, to_numpy
 from .errors import EmbedxError, InputError, SearchIndexError
 from .indexer import Rows, load_rows
 
@@ -125,7 +125,7 @@ class SearchIndex:
             features = self.info["sources"][source]["features"]
             for table in shards.read_rows(features, by_id, columns=["row_id", "embedding"]):
                 emb = shards.embeddings_of(table)
-                for h, row_id in enumerate(table.column("row_id").to_numpy()):
+                for h, row_id in enumerate(to_numpy(table.column("row_id"))):
                     for i in by_id[int(row_id)]:
                         out[i] = emb[h]
                         found[i] = True

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._arrow import numeric_array, read_table, string_array
+from ._arrow import numeric_array, read_table, string_array, to_numpy
 from .errors import FeaturesError, LockedError
 
 MANIFEST = "manifest.json"
@@ -343,7 +343,7 @@ def iter_shards(directory: str | os.PathLike, columns: list[str] | None = None,
     for f in shard_files(directory):
         keep = None
         if skip_row_ids is not None and len(skip_row_ids):
-            keep = ~np.isin(read_table(f, columns=["row_id"]).column("row_id").to_numpy(), skip_row_ids)
+            keep = ~np.isin(to_numpy(read_table(f, columns=["row_id"]).column("row_id")), skip_row_ids)
             if not keep.any():
                 continue
         table = read_table(f, columns=columns)
@@ -368,7 +368,7 @@ def read_rows(directory: str | os.PathLike, row_ids, columns: list[str] | None =
         if not groups:
             continue
         table = pf.read_row_groups(groups, columns=read_columns)
-        keep = np.isin(table.column("row_id").to_numpy(), wanted)
+        keep = np.isin(to_numpy(table.column("row_id")), wanted)
         if keep.any():
             table = table if keep.all() else table.filter(pa.array(keep))
             yield table if columns is None else table.select(columns)
@@ -406,7 +406,7 @@ def _chunk_values(chunk, dim: int) -> np.ndarray:
     values = chunk.values
     if chunk.offset:  # a sliced chunk: values start at the slice
         values = values.slice(chunk.offset * dim, len(chunk) * dim)
-    return values.to_numpy(zero_copy_only=False).reshape(-1, dim)
+    return to_numpy(values).reshape(-1, dim)
 
 
 def read_features(directory: str | os.PathLike, *, dtype=np.float32) -> FeatureTable:
@@ -443,7 +443,7 @@ def read_features(directory: str | os.PathLike, *, dtype=np.float32) -> FeatureT
             vals = _chunk_values(chunk, dim)
             out[start:start + len(vals)] = vals  # the one copy (with widening if needed)
             start += len(vals)
-        row_ids[pos:pos + n] = table.column("row_id").to_numpy()
+        row_ids[pos:pos + n] = to_numpy(table.column("row_id"))
         paths.extend(table.column("path").to_pylist())
         labels.extend(table.column("label").to_pylist())
         pos += n

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pytest
 
 from embedx import shards
-from embedx._arrow import numeric_array, read_table, string_array
+from embedx._arrow import numeric_array, read_table, string_array, to_numpy
 
 
 @pytest.mark.parametrize("values", [
@@ -37,7 +37,7 @@ def test_numeric_array_equals_pyarrows(dtype):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("pandas") is None, reason="pandas is not installed here")
-def test_writing_shards_and_errors_does_not_import_pandas(tmp_path):
+def test_writing_and_reading_shards_does_not_import_pandas(tmp_path):
     code = f"""
 import sys
 from pathlib import Path
@@ -47,6 +47,8 @@ rows = shards.ShardRows(row_ids=[0, 1], paths=["a.jpg", "b.jpg"], labels=["cat",
                         embeddings=np.ones((2, 4), np.float32), widths=[5, 6], heights=[7, 8])
 shards.write_shard(Path({str(tmp_path)!r}), 0, rows, 4, "float32", {{"model": "m"}})
 shards.write_errors(Path({str(tmp_path)!r}), [shards.ErrorRow(2, "c.jpg", "decode_error", "bad")])
+feats = shards.read_features(Path({str(tmp_path)!r}))  # and read back
+assert feats.row_ids.tolist() == [0, 1] and feats.embeddings.shape == (2, 4), feats
 print("pandas" in sys.modules)
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -75,3 +77,15 @@ def test_read_table_is_pyarrows_without_the_dataset_module(tmp_path):
             "print('pyarrow.dataset' in sys.modules, 'pandas' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "False False", out.stderr
+
+
+def test_to_numpy_reads_numeric_columns_from_their_buffers():
+    a = numeric_array(np.arange(10), np.int64)
+    np.testing.assert_array_equal(to_numpy(a.slice(3, 4)), [3, 4, 5, 6])  # a slice: its offset
+    chunked = pa.chunked_array([a.slice(1, 2), a.slice(5, 3)])
+    np.testing.assert_array_equal(to_numpy(chunked), chunked.to_numpy())
+    assert to_numpy(pa.chunked_array([], type=pa.float32())).dtype == np.float32
+    half = to_numpy(numeric_array(np.linspace(0, 1, 5), np.float16))
+    assert half.dtype == np.float16 and half.tolist() == np.linspace(0, 1, 5).astype(np.float16).tolist()
+    # nulls and non-numeric types: pyarrow's own conversion
+    assert np.isnan(to_numpy(pa.array([1.0, None]))[1]) and to_numpy(pa.array([True, False])).tolist() == [True, False]
