@@ -57,6 +57,12 @@ def read_table(path, columns: list[str] | None = None):
         return f.read(columns=columns)
 
 
+def keep_rows(table, keep: np.ndarray):
+    """The rows of `table` where the boolean mask `keep` is true, in order: `Table.filter` with
+    the mask, without its conversion of the mask through `pa.array` (which imports pandas)."""
+    return table.take(numeric_array(np.flatnonzero(keep), np.int64))
+
+
 def to_numpy(column) -> np.ndarray:
     """A numeric (integer or floating) pyarrow Array or ChunkedArray without nulls as a NumPy array,
     read from its buffers (read-only where it is one chunk, like pyarrow's zero-copy `to_numpy`);
@@ -75,4 +81,4 @@ def to_numpy(column) -> np.ndarray:
     return np.concatenate(parts) if parts else np.empty(0, dtype)
 
 
-__all__ = ["numeric_array", "read_table", "string_array", "to_numpy"]
+__all__ = ["keep_rows", "numeric_array", "read_table", "string_array", "to_numpy"]

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._arrow import numeric_array, read_table, string_array, to_numpy
+from ._arrow import keep_rows, numeric_array, read_table, string_array, to_numpy
 from .errors import FeaturesError, LockedError
 
 MANIFEST = "manifest.json"
@@ -347,7 +347,7 @@ def iter_shards(directory: str | os.PathLike, columns: list[str] | None = None,
             if not keep.any():
                 continue
         table = read_table(f, columns=columns)
-        yield table if keep is None or keep.all() else table.filter(keep)
+        yield table if keep is None or keep.all() else keep_rows(table, keep)
 
 
 def read_rows(directory: str | os.PathLike, row_ids, columns: list[str] | None = None):
@@ -355,7 +355,6 @@ def read_rows(directory: str | os.PathLike, row_ids, columns: list[str] | None =
     ids not found are simply absent). Reads only the shards that can hold them
     (`files_for_rows`) and, within each, only the row groups whose row_id statistics cover
     one of them (shards written before row groups were used have one: read whole)."""
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     wanted = np.unique(np.fromiter((int(r) for r in row_ids), dtype=np.int64))
@@ -370,7 +369,7 @@ def read_rows(directory: str | os.PathLike, row_ids, columns: list[str] | None =
         table = pf.read_row_groups(groups, columns=read_columns)
         keep = np.isin(to_numpy(table.column("row_id")), wanted)
         if keep.any():
-            table = table if keep.all() else table.filter(pa.array(keep))
+            table = table if keep.all() else keep_rows(table, keep)
             yield table if columns is None else table.select(columns)
 
 

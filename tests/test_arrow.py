@@ -10,7 +10,7 @@ import pyarrow as pa
 import pytest
 
 from embedx import shards
-from embedx._arrow import numeric_array, read_table, string_array, to_numpy
+from embedx._arrow import keep_rows, numeric_array, read_table, string_array, to_numpy
 
 
 @pytest.mark.parametrize("values", [
@@ -49,6 +49,10 @@ shards.write_shard(Path({str(tmp_path)!r}), 0, rows, 4, "float32", {{"model": "m
 shards.write_errors(Path({str(tmp_path)!r}), [shards.ErrorRow(2, "c.jpg", "decode_error", "bad")])
 feats = shards.read_features(Path({str(tmp_path)!r}))  # and read back
 assert feats.row_ids.tolist() == [0, 1] and feats.embeddings.shape == (2, 4), feats
+(part,) = shards.read_rows(Path({str(tmp_path)!r}), [1])  # one row of the shard: a mask applied
+assert part.column("row_id").to_pylist() == [1] and part.column("label").to_pylist() == [None]
+(rest,) = shards.iter_shards(Path({str(tmp_path)!r}), skip_row_ids=np.array([0]))
+assert rest.column("row_id").to_pylist() == [1]
 print("pandas" in sys.modules)
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -89,3 +93,9 @@ def test_to_numpy_reads_numeric_columns_from_their_buffers():
     assert half.dtype == np.float16 and half.tolist() == np.linspace(0, 1, 5).astype(np.float16).tolist()
     # nulls and non-numeric types: pyarrow's own conversion
     assert np.isnan(to_numpy(pa.array([1.0, None]))[1]) and to_numpy(pa.array([True, False])).tolist() == [True, False]
+
+
+def test_keep_rows_is_filter_by_mask():
+    table = pa.table({"a": numeric_array(np.arange(6), np.int64), "b": string_array(list("abcdef"))})
+    for keep in (np.array([True, False, True, True, False, True]), np.zeros(6, bool), np.ones(6, bool)):
+        assert keep_rows(table, keep).equals(table.filter(pa.array(keep)))
