@@ -122,6 +122,8 @@ class ExtractResult:
     stage_seconds: dict | None = None
     # files in the input folders left out as not images by their extension: {".txt": 2, ...}
     ignored_files: dict = field(default_factory=dict)
+    # folders of the input not walked (symlink loops, unreadable), and why: {folder: reason}
+    skipped_dirs: dict = field(default_factory=dict)
     # when out held this run already (a rerun, or --update): images appended as new rows by this
     # call, rows whose images are no longer in the input (kept), images whose label changed (kept)
     num_added: int = 0
@@ -335,7 +337,8 @@ def _extract_locked(listing: ImageListing, out: Path, config: ExtractConfig, bac
             embedded, errors = run_devices(plan, out, config, devices)
         else:
             embedded, errors = _run_local(plan, out, config, timer)
-    return replace(_finalize(out, plan, embedded, errors, t0, timer), ignored_files=dict(listing.ignored))
+    return replace(_finalize(out, plan, embedded, errors, t0, timer), ignored_files=dict(listing.ignored),
+                   skipped_dirs=dict(listing.skipped_dirs))
 
 
 def _plan(listing: ImageListing, out: Path, config: ExtractConfig, backbone: Backbone | None) -> _Plan:

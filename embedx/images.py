@@ -67,6 +67,9 @@ class ImageListing:
     # files in the input directories left out because their extension is not an image one,
     # counted by lower-case extension ("" for none); hidden files and folders are not counted
     ignored: dict[str, int] = field(default_factory=dict)
+    # folders of the input directories that were not walked, and why (a symlink loop, unreadable):
+    # {folder path: reason}; also said in a warning
+    skipped_dirs: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -142,6 +145,7 @@ def list_images(inputs: list[str | os.PathLike], labels: str = "folder", progres
     root: str | None = None
     entries: list[tuple[str, str, str | None]] = list(listed)
     ignored: Counter = Counter()
+    skipped: dict[str, str] = {}
     if dirs or tars:
         from ._progress import progress_bar
 
@@ -150,7 +154,7 @@ def list_images(inputs: list[str | os.PathLike], labels: str = "folder", progres
         root = str(root_path)
         with progress_bar(desc="listing", unit="img", enabled=progress, leave=False, delay=1.0) as bar:
             for d in dirs:
-                for f in _walk(d, ignored, bar):
+                for f in _walk(d, ignored, bar, skipped):
                     rel = f.relative_to(root_path).as_posix()
                     label = f.parent.name if labels == "folder" and f.parent != d else None
                     entries.append((rel, str(f), label))
@@ -170,8 +174,20 @@ def list_images(inputs: list[str | os.PathLike], labels: str = "folder", progres
             "No images found in " + ", ".join(map(str, inputs)) + " (looked for "
             + ", ".join(sorted(IMAGE_EXTENSIONS)) + ")."
             + (f" Left out: {describe_ignored(dict(ignored))}; {ignored_advice(dict(ignored))}." if ignored else "")
+            + (f" {describe_skipped(skipped)}." if skipped else "")
         )
-    return ImageListing(records=records, root=root, ignored=dict(sorted(ignored.items())))
+    if skipped:
+        log.warning("%s; their images are not in this run.", describe_skipped(skipped))
+    return ImageListing(records=records, root=root, ignored=dict(sorted(ignored.items())),
+                        skipped_dirs=dict(sorted(skipped.items())))
+
+
+def describe_skipped(skipped: dict[str, str], limit: int = 5) -> str:
+    """'Skipped 2 folders: a/up (symlink loop: ...); b (cannot be read (...))', the first `limit`."""
+    items = sorted(skipped.items())
+    text = "; ".join(f"{path} ({why})" for path, why in items[:limit])
+    more = f"; and {len(items) - limit} more" if len(items) > limit else ""
+    return f"Skipped {len(items)} folder{'s' if len(items) != 1 else ''}: {text}{more}"
 
 
 def ignored_advice(ignored: dict[str, int]) -> str:
@@ -193,10 +209,46 @@ def describe_ignored(ignored: dict[str, int]) -> str:
     return f"{total} file{'s' if total != 1 else ''} ({', '.join(parts)})"
 
 
-def _walk(directory: Path, ignored: Counter | None = None, bar=None) -> list[Path]:
+def _walk(directory: Path, ignored: Counter | None = None, bar=None,
+          skipped: dict[str, str] | None = None) -> list[Path]:
+    """The image files under `directory`, symlinks followed (like torchvision's ImageFolder and
+    timm's folder reader), hidden files and folders left out. Two kinds of folder are skipped and
+    said why in `skipped` (folder -> reason): a symlink back to a folder the walk is inside
+    already (a loop: `os.walk` would go round it until the paths got too long), and a folder that
+    cannot be read (`os.walk` drops those without a word)."""
     found = []
-    for dirpath, dirnames, filenames in os.walk(directory, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+    chain: dict[str, frozenset] = {}  # folder being walked -> identities of it and its ancestors
+
+    def identity(path: str):
+        st = os.stat(path)
+        return st.st_dev, st.st_ino
+
+    def unreadable(e: OSError) -> None:
+        if skipped is not None:
+            skipped[e.filename or str(directory)] = f"cannot be read ({type(e).__name__}: {e.strerror or e})"
+
+    try:
+        chain[str(directory)] = frozenset([identity(str(directory))])
+    except OSError as e:
+        unreadable(e)
+        return found
+    for dirpath, dirnames, filenames in os.walk(directory, followlinks=True, onerror=unreadable):
+        ancestors = chain.pop(dirpath, frozenset())
+        kept = []
+        for d in sorted(d for d in dirnames if not d.startswith(".")):
+            sub = os.path.join(dirpath, d)
+            try:
+                ident = identity(sub)
+            except OSError as e:
+                unreadable(e)
+                continue
+            if ident in ancestors:
+                if skipped is not None:
+                    skipped[sub] = f"symlink loop: it leads back to {os.path.realpath(sub)}, which contains it"
+                continue
+            chain[sub] = ancestors | {ident}
+            kept.append(d)
+        dirnames[:] = kept
         before = len(found)
         for name in filenames:
             if name.startswith("."):

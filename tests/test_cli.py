@@ -34,7 +34,7 @@ def test_every_command_has_help_with_an_example():
             assert example in shown, (name, example, result.output)
 
 
-def test_cli_extract_says_what_it_left_out_and_when_nothing_is_left(tiny_dir, tmp_path):
+def test_cli_extract_says_what_it_left_out_and_when_nothing_is_left(tiny_dir, tmp_path, caplog):
     import shutil
 
     src = tmp_path / "in"
@@ -43,11 +43,14 @@ def test_cli_extract_says_what_it_left_out_and_when_nothing_is_left(tiny_dir, tm
         shutil.copy(f, src / f.name)
     (src / "notes.txt").write_text("not an image")
     (src / "labels.json").write_text("{}")
+    (src / "again").symlink_to(".")  # a symlink loop: skipped, and said
     result = runner.invoke(app, ["extract", str(src), "--out", str(tmp_path / "f"), "--num-workers", "0",
                                  "--no-progress"])
     assert result.exit_code == 0, result.output
     assert "2 embedded, 0 errors" in result.output
     assert "Left out as not images by their extension: 2 files (.json: 1, .txt: 1)" in result.output
+    # a warning (stderr, through logging's last-resort handler outside tests)
+    assert f"Skipped 1 folder: {src / 'again'} (symlink loop" in caplog.text
     assert re.search(r"Time: model \d+\.\d s \(\d+%\)", result.output), result.output  # where the time went
     # the same command again: nothing left to do, and it says so (no "0.0 img/s")
     again = runner.invoke(app, ["extract", str(src), "--out", str(tmp_path / "f"), "--num-workers", "0",

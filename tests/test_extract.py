@@ -114,7 +114,9 @@ def test_torture_folder_records_errors_and_goes_on(tmp_path, backbone):
     (d / "truncated.jpg").write_bytes(raw[: len(raw) // 2])
     Image.new("RGB", (1200, 1000)).save(d / "huge.png")
     os.symlink(d / "does-not-exist.jpg", d / "dangling.jpg")
+    os.symlink(d, d / "loop")  # a folder linked to itself: skipped, and the result says so
     r = extract(d, tmp_path / "f", _cfg(max_pixels=1_000_000, shard_size=4), backbone=backbone)
+    assert list(r.skipped_dirs) == [str(d / "loop")] and r.skipped_dirs[str(d / "loop")].startswith("symlink loop")
     errors = pq.read_table(tmp_path / "f" / "errors.parquet").to_pylist()
     kinds = {e["path"]: e["error"] for e in errors}
     assert kinds == {

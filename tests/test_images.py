@@ -108,6 +108,58 @@ def test_heic_without_its_plugin_is_an_error_that_says_what_to_install(tmp_path,
     assert decode_image(str(tmp_path / "mislabelled.heic"), as_array=True).image.shape == (8, 8, 3)
 
 
+def _one_pixel_jpeg(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(path)
+
+
+def test_symlink_loops_are_skipped_and_said_linked_folders_are_walked(tmp_path, caplog):
+    root = tmp_path / "imgs"
+    _one_pixel_jpeg(root / "cats" / "a.jpg")
+    _one_pixel_jpeg(tmp_path / "elsewhere" / "b.jpg")
+    (root / "cats" / "up").symlink_to("..")                 # a loop back to imgs/
+    (root / "more").symlink_to(tmp_path / "elsewhere")       # a linked folder, no loop
+    with caplog.at_level("WARNING", logger="embedx.images"):
+        listing = list_images([root])  # before: 41 images (cats/up/cats/up/... until the OS's ELOOP)
+    assert [(r.path, r.label) for r in listing.records] == [("cats/a.jpg", "cats"), ("more/b.jpg", "more")]
+    assert list(listing.skipped_dirs) == [str(root / "cats" / "up")]
+    assert listing.skipped_dirs[str(root / "cats" / "up")].startswith("symlink loop")
+    assert "Skipped 1 folder" in caplog.text and "cats/up" in caplog.text
+
+
+def test_a_loop_through_two_links_is_skipped(tmp_path):
+    root = tmp_path / "imgs"
+    _one_pixel_jpeg(root / "a.jpg")
+    _one_pixel_jpeg(tmp_path / "elsewhere" / "b.jpg")
+    (root / "more").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "elsewhere" / "back").symlink_to(root / "more")  # more -> elsewhere, elsewhere/back -> more
+    listing = list_images([root])
+    assert [r.path for r in listing.records] == ["a.jpg", "more/b.jpg"]
+    assert list(listing.skipped_dirs) == [str(root / "more" / "back")]
+
+
+def test_unreadable_folders_are_skipped_and_said(tmp_path, monkeypatch, caplog):
+    root = tmp_path / "imgs"
+    _one_pixel_jpeg(root / "ok" / "a.jpg")
+    _one_pixel_jpeg(root / "locked" / "b.jpg")
+    real_scandir = os.scandir
+
+    def scandir(path="."):  # what a folder without read permission does (tests may run as root)
+        if os.fspath(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with caplog.at_level("WARNING", logger="embedx.images"):
+        listing = list_images([root])
+    assert [r.path for r in listing.records] == ["ok/a.jpg"]
+    assert listing.skipped_dirs == {str(root / "locked"): "cannot be read (PermissionError: Permission denied)"}
+    assert "locked" in caplog.text and "not in this run" in caplog.text
+    monkeypatch.setattr(os, "scandir", lambda path=".": (_ for _ in ()).throw(PermissionError(13, "Permission denied", os.fspath(path))))
+    with pytest.raises(InputError, match="No images found.*Skipped 1 folder.*cannot be read"):
+        list_images([root])
+
+
 def _save(img: Image.Image, path, **kw):
     img.save(path, **kw)
     return str(path)
