@@ -91,22 +91,19 @@ def _mode(name: str):
             "nearest": InterpolationMode.NEAREST}.get(name, InterpolationMode.BICUBIC)
 
 
-def resized_shape(h: int, w: int, size: int) -> tuple[int, int]:
-    """torchvision's Resize(int): the shortest side becomes `size`, the other keeps the aspect."""
-    if h <= w:
-        return size, int(size * w / h)
-    return int(size * h / w), size
-
-
 def resize_crop_batch(imgs, pre: TensorPreprocess):
     """(n, 3, H, W) uint8 of one size -> (n, 3, crop_h, crop_w) float32 in 0..255: timm's eval
     Resize(shortest side, antialiased) + CenterCrop (the batch is rounded and clamped later)."""
     import torch.nn.functional as F
 
+    from ._resize import oversized, resized_size, window_resize_crop
+
     h, w = imgs.shape[2:]
-    nh, nw = resized_shape(h, w, pre.resize_size)
+    nh, nw = resized_size(h, w, pre.resize_size)
     mode = {"bicubic": "bicubic", "bilinear": "bilinear"}.get(pre.interpolation, "nearest")
     x = imgs.float()
+    if oversized(nh, nw, tuple(pre.crop)):  # a banner or a panorama: resize only what the crop keeps
+        return window_resize_crop(x, nh, nw, tuple(pre.crop), mode)
     if (nh, nw) != (h, w):
         x = F.interpolate(x, size=(nh, nw), mode=mode, antialias=mode != "nearest",
                           align_corners=False if mode != "nearest" else None)

@@ -89,24 +89,22 @@ class Backbone:
 
     def worker_transform(self, fast: bool = True):
         """What decoder workers apply to a decoded image: `UInt8ResizeCrop` when `fast` and
-        timm's eval transform is a plain Resize + CenterCrop (bilinear or bicubic), else
-        `pil_transform()` itself (the reference)."""
-        import torchvision.transforms as T
-
+        timm's eval transform is a plain Resize + CenterCrop (bilinear or bicubic); else, for a
+        Resize + CenterCrop, `PILResizeCrop` (timm's transform, except that a banner's or a
+        panorama's crop region alone is resized: timm's pixels without a gigabyte resize), and
+        for any other transform `pil_transform()` itself."""
         from ._loader import UInt8ResizeCrop
+        from ._resize import bounded, resize_crop_steps
 
         pil = self.pil_transform()
-        steps = pil.transforms
-        if not fast or len(steps) != 2 or type(steps[0]) is not T.Resize or type(steps[1]) is not T.CenterCrop:
+        found = resize_crop_steps(pil)
+        if found is None or len(pil.transforms) != 2:
             return pil
-        resize, crop = steps
-        mode = getattr(resize.interpolation, "value", str(resize.interpolation))
-        if mode not in ("bilinear", "bicubic"):
-            return pil
-        size = resize.size if isinstance(resize.size, int) else list(resize.size)
-        if isinstance(size, list) and len(size) == 1:
-            size = size[0]
-        return UInt8ResizeCrop(size, mode, resize.max_size, tuple(crop.size))
+        size, max_size, crop, interpolation = found
+        mode = getattr(interpolation, "value", str(interpolation))
+        if not fast or mode not in ("bilinear", "bicubic"):
+            return bounded(pil)  # timm's transform, but a banner's crop region alone is resized
+        return UInt8ResizeCrop(size, mode, max_size, crop)
 
     def decode_spec(self, fast: bool = True, max_pixels: int | None = DEFAULT_MAX_PIXELS, decode: str = "pil",
                     device_share: float = 1.0, device_decoder: str = "torchvision"):

@@ -146,6 +146,17 @@ def _split(images, val, config: FinetuneConfig):
     return [records[i] for i in tr], [records[i] for i in va], classes
 
 
+def _transforms(backbone, augment: bool):
+    """(training, evaluation) transforms: timm's for the backbone's data config; the evaluation
+    one resizes only the crop's region of a banner or a panorama (`embedx._resize.bounded`)."""
+    from timm.data import create_transform
+
+    from ._resize import bounded
+
+    dc = backbone.timm_data_config()
+    return create_transform(**dc, is_training=augment), bounded(create_transform(**dc, is_training=False))
+
+
 def finetune(images, out, config: FinetuneConfig = FinetuneConfig(), *, val=None, overwrite: bool = False) -> dict:
     """Fine-tune a backbone and head end to end on folder-labelled images; resumable.
 
@@ -154,7 +165,6 @@ def finetune(images, out, config: FinetuneConfig = FinetuneConfig(), *, val=None
         and the per-epoch `history`).
     """
     import torch
-    from timm.data import create_transform
     from torch.utils.data import DataLoader
 
     from .heads import make_head
@@ -178,9 +188,7 @@ def finetune(images, out, config: FinetuneConfig = FinetuneConfig(), *, val=None
         config.img_size, config.crop_pct, config.crop_mode, config.interpolation)
     model = backbone.model
     head = make_head(config.head, backbone.dim, len(classes))
-    dc = backbone.timm_data_config()
-    train_tf = create_transform(**dc, is_training=config.augment)
-    eval_tf = create_transform(**dc, is_training=False)
+    train_tf, eval_tf = _transforms(backbone, config.augment)
     workers = config.num_workers if config.num_workers is not None else default_num_workers()
     g = torch.Generator().manual_seed(config.seed)
     train_loader = DataLoader(_LabelledImages(train_records, [lookup[r.label] for r in train_records], train_tf),
