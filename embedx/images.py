@@ -268,14 +268,19 @@ def _read_list_file(path: Path, labels: str) -> list[tuple[str, str, str | None]
     base = path.resolve().parent
     rows: list[tuple[str, str | None]]
     if suffix == ".txt" or suffix == ".lst":
-        with open(path, encoding="utf-8") as fh:
+        with open(path, encoding="utf-8-sig") as fh:
             rows = [(line.strip(), None) for line in fh if line.strip() and not line.startswith("#")]
     elif suffix == ".csv":
-        with open(path, newline="", encoding="utf-8") as fh:
+        # utf-8-sig: spreadsheets and Notepad start UTF-8 files with a byte-order mark, which would
+        # otherwise stick to the first header (or, in a .txt list, to the first path)
+        with open(path, newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
+            if reader.fieldnames is not None:  # "Path, Label" is meant as path,label
+                reader.fieldnames = [(f or "").strip().lower() for f in reader.fieldnames]
             if reader.fieldnames is None or "path" not in reader.fieldnames:
-                raise InputError(f"{path}: a CSV list needs a 'path' column (and optionally 'label').")
-            rows = [(r["path"], r.get("label") or None) for r in reader]
+                found = f" (its header: {', '.join(reader.fieldnames)})" if reader.fieldnames else ""
+                raise InputError(f"{path}: a CSV list needs a 'path' column (and optionally 'label'){found}.")
+            rows = [(r["path"].strip(), (r.get("label") or "").strip() or None) for r in reader if (r["path"] or "").strip()]
     elif suffix == ".parquet":
         table = read_table(path)
         if "path" not in table.column_names:

@@ -35,6 +35,23 @@ def test_list_files_txt_csv_parquet(tiny_dir, tmp_path):
     assert [r.label for r in list_images([tmp_path / "l.csv"]).records] == [f"x{i}" for i in range(5)]
 
 
+def test_list_files_from_spreadsheets_and_notepad(tiny_dir, tmp_path):
+    """A byte-order mark (Excel's "CSV UTF-8", Notepad), CRLF line ends, a header written
+    "Path, Label" and a blank row: read as meant, not as a missing 'path' column or a first
+    path that starts with U+FEFF."""
+    files = sorted(str(p) for p in tiny_dir.rglob("*.jpg"))[:3]
+    bom = b"\xef\xbb\xbf"
+    (tmp_path / "excel.csv").write_bytes(bom + ("Path, Label\r\n" + "".join(f"{f}, x{i}\r\n" for i, f in enumerate(files))
+                                                + ",\r\n").encode())
+    (tmp_path / "notepad.txt").write_bytes(bom + "\r\n".join(files).encode() + b"\r\n")
+    recs = list_images([tmp_path / "excel.csv"]).records
+    assert [(r.path, r.label) for r in recs] == [(f, f"x{i}") for i, f in enumerate(files)]
+    assert [r.path for r in list_images([tmp_path / "notepad.txt"]).records] == files
+    (tmp_path / "bad.csv").write_text("file,label\na.jpg,x\n")
+    with pytest.raises(InputError, match="needs a 'path' column .*its header: file, label"):
+        list_images([tmp_path / "bad.csv"])
+
+
 def test_relative_paths_in_list_file_resolve_against_it(tiny_dir, tmp_path):
     (tiny_dir / "rel.txt").write_text("class_0/img_000.png\n")
     try:
