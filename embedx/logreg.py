@@ -254,6 +254,27 @@ def _solve(source: ChunkSource, pb: _Problem, thetas: list[torch.Tensor], *, max
     return heads, passes
 
 
+def _whitening_basis(cov, l2, curvature: float):
+    """Eigenvectors of the features' covariance and, per L2 strength, the scales that whiten them.
+    float32's eigensolver fails to converge on some degenerate covariances (a handful of near-
+    duplicate images: hundreds of constant features and repeated eigenvalues; measured on 7 rows
+    x 1280); float64's is then asked, and if it fails too the solve runs unwhitened (the same
+    objective and optimum, only more steps), with a warning."""
+    import torch
+
+    for dtype in (torch.float32, torch.float64):
+        try:
+            evals, U = torch.linalg.eigh(cov.to(dtype))
+            break
+        except torch.linalg.LinAlgError:
+            continue
+    else:
+        log.warning("the features' covariance has no eigendecomposition: L-BFGS runs without whitening")
+        return None
+    evals, U = evals.double(), U.double()
+    return U, [(evals.clamp_min(0) + l2k / curvature).rsqrt() for l2k in l2]
+
+
 def fit_logreg(source: ChunkSource, dim: int, num_classes: int, l2: list[float], *,
                mean: torch.Tensor | None = None, std: torch.Tensor | None = None, sample: torch.Tensor | None = None,
                curvature: float = 0.1, max_iter: int = 200, tol: float = 1e-4, ftol: float = 1e-8,
@@ -285,9 +306,7 @@ def fit_logreg(source: ChunkSource, dim: int, num_classes: int, l2: list[float],
         xs = sample.to(device=device, dtype=torch.float32)
         if mean is not None:
             xs = (xs - mean.to(device)) / std.to(device)
-        evals, U = torch.linalg.eigh(xs.t() @ xs / len(xs))
-        evals, U = evals.double(), U.double()
-        basis = (U, [(evals.clamp_min(0) + l2k / curvature).rsqrt() for l2k in l2])
+        basis = _whitening_basis(xs.t() @ xs / len(xs), l2, curvature)
     pb = _Problem(D, C, list(map(float, l2)), basis, curvature,
                   None if mean is None else mean.to(device, torch.float32),
                   None if std is None else std.to(device, torch.float32))

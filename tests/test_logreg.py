@@ -72,6 +72,52 @@ def test_whitening_preconditioner_reaches_the_same_optimum_in_fewer_steps():
     assert pre.n_iter[0] < plain.n_iter[0], (pre.n_iter, plain.n_iter)
 
 
+def _near_duplicates(seed=2, rows=7, dim=1280):
+    """A handful of rows of one image's features with noise in a third of the columns: hundreds of
+    constant features, as when a small class folder holds copies of one photo (seen in use:
+    train-head crashed in float32's eigensolver)."""
+    rng = np.random.default_rng(seed)
+    base = rng.random(dim).astype(np.float32)
+    x = np.repeat(base[None], rows, 0)
+    cols = rng.choice(dim, 480, replace=False)
+    x[:, cols] += rng.normal(0, 0.01, (rows, 480)).astype(np.float32) * (rng.random((rows, 1)) > 0.3)
+    return x
+
+
+def test_degenerate_features_train_whatever_the_eigensolver_does(monkeypatch, caplog):
+    from embedx import logreg
+    from embedx.heads import column_stats
+
+    x = _near_duplicates()
+    y = np.array([0, 1, 0, 1, 0, 1, 0])
+    mean, std = column_stats(x)
+    src = array_chunks(torch.from_numpy(x), torch.from_numpy(y))
+    fit = lambda: fit_logreg(src, x.shape[1], 2, [1e-2], sample=torch.from_numpy(x), mean=mean, std=std)
+    chance = float(np.log(2))  # the loss at zero weights
+
+    def made_progress(r):
+        return np.isfinite(r.weight).all() and 0 <= r.loss[0] < 0.5 * chance
+
+    assert made_progress(fit())  # however this machine's float32 eigensolver takes these rows
+    real_eigh = torch.linalg.eigh
+    calls = []
+
+    def eigh(a, *args, fail_for=(torch.float32,), **kwargs):
+        calls.append(a.dtype)
+        if a.dtype in fail_for:
+            raise torch.linalg.LinAlgError("failed to converge (simulated)")
+        return real_eigh(a, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "eigh", eigh)
+    assert made_progress(fit())
+    assert calls == [torch.float32, torch.float64]  # asked again in float64
+    monkeypatch.setattr(torch.linalg, "eigh", lambda a, *r, **k: eigh(a, *r, fail_for=(torch.float32, torch.float64), **k))
+    with caplog.at_level("WARNING", logger="embedx.logreg"):
+        assert made_progress(fit())  # unwhitened: the same objective, more steps
+    assert "without whitening" in caplog.text
+    assert logreg._whitening_basis(torch.zeros(3, 3), [1.0], 1.0) is None
+
+
 def test_standardisation_folded_into_the_weights_equals_standardised_rows():
     x, y = correlated(seed=3)
     mean, std = x.mean(0), x.std(0)
