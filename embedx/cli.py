@@ -7,6 +7,7 @@ that `embedx --help` is instant.
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import os
@@ -31,6 +32,15 @@ app = typer.Typer(
 )
 
 
+#: storage errors a user can act on, and what to do (others keep their traceback: a bug to report)
+_STORAGE_ERRORS = {
+    errno.ENOSPC: "The disk is full: free some space (or write to another disk: a new --out).",
+    errno.EDQUOT: "The disk quota is used up: free some space (or write to another disk: a new --out).",
+    errno.EROFS: "The file system is read-only: write to another place (--out).",
+    errno.EACCES: "Permission denied: write to a directory you can write to (--out), or fix its permissions.",
+}
+
+
 def _handle_errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -42,6 +52,14 @@ def _handle_errors(fn):
         except KeyboardInterrupt:
             typer.echo("Interrupted. Completed work is kept: rerun the same command to resume.", err=True)
             raise typer.Exit(code=130) from None
+        except OSError as e:
+            advice = _STORAGE_ERRORS.get(e.errno)
+            if advice is None:
+                raise
+            where = f" ({e.filename})" if e.filename else ""
+            typer.echo(f"Error: {e.strerror or e}{where}. {advice} Completed work is kept: rerun the same "
+                       "command to resume.", err=True)
+            raise typer.Exit(code=1) from None
 
     return wrapper
 

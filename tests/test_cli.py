@@ -34,6 +34,40 @@ def test_every_command_has_help_with_an_example():
             assert example in shown, (name, example, result.output)
 
 
+def test_cli_disk_full_says_what_to_do_and_the_rerun_resumes(tiny_dir, tmp_path, monkeypatch):
+    import errno
+
+    import embedx
+    from embedx import shards
+
+    real_write = shards.write_shard
+    written = []
+
+    def write_shard(directory, index, *args, **kwargs):
+        if index == 1:  # the second shard finds the disk full (pyarrow's OSError carries the errno)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written.append(index)
+        return real_write(directory, index, *args, **kwargs)
+
+    monkeypatch.setattr(shards, "write_shard", write_shard)
+    args = ["extract", str(tiny_dir), "--out", str(tmp_path / "f"), "--num-workers", "0", "--no-progress",
+            "--shard-size", "8"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1, result.output
+    assert "Error: No space left on device. The disk is full: free some space" in result.output
+    assert "rerun the same command to resume" in result.output and "Traceback" not in result.output
+    assert written == [0]
+    monkeypatch.setattr(shards, "write_shard", real_write)
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0, again.output
+    assert len(embedx.read_features(tmp_path / "f").paths) == 24
+    # an OSError nobody can act on keeps its traceback (a bug to report, not advice to give)
+    monkeypatch.setattr(shards, "write_shard", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+    other = runner.invoke(app, ["extract", str(tiny_dir), "--out", str(tmp_path / "g"), "--num-workers", "0",
+                                "--no-progress"])
+    assert other.exit_code != 0 and isinstance(other.exception, OSError)
+
+
 def test_cli_extract_says_what_it_left_out_and_when_nothing_is_left(tiny_dir, tmp_path, caplog):
     import shutil
 
