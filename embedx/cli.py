@@ -57,8 +57,8 @@ def _handle_errors(fn):
             if advice is None:
                 raise
             where = f" ({e.filename})" if e.filename else ""
-            typer.echo(f"Error: {e.strerror or e}{where}. {advice} Completed work is kept: rerun the same "
-                       "command to resume.", err=True)
+            typer.echo(f"Error: {e.strerror or e}{where}. {advice} Then rerun the same command: completed "
+                       "work is kept (extract and finetune resume where they stopped).", err=True)
             raise typer.Exit(code=1) from None
 
     return wrapper

@@ -55,7 +55,8 @@ def test_cli_disk_full_says_what_to_do_and_the_rerun_resumes(tiny_dir, tmp_path,
     result = runner.invoke(app, args)
     assert result.exit_code == 1, result.output
     assert "Error: No space left on device. The disk is full: free some space" in result.output
-    assert "rerun the same command to resume" in result.output and "Traceback" not in result.output
+    assert "Then rerun the same command: completed work is kept" in result.output
+    assert "Traceback" not in result.output
     assert written == [0]
     monkeypatch.setattr(shards, "write_shard", real_write)
     again = runner.invoke(app, args)
