@@ -31,6 +31,15 @@ class FeaturesError(EmbedxError):
     """A feature shard directory is missing, empty, or unsuitable for the job."""
 
 
+class DamagedFileError(FeaturesError):
+    """A Parquet file (a feature shard, a list) cannot be read: truncated, overwritten, not Parquet."""
+
+    def __init__(self, message: str, path: str, reason: str):
+        super().__init__(message)
+        self.path = path
+        self.reason = reason
+
+
 class SearchIndexError(EmbedxError):
     """An index directory is missing, empty, or does not match the query."""
 

@@ -365,6 +365,8 @@ def _plan(listing: ImageListing, out: Path, config: ExtractConfig, backbone: Bac
         if not config.overwrite:
             raise OutputExistsError(f"{out} holds shards but no manifest.json. Use --overwrite to replace them.")
         _clear(out)
+    if manifest is not None:
+        _redo_bad_shards(out, manifest)
     fingerprint = _fingerprint(metadata, records, config.shard_size, manifest.get("metadata") if manifest else None)
     change = None
     if manifest is not None and (config.update or config.retry_errors or manifest.get("fingerprint") != fingerprint
@@ -398,6 +400,27 @@ def _plan(listing: ImageListing, out: Path, config: ExtractConfig, backbone: Bac
         records=records, pending=pending, skipped=embedded_before + errors_before,
         embedded_before=embedded_before, errors_before=errors_before, change=change,
     )
+
+
+def _redo_bad_shards(out: Path, manifest: dict) -> None:
+    """Shards the manifest lists whose file is missing, damaged or short (a disk fault, a file
+    deleted or overwritten by hand) are forgotten, so that this run embeds their rows again:
+    a rerun never reports "nothing to do" over rows it does not have. A damaged file is kept
+    beside, renamed `*.damaged`; a warning names each."""
+    bad = shards.check_shards(out, manifest)
+    if not bad:
+        return
+    for entry, why in bad:
+        path = out / entry["file"]
+        if path.exists():
+            os.replace(path, path.with_name(path.name + ".damaged"))
+        log.warning("%s is %s: its %d rows are embedded again%s", path, why, entry["rows"] + len(entry.get("errors", [])),
+                    f" (the file is kept as {path.name}.damaged)" if why != "missing" else "")
+    dropped = {id(entry) for entry, _ in bad}
+    manifest["shards"] = [s for s in manifest["shards"] if id(s) not in dropped]
+    manifest["complete"] = False
+    shards.write_errors_of(out, manifest)
+    shards.write_manifest(out, manifest)
 
 
 def _plan_update(out: Path, manifest: dict, listing: ImageListing, config: ExtractConfig,

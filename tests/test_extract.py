@@ -179,6 +179,40 @@ def test_rerun_same_config_is_noop_and_other_config_refused(tiny_dir, tmp_path, 
     assert f.metadata["normalized"] is True
 
 
+def test_missing_and_damaged_shards_are_named_and_embedded_again(tiny_dir, tmp_path, backbone, caplog):
+    """A shard file deleted, truncated, or with its data overwritten: readers name the file and
+    what to do (not pyarrow's bare ArrowInvalid); a rerun of the extract embeds the rows of the
+    missing and the visibly damaged ones again (not "nothing to do"), keeping the damaged file
+    aside. The result equals the first run's."""
+    from embedx.errors import DamagedFileError
+
+    out = tmp_path / "f"
+    extract(tiny_dir, out, _cfg(shard_size=8), backbone=backbone)
+    first = embedx.read_features(out)
+    (out / "part-00001.parquet").unlink()
+    with pytest.raises(DamagedFileError, match=r"part-00001.parquet is missing .*Rerun the `embedx extract`"):
+        embedx.read_features(out)
+    data = (out / "part-00002.parquet").read_bytes()
+    (out / "part-00002.parquet").write_bytes(data[: len(data) // 2])
+    with caplog.at_level("WARNING", logger="embedx.extractor"):
+        r = extract(tiny_dir, out, _cfg(shard_size=8), backbone=backbone)
+    assert r.num_skipped == 8 and r.num_embedded == 24
+    assert "part-00001.parquet is missing: its 8 rows are embedded again" in caplog.text
+    assert "part-00002.parquet is damaged (" in caplog.text and "kept as part-00002.parquet.damaged" in caplog.text
+    assert (out / "part-00002.parquet.damaged").read_bytes() == data[: len(data) // 2]
+    again = embedx.read_features(out)
+    assert again.paths == first.paths
+    np.testing.assert_array_equal(again.embeddings, first.embeddings)
+    # damage past the footer: readers say which file, and to delete it before the rerun
+    good = (out / "part-00000.parquet").read_bytes()
+    (out / "part-00000.parquet").write_bytes(good[:200] + bytes(len(good) - 400) + good[-200:])
+    with pytest.raises(DamagedFileError, match=r"part-00000.parquet cannot be read as Parquet .*Delete it, then"):
+        list(shards.iter_shards(out))
+    (out / "part-00000.parquet").unlink()
+    assert extract(tiny_dir, out, _cfg(shard_size=8), backbone=backbone).num_skipped == 16
+    np.testing.assert_array_equal(embedx.read_features(out).embeddings, first.embeddings)
+
+
 def test_float16_storage(tiny_dir, tmp_path, backbone):
     extract(tiny_dir, tmp_path / "f", _cfg(dtype="float16"), backbone=backbone)
     t = pq.read_table(tmp_path / "f" / "part-00000.parquet")
