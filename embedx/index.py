@@ -339,7 +339,11 @@ def read_info(directory) -> dict:
     path = Path(directory) / INFO_FILE
     if not path.exists():
         raise SearchIndexError(f"{directory} is not an embedx index (no {INFO_FILE}). Build one with `embedx index FEATURES --out DIR`.")
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise SearchIndexError(f"{path} is damaged ({e}). Rebuild the index: embedx index FEATURES --out "
+                               f"{directory} --overwrite") from None
 
 
 def config_dict(config: IndexConfig) -> dict:
@@ -397,7 +401,28 @@ def stored_vectors(index, positions) -> np.ndarray | None:
 
 
 def load(path: Path, mmap: bool):
-    """Read an index; IVF indexes are memory-mapped read-only when `mmap` is set."""
+    """Read an index; IVF indexes are memory-mapped read-only when `mmap` is set. A file FAISS
+    cannot read (truncated, overwritten) raises SearchIndexError with the command that rebuilds it."""
+    try:
+        return _load(path, mmap)
+    except RuntimeError as e:  # FAISS's read errors: "Error: 'ret == (size)' failed: read error in ..."
+        why = " ".join(str(e).rsplit("Error: ", 1)[-1].split())
+        raise SearchIndexError(f"{path} cannot be read by FAISS ({why[:200]}): the file is damaged. "
+                               f"{rebuild_advice(Path(path).parent)}") from None
+
+
+def rebuild_advice(index_dir: Path) -> str:
+    """'Rebuild it: embedx index FEATS... --out DIR --overwrite' with the index's own sources."""
+    try:
+        sources = [s["features"] for s in read_info(index_dir).get("sources", [])]
+    except Exception:  # noqa: BLE001 - advice only: index.json may be what is damaged
+        sources = []
+    first = sources[0] if sources else "FEATURES"
+    adds = "".join(f"; embedx index add {index_dir} {s}" for s in sources[1:])
+    return f"Rebuild it: embedx index {first} --out {index_dir} --overwrite{adds}"
+
+
+def _load(path: Path, mmap: bool):
     faiss = import_faiss()
     if (Path(path).parent / IVFDATA_FILE).exists():
         # an --on-disk index: its lists live in the .ivfdata file beside it, wherever the folder moved

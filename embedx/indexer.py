@@ -19,7 +19,7 @@ from . import index as fx
 from . import shards
 from ._arrow import read_table, to_numpy
 from ._progress import progress_bar
-from .errors import FeaturesError, InputError, SearchIndexError
+from .errors import DamagedFileError, FeaturesError, InputError, SearchIndexError
 
 log = logging.getLogger(__name__)
 
@@ -329,7 +329,11 @@ def _add(index, x: np.ndarray, bar, step: int = 16_384) -> None:
 
 
 def load_rows(index_dir) -> Rows:
-    t = read_table(Path(index_dir) / fx.ROWS_FILE)
+    try:
+        t = read_table(Path(index_dir) / fx.ROWS_FILE)
+    except (DamagedFileError, FileNotFoundError) as e:
+        what = str(e) if isinstance(e, DamagedFileError) else f"{Path(index_dir) / fx.ROWS_FILE} is missing."
+        raise SearchIndexError(f"{what} {fx.rebuild_advice(Path(index_dir))}") from None
     return Rows(to_numpy(t.column("row_id")), t.column("path").to_pylist(), t.column("label").to_pylist(),
                 to_numpy(t.column("source")))
 

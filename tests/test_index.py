@@ -156,6 +156,34 @@ def test_refusals(tmp_path):
         load_backbone_for(meta)
 
 
+def test_damaged_index_files_say_how_to_rebuild(tmp_path):
+    """A truncated index.faiss or rows.parquet, a garbled index.json: SearchIndexError naming the
+    file and the command that rebuilds the index from its own sources (not FAISS's RuntimeError,
+    pyarrow's ArrowInvalid or a JSONDecodeError traceback), for search and for index add."""
+    import shutil
+
+    x, _ = clustered(300, 16, 3, seed=6)
+    feats = write_features(tmp_path / "f", x)
+    build_index(feats, tmp_path / "i", fx.IndexConfig(num_queries=30))
+    rebuild = f"Rebuild it: embedx index {feats} --out "
+    for name, match in ((fx.INDEX_FILE, "cannot be read by FAISS"), (fx.ROWS_FILE, "cannot be read as Parquet")):
+        broken = tmp_path / f"broken-{name}"
+        shutil.copytree(tmp_path / "i", broken)
+        data = (broken / name).read_bytes()
+        (broken / name).write_bytes(data[: len(data) // 2])
+        for mmap in (True, False):
+            with pytest.raises(SearchIndexError, match=f"{name} {match} .*{re.escape(rebuild)}"):
+                SearchIndex(broken, mmap=mmap)
+        with pytest.raises(SearchIndexError, match=re.escape(rebuild)):
+            add_to_index(broken, feats)
+    broken = tmp_path / "broken-json"
+    shutil.copytree(tmp_path / "i", broken)
+    (broken / fx.INFO_FILE).write_text("{")
+    with pytest.raises(SearchIndexError, match="index.json is damaged"):
+        SearchIndex(broken)
+    assert len(SearchIndex(tmp_path / "i")) == 300  # the intact index still loads
+
+
 @pytest.fixture(scope="module")
 def photo_index(tmp_path_factory, photo_dir, backbone):
     base = tmp_path_factory.mktemp("pidx")
