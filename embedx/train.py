@@ -213,7 +213,21 @@ def load_head(head_dir: str | os.PathLike):
     cfg_path = head_dir / "config.json"
     if not cfg_path.exists():
         raise InputError(f"{head_dir} is not a head directory (no config.json). Train one with `embedx train-head`.")
-    cfg = json.loads(cfg_path.read_text())
-    head = make_head(cfg["head"], cfg["dim"], len(cfg["classes"]), cfg.get("hidden") or 1, cfg.get("dropout") or 0.0)
-    head.load_state_dict(load_file(str(head_dir / "head.safetensors")))
+    retrain = "Train it again (the `embedx train-head` or `embedx finetune` command that wrote it)."
+    try:
+        cfg = json.loads(cfg_path.read_text())
+        head = make_head(cfg["head"], cfg["dim"], len(cfg["classes"]), cfg.get("hidden") or 1, cfg.get("dropout") or 0.0)
+    except (ValueError, KeyError, TypeError) as e:
+        raise InputError(f"{cfg_path} is damaged ({type(e).__name__}: {e}). {retrain}") from None
+    weights = head_dir / "head.safetensors"
+    if not weights.exists():
+        raise InputError(f"{weights} is missing. {retrain}")
+    try:
+        state = load_file(str(weights))
+    except Exception as e:  # noqa: BLE001 - safetensors' SafetensorError (header, truncation) and OSError
+        raise InputError(f"{weights} cannot be read ({type(e).__name__}: {e}): the file is damaged. {retrain}") from None
+    try:
+        head.load_state_dict(state)
+    except RuntimeError as e:
+        raise InputError(f"{weights} does not fit {cfg_path} ({str(e).splitlines()[0]}). {retrain}") from None
     return head.eval(), cfg

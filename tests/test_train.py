@@ -57,6 +57,35 @@ def test_train_head_outputs_and_metrics(tmp_path):
     assert Image.open(out / "confusion.png").size[0] > 100
 
 
+def test_damaged_head_files_say_what_to_do(tmp_path):
+    """A truncated head.safetensors, a garbled or missing piece of config.json, a missing weights
+    file: InputError naming the file and to train again (not safetensors' or json's traceback)."""
+    import shutil
+
+    from embedx.errors import InputError
+    from embedx.train import load_head
+
+    feats, _ = labelled_features(tmp_path, n=200)
+    train_head(feats, tmp_path / "head", HeadConfig(head="linear", l2s=(1e-3,)))
+    head, cfg = load_head(tmp_path / "head")  # the intact head loads
+    assert cfg["classes"] == [f"class_{i}" for i in range(4)]
+
+    def broken(name, mend):
+        d = tmp_path / f"broken-{name}-{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(tmp_path / "head", d)
+        mend(d / name)
+        return d
+
+    cut = lambda p: p.write_bytes(p.read_bytes()[:200])
+    for d, match in ((broken("head.safetensors", cut), "head.safetensors cannot be read .*the file is damaged"),
+                     (broken("head.safetensors", lambda p: p.unlink()), "head.safetensors is missing"),
+                     (broken("config.json", lambda p: p.write_text("{")), "config.json is damaged"),
+                     (broken("config.json", lambda p: p.write_text(json.dumps({**cfg, "dim": 7}))),
+                      "head.safetensors does not fit")):
+        with pytest.raises(InputError, match=f"{match}.*Train it again"):
+            load_head(d)
+
+
 def test_mlp_head_and_class_weights(tmp_path):
     x, c = clustered(900, 16, 3, seed=2, spread=1.0)
     keep = np.concatenate([np.nonzero(c == 0)[0][:40], np.nonzero(c != 0)[0]])  # class 0 is rare
