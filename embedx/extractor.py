@@ -406,7 +406,13 @@ def _redo_bad_shards(out: Path, manifest: dict) -> None:
     """Shards the manifest lists whose file is missing, damaged or short (a disk fault, a file
     deleted or overwritten by hand) are forgotten, so that this run embeds their rows again:
     a rerun never reports "nothing to do" over rows it does not have. A damaged file is kept
-    beside, renamed `*.damaged`; a warning names each."""
+    beside, renamed `*.damaged`; a warning names each. A damaged errors.parquet is written
+    again from the manifest."""
+    try:
+        shards.read_errors(out)
+    except EmbedxError:  # errors.parquet is made from the manifest: made again
+        log.warning("%s is damaged: written again from manifest.json", out / shards.ERRORS)
+        shards.write_errors_of(out, manifest)
     bad = shards.check_shards(out, manifest)
     if not bad:
         return

@@ -184,7 +184,8 @@ def read_errors(directory: str | os.PathLike):
     path = Path(directory) / ERRORS
     if not path.exists():
         return None
-    return read_table(path)
+    with _rerun_advice(directory):  # it is written again from the manifest by the next extract
+        return read_table(path)
 
 
 # ---------------------------------------------------------------------------------------

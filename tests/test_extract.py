@@ -211,6 +211,9 @@ def test_missing_and_damaged_shards_are_named_and_embedded_again(tiny_dir, tmp_p
     (out / "part-00000.parquet").unlink()
     assert extract(tiny_dir, out, _cfg(shard_size=8), backbone=backbone).num_skipped == 16
     np.testing.assert_array_equal(embedx.read_features(out).embeddings, first.embeddings)
+    (out / "errors.parquet").write_bytes(b"not parquet")  # made from the manifest: made again
+    assert extract(tiny_dir, out, _cfg(shard_size=8), backbone=backbone).num_skipped == 24
+    assert shards.read_errors(out).num_rows == 0
 
 
 def test_float16_storage(tiny_dir, tmp_path, backbone):
