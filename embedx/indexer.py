@@ -68,12 +68,21 @@ def provenance_mismatch(a: dict, b: dict) -> list[str]:
 def build_index(features_dir, out_dir, config: fx.IndexConfig = fx.IndexConfig(), *, overwrite: bool = False,
                 progress: bool = False) -> dict:
     """Build, tune and save an index over a shard directory. With `progress`, a bar on stderr
-    counts the vectors added, and names the step (train, add, measure recall).
+    counts the vectors added, and names the step (train, add, measure recall). One process at
+    a time writes an index directory (a lock; `index add` takes it too): a second is refused.
 
     Returns:
         The `index.json` content: factory, metric, tuned search parameter, recall@k,
         queries/s, index bytes, build seconds, and the feature provenance.
     """
+    fx.check_features(Path(features_dir).resolve())  # bad features: said before --out is made
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with shards.DirectoryLock(out_dir):
+        return _build_index(features_dir, out_dir, config, overwrite=overwrite, progress=progress)
+
+
+def _build_index(features_dir, out_dir: Path, config: fx.IndexConfig, *, overwrite: bool, progress: bool) -> dict:
     t0 = time.perf_counter()
     features_dir = Path(features_dir).resolve()
     meta = fx.check_features(features_dir)
@@ -81,10 +90,8 @@ def build_index(features_dir, out_dir, config: fx.IndexConfig = fx.IndexConfig()
     if n == 0:
         raise FeaturesError(f"{features_dir} holds no embedded rows: nothing to index.")
     dim = int(meta["dim"])
-    out_dir = Path(out_dir)
     if (out_dir / fx.INFO_FILE).exists() and not overwrite:
         raise SearchIndexError(f"{out_dir} already holds an index. Use --overwrite, or `embedx index add` to extend it.")
-    out_dir.mkdir(parents=True, exist_ok=True)
     budget = config.max_memory or fx.default_memory_budget()
     factory = config.factory or fx.choose_factory(n, dim, budget)
     index = fx.new_index(factory, dim, config.metric)
@@ -197,10 +204,17 @@ def add_to_index(index_dir, features_dir, *, batch_size: int = 65_536, progress:
 
     Returns the index's info (recall, search value and sweep as measured last), with "added":
     the vectors added by this call, and "remeasured": None, or, when this call measured again,
-    the recall@k and search value from before (`recall_before`, `value_before`)."""
+    the recall@k and search value from before (`recall_before`, `value_before`). Two adds to one
+    index at once would lose one's rows: the second is refused (the lock `embedx index` takes)."""
     if measure not in MEASURE_CHOICES:
         raise InputError(f"--measure must be one of {', '.join(MEASURE_CHOICES)}, not {measure!r}.")
     index_dir = Path(index_dir)
+    fx.read_info(index_dir)  # not an index: say so before taking a lock in it
+    with shards.DirectoryLock(index_dir):
+        return _add_to_index(index_dir, features_dir, batch_size=batch_size, progress=progress, measure=measure)
+
+
+def _add_to_index(index_dir: Path, features_dir, *, batch_size: int, progress: bool, measure: str) -> dict:
     info = fx.read_info(index_dir)
     features_dir = Path(features_dir).resolve()
     meta = fx.check_features(features_dir)

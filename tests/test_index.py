@@ -156,6 +156,27 @@ def test_refusals(tmp_path):
         load_backbone_for(meta)
 
 
+def test_one_writer_at_a_time_per_index(tmp_path):
+    """`index add` while another add (or a build) holds the index directory is refused, not
+    allowed to overwrite the other's rows; an empty features directory makes no --out."""
+    from embedx.errors import LockedError
+
+    x, _ = clustered(200, 16, 3, seed=7)
+    feats = write_features(tmp_path / "f", x)
+    more = write_features(tmp_path / "g", x[:50], start_id=1000)
+    build_index(feats, tmp_path / "i", fx.IndexConfig(num_queries=20))
+    with shards.DirectoryLock(tmp_path / "i"):  # another process's build or add
+        with pytest.raises(LockedError, match="Another embedx process is writing to"):
+            add_to_index(tmp_path / "i", more)
+        with pytest.raises(LockedError):
+            build_index(feats, tmp_path / "i", overwrite=True)
+    assert add_to_index(tmp_path / "i", more)["added"] == 50  # once it is free
+    assert len(SearchIndex(tmp_path / "i")) == 250
+    with pytest.raises(FeaturesError):
+        build_index(tmp_path / "nothing-here", tmp_path / "j")
+    assert not (tmp_path / "j").exists()
+
+
 def test_damaged_index_files_say_how_to_rebuild(tmp_path):
     """A truncated index.faiss or rows.parquet, a garbled index.json: SearchIndexError naming the
     file and the command that rebuilds the index from its own sources (not FAISS's RuntimeError,
