@@ -158,21 +158,30 @@ def _transforms(backbone, augment: bool):
 
 
 def finetune(images, out, config: FinetuneConfig = FinetuneConfig(), *, val=None, overwrite: bool = False) -> dict:
-    """Fine-tune a backbone and head end to end on folder-labelled images; resumable.
+    """Fine-tune a backbone and head end to end on folder-labelled images; resumable. One run
+    at a time per `out` (a lock): a second, started by mistake, is refused rather than
+    interleaving its checkpoints with the first's.
 
     Returns:
         metrics.json content (same keys as `train-head`, plus `head_only_val_accuracy`
         and the per-epoch `history`).
     """
-    import torch
-    from torch.utils.data import DataLoader
-
-    from .heads import make_head
+    from .shards import DirectoryLock
 
     check_heap(config.heap)
     check_preprocessing(config.img_size, config.crop_pct, config.crop_mode, config.interpolation)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    with DirectoryLock(out):
+        return _finetune(images, out, config, val=val, overwrite=overwrite)
+
+
+def _finetune(images, out: Path, config: FinetuneConfig, *, val, overwrite: bool) -> dict:
+    import torch
+    from torch.utils.data import DataLoader
+
+    from .heads import make_head
+
     torch.manual_seed(config.seed)
     device = resolve_device(config.device)
     # backward passes free and re-allocate large blocks every step: measured on 2 cores, Lite0

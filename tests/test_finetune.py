@@ -76,6 +76,11 @@ def test_interrupted_finetune_resumes(tiny_dir, tmp_path, monkeypatch):
     assert ft.finetune(tiny_dir, tmp_path / "ft", ft.FinetuneConfig(**TINY))["history"] == m["history"]
     with pytest.raises(embedx.EmbedxError, match="other settings"):
         ft.finetune(tiny_dir, tmp_path / "ft", ft.FinetuneConfig(**{**TINY, "lr": 1e-2}))
+    from embedx.errors import LockedError
+    from embedx.shards import DirectoryLock
+
+    with DirectoryLock(tmp_path / "ft"), pytest.raises(LockedError):  # a run already writing there
+        ft.finetune(tiny_dir, tmp_path / "ft", ft.FinetuneConfig(**TINY))
 
 
 @pytest.mark.parametrize("overrides", [{}, {"img_size": 96, "crop_pct": 1.0}])
