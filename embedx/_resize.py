@@ -1,9 +1,9 @@
 """timm's eval Resize + CenterCrop, without resizing what the crop throws away.
 
 `Resize(256)` keeps the aspect ratio, so a 30000 x 3 web banner becomes 2,560,000 x 256 pixels
-(1.9 GB as uint8, 7.9 GB as float32) of which `CenterCrop(224)` keeps 224 x 224: one such image
-took 4.9 GB and ~1 s in a decoder, and a few in one batch of decoder processes would have the
-run killed for memory, again at every resume. When the resized image would have more than
+(1.9 GB as uint8, 7.9 GB as float32) of which `CenterCrop(224)` keeps 224 x 224: ~1 s and ~2 GB
+in a decoder (a four-image run with two banners peaked at 4.9 GB), and a few in one batch of
+decoder processes could have the run killed for memory, again at every resume. When the resized image would have more than
 `OVERSIZE_FACTOR` times the crop's pixels, only the source region under the crop is resized:
 on tensors (the uint8 fast path, the device path) a window of the source, with the filter's
 reach around it, resized at the whole resize's scale by the same kernels (the whole resize's
@@ -160,10 +160,11 @@ def _native_uint8(mode: str, device) -> bool:
 
 
 def window_resize_crop(x, nh: int, nw: int, crop: tuple[int, int], mode: str):
-    """(n, C, H, W) float or uint8 -> (n, C, ch, cw) of the same dtype: `resize to (nh, nw) then center crop` when that
-    resize is `oversized`, computed on a window of the source per oversized axis (the whole axis
-    otherwise) with the whole resize's scale, through aten's resize ops, which take an output
-    size and a scale at once. Antialiased for bilinear and bicubic, as timm's transform is."""
+    """(n, C, H, W) float or uint8 -> (n, C, ch, cw), same dtype: "resize to (nh, nw), then
+    centre-crop", computed on a window of the source along each axis whose resized length is
+    more than twice the crop's (the whole axis otherwise), at the whole resize's scale, through
+    aten's resize ops, which take an output size and a scale at once. Antialiased for bilinear
+    and bicubic, as timm's transform is. For `oversized` resizes; correct for any."""
     import torch
 
     if x.dtype == torch.uint8 and not _native_uint8(mode, x.device):
