@@ -78,17 +78,22 @@ class DecodeSpec:
 
 
 class ImageDataset:
-    """Map-style dataset over image records (torch's DataLoader only needs len/getitem)."""
+    """Map-style dataset over image records (torch's DataLoader only needs len/getitem).
+    `crashed`: row ids whose decoding killed a decoder process, with why: recorded as errors
+    of kind `decoder_crashed` without being decoded again."""
 
-    def __init__(self, records: list[ImageRecord], spec: DecodeSpec):
+    def __init__(self, records: list[ImageRecord], spec: DecodeSpec, crashed: dict[int, str] | None = None):
         self.records = records
         self.spec = spec
+        self.crashed = dict(crashed or {})
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, i: int):
         rec, spec = self.records[i], self.spec
+        if rec.row_id in self.crashed:
+            return i, None, 0, 0, ("decoder_crashed", self.crashed[rec.row_id])
         if spec.on_device(rec.row_id):
             try:
                 raw = read_jpeg_bytes(rec.file, spec.max_pixels)
@@ -237,3 +242,78 @@ def make_loader(dataset: ImageDataset, batch_size: int, num_workers: int, pin_me
         dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
         collate_fn=collate, pin_memory=pin_memory, **kwargs,
     )
+
+
+def decoder_died(e: BaseException) -> bool:
+    """Whether `e` is torch's DataLoader saying a worker process died (a crash in a decoding
+    library, an out-of-memory kill): "DataLoader worker (pid N) is killed by signal: ...", or
+    "... exited unexpectedly"."""
+    text = str(e)
+    return isinstance(e, RuntimeError) and "DataLoader worker" in text and (
+        "killed by signal" in text or "exited unexpectedly" in text)
+
+
+class _Span:
+    """Positions [start, stop) of a dataset, each item keeping its position in the dataset."""
+
+    def __init__(self, dataset, start: int, stop: int):
+        self.dataset, self.start, self.stop = dataset, start, stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, j: int):
+        return self.dataset[self.start + j]
+
+
+def _as_is(item):
+    return item
+
+
+def find_crashing(dataset: ImageDataset, start: int, stop: int) -> dict[int, str]:
+    """Decode positions [start, stop) of `dataset` one at a time in one decoder process, started
+    again after each death: {position: why} for the images whose decoding killed it. One image
+    is in flight at a time (prefetch 1), so the one that was being decoded is the culprit."""
+    crashed: dict[int, str] = {}
+    pos = start
+    while pos < stop:
+        died = _decode_in_one_process(dataset, pos, stop)
+        if died is None:
+            break
+        pos, why = died
+        # torch reports a death from a SIGCHLD handler, which may fire just before the loop
+        # has counted the image received last: the blamed image is checked on its own
+        alone = _decode_in_one_process(dataset, pos, pos + 1)
+        if alone is not None:
+            crashed[pos] = why if "signal" in why else alone[1]
+        pos += 1
+    return crashed
+
+
+def _decode_in_one_process(dataset, start: int, stop: int):
+    """Decode positions [start, stop) in one decoder process, one at a time: None if it lived,
+    else (the position it died on, how: "killed by signal: ..." where torch says)."""
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(_Span(dataset, start, stop), batch_size=None, num_workers=1, prefetch_factor=1,
+                        collate_fn=_as_is, worker_init_fn=worker_init)
+    pos = start
+    batches = iter(loader)
+    try:
+        for item in batches:
+            pos = item[0] + 1
+    except RuntimeError as e:
+        if not decoder_died(e):
+            raise
+        text = str(e)
+        if "killed by signal" in text:
+            return pos, text[text.index("killed by signal"):].strip().rstrip(".")
+        # the worker's exit code, where torch keeps its processes (a private attribute: else unsaid)
+        codes = [getattr(w, "exitcode", None) for w in getattr(batches, "_workers", [])]
+        code = next((c for c in codes if c), None)
+        if code is not None and code < 0:
+            import signal
+
+            return pos, f"killed by signal {signal.Signals(-code).name}"
+        return pos, "it exited" if code is None else f"it exited with code {code}"
+    return None

@@ -336,7 +336,7 @@ def _extract_locked(listing: ImageListing, out: Path, config: ExtractConfig, bac
 
             embedded, errors = run_devices(plan, out, config, devices)
         else:
-            embedded, errors = _run_local(plan, out, config, timer)
+            embedded, errors = _run_local_isolating_crashes(plan, out, config, timer)
     return replace(_finalize(out, plan, embedded, errors, t0, timer), ignored_files=dict(listing.ignored),
                    skipped_dirs=dict(listing.skipped_dirs))
 
@@ -498,8 +498,56 @@ def _finalize(out: Path, plan: _Plan, embedded: int, errors: int, t0: float, tim
                          num_retried=change.retried if change else 0)
 
 
+#: decoder-process deaths one run recovers from before it gives up (each finds its culprits first)
+MAX_DECODER_DEATHS = 20
+
+
+def _run_local_isolating_crashes(plan: _Plan, out: Path, config: ExtractConfig, timer: "_StageTimer") -> tuple[int, int]:
+    """`_run_local`, surviving images whose decoding kills a decoder process (a crash in a
+    decoding library, an out-of-memory kill), which would otherwise end the run, and every
+    resume of it, at the same image. When a decoder process dies, the completed shards are kept
+    (as on any interruption); the images that may have been in flight — the unfinished shard
+    and the batches the decoders had been given — are decoded one at a time in a process of
+    their own to find those that kill it; they are recorded as errors (`decoder_crashed`) and
+    the run goes on from the first unfinished shard. Without decoder processes (`--num-workers
+    0`) a crash takes the run with it: nothing to isolate it in."""
+    from ._loader import ImageDataset, decoder_died, find_crashing
+
+    crashed: dict[int, str] = {}
+    embedded = errors = 0
+    for _ in range(MAX_DECODER_DEATHS + 1):
+        try:
+            e, r = _run_local(plan, out, config, timer, crashed=crashed)
+            return embedded + e, errors + r
+        except RuntimeError as err:
+            if not decoder_died(err):
+                raise
+            death = str(err).strip()
+        done = {s["index"] for s in plan.manifest["shards"]}
+        left = [r for r in plan.pending if r.row_id // config.shard_size not in done]
+        # what this run has written so far, from the manifest (the attempt's own counts died with it)
+        embedded = sum(s["rows"] for s in plan.manifest["shards"]) - plan.embedded_before
+        errors = sum(len(s.get("errors", [])) for s in plan.manifest["shards"]) - plan.errors_before
+        batch_size = config.batch_size or default_batch_size(plan.device)
+        workers = default_num_workers(plan.device) if config.num_workers is None else config.num_workers
+        window = config.shard_size + (workers * 4 + 4) * batch_size  # unfinished shard + batches in flight
+        dataset = ImageDataset(left, _decode_spec(plan.backbone, config), crashed)
+        log.warning("A decoder process died (%s); decoding the next %d images one at a time to find the one "
+                    "that killed it", death.rstrip("."), min(window, len(left)))
+        found = find_crashing(dataset, 0, min(window, len(left)))
+        if not found:
+            raise EmbedxError(f"{death} A decoder process died, and no image among the {min(window, len(left))} "
+                              "it may have been decoding kills one on its own: out of memory? Rerun with fewer "
+                              "--num-workers or a smaller --batch-size (completed shards are kept).") from None
+        for pos, why in found.items():
+            crashed[left[pos].row_id] = f"decoding it killed the decoder process ({why})"
+            log.warning("%s: decoding it killed the decoder process (%s): recorded as an error", left[pos].file, why)
+        plan = replace(plan, pending=left)
+    raise EmbedxError(f"Decoder processes died more than {MAX_DECODER_DEATHS} times in one run; the last: {death}")
+
+
 def _run_local(plan: _Plan, out: Path, config: ExtractConfig, timer: "_StageTimer",
-               shared_manifest: bool = False) -> tuple[int, int]:
+               shared_manifest: bool = False, crashed: dict[int, str] | None = None) -> tuple[int, int]:
     """The single-process engine: decoder worker processes -> one device -> shard writer.
 
     With `shared_manifest`, other processes write shards of the same plan at the same time
@@ -515,7 +563,7 @@ def _run_local(plan: _Plan, out: Path, config: ExtractConfig, timer: "_StageTime
     batch_size = config.batch_size or default_batch_size(device)
     num_workers = default_num_workers(device) if config.num_workers is None else config.num_workers
     writer = _ShardWriter(out, plan.manifest, config, backbone.dim, plan.metadata, shared=shared_manifest)
-    dataset = ImageDataset(pending, _decode_spec(backbone, config))
+    dataset = ImageDataset(pending, _decode_spec(backbone, config), crashed)
     threads = default_decode_threads(num_workers) if config.decode_threads is None else config.decode_threads
     loader = make_loader(dataset, batch_size, num_workers, pin_memory=device.startswith("cuda"), decode_threads=threads)
     with timer("startup"):

@@ -147,6 +147,60 @@ def test_deterministic_across_worker_counts_and_prefetch(tiny_dir, tmp_path, bac
     assert b.num_done == 24 and b.engine_images_per_second > b.images_per_second > 0
 
 
+def test_an_image_that_kills_its_decoder_is_recorded_and_the_run_goes_on(tiny_dir, tmp_path, backbone,
+                                                                           monkeypatch, caplog):
+    """A decoding library that crashes (SIGSEGV) on two images, or an out-of-memory kill: the
+    decoder process dies. The run finds the images, records them as `decoder_crashed` errors and
+    embeds every other row exactly as a clean run does, instead of ending (at every resume)."""
+    import signal
+
+    from embedx import _loader
+
+    files = sorted(str(p) for p in tiny_dir.rglob("*.jpg"))
+    killers = {files[5], files[17]}  # in the first and in the last shard
+    real = _loader.decode_image
+
+    def decode(file, *args, **kwargs):
+        if file in killers:
+            os.kill(os.getpid(), signal.SIGSEGV)  # in the decoder process (forked: it has this patch)
+        return real(file, *args, **kwargs)
+
+    monkeypatch.setattr(_loader, "decode_image", decode)
+    cfg = _cfg(num_workers=2, batch_size=4, shard_size=8)
+    with caplog.at_level("WARNING", logger="embedx.extractor"):
+        r = extract(tiny_dir, tmp_path / "crash", cfg, backbone=backbone)
+    assert r.num_embedded == 22 and r.num_errors == 2
+    errors = {e["path"]: e for e in shards.read_errors(tmp_path / "crash").to_pylist()}
+    root = str(tiny_dir.resolve())
+    assert set(errors) == {os.path.relpath(k, root) for k in killers}
+    assert all(e["error"] == "decoder_crashed" and "SIGSEGV" in e["message"] for e in errors.values()), errors
+    assert "decoding it killed the decoder process" in caplog.text
+    monkeypatch.setattr(_loader, "decode_image", real)
+    extract(tiny_dir, tmp_path / "clean", _cfg(num_workers=0, batch_size=4, shard_size=8), backbone=backbone)
+    crash, clean = embedx.read_features(tmp_path / "crash"), embedx.read_features(tmp_path / "clean")
+    keep = [i for i, p in enumerate(clean.paths) if p not in errors]
+    assert crash.paths == [clean.paths[i] for i in keep]
+    np.testing.assert_array_equal(crash.embeddings, clean.embeddings[keep])
+    assert extract(tiny_dir, tmp_path / "crash", cfg, backbone=backbone).num_skipped == 24  # done
+
+    # a death that does not come again when the images are decoded one by one (memory pressure):
+    # said, with what to try; shards completed before it (if any) are kept, and the rerun resumes
+    marker = tmp_path / "died-once"
+
+    def decode_once(file, *args, **kwargs):
+        if file == files[13] and not marker.exists():
+            marker.write_text("")
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(file, *args, **kwargs)
+
+    monkeypatch.setattr(_loader, "decode_image", decode_once)
+    with pytest.raises(embedx.EmbedxError, match="out of memory\\? Rerun with fewer --num-workers"):
+        extract(tiny_dir, tmp_path / "oom", cfg, backbone=backbone)
+    assert len(shards.read_manifest(tmp_path / "oom")["shards"]) < 3
+    done = extract(tiny_dir, tmp_path / "oom", cfg, backbone=backbone)  # the rerun resumes
+    assert done.num_embedded == 24 and done.num_errors == 0
+
+
 @pytest.mark.parametrize("cpus, device, workers, prefetch", [
     (2, "cpu", 0, 0),  # the model's threads take both cores: decode between batches, inline
     (1, "cpu", 0, 0),
