@@ -257,8 +257,8 @@ def extract(inputs: list[str | os.PathLike] | str | os.PathLike, out: str | os.P
     listing = list_images(list(inputs), labels=config.labels, progress=config.progress)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    with shards.DirectoryLock(out):
-        return _extract_locked(listing, out, config, backbone, engine, address, devices)
+    with shards.DirectoryLock(out) as lock:
+        return _extract_locked(listing, out, config, backbone, engine, address, devices, previous_died=lock.died)
 
 
 def _check_config(config: ExtractConfig) -> None:
@@ -316,7 +316,8 @@ class _Plan:
 
 
 def _extract_locked(listing: ImageListing, out: Path, config: ExtractConfig, backbone: Backbone | None,
-                    engine: str = "local", address: str | None = None, devices: list[str] | None = None) -> ExtractResult:
+                    engine: str = "local", address: str | None = None, devices: list[str] | None = None,
+                    previous_died: str | None = None) -> ExtractResult:
     t0 = time.perf_counter()
     timer = _StageTimer()
     with timer("plan"):
@@ -336,7 +337,7 @@ def _extract_locked(listing: ImageListing, out: Path, config: ExtractConfig, bac
 
             embedded, errors = run_devices(plan, out, config, devices)
         else:
-            embedded, errors = _run_local_isolating_crashes(plan, out, config, timer)
+            embedded, errors = _run_local_isolating_crashes(plan, out, config, timer, previous_died)
     return replace(_finalize(out, plan, embedded, errors, t0, timer), ignored_files=dict(listing.ignored),
                    skipped_dirs=dict(listing.skipped_dirs))
 
@@ -502,7 +503,8 @@ def _finalize(out: Path, plan: _Plan, embedded: int, errors: int, t0: float, tim
 MAX_DECODER_DEATHS = 20
 
 
-def _run_local_isolating_crashes(plan: _Plan, out: Path, config: ExtractConfig, timer: "_StageTimer") -> tuple[int, int]:
+def _run_local_isolating_crashes(plan: _Plan, out: Path, config: ExtractConfig, timer: "_StageTimer",
+                                 previous_died: str | None = None) -> tuple[int, int]:
     """`_run_local`, surviving images whose decoding kills a decoder process (a crash in a
     decoding library, an out-of-memory kill), which would otherwise end the run, and every
     resume of it, at the same image. When a decoder process dies, the completed shards are kept
@@ -510,11 +512,29 @@ def _run_local_isolating_crashes(plan: _Plan, out: Path, config: ExtractConfig, 
     and the batches the decoders had been given — are decoded one at a time in a process of
     their own to find those that kill it; they are recorded as errors (`decoder_crashed`) and
     the run goes on from the first unfinished shard. Without decoder processes (`--num-workers
-    0`) a crash takes the run with it: nothing to isolate it in."""
+    0`, the 2-core default) a crash takes the run with it; the rerun then sees that the previous
+    run did not exit cleanly (`previous_died`, from the directory's lock) and first decodes the
+    images it may have died on, one at a time in a process of their own (~2 ms an image), so
+    that the one that crashed it is recorded instead of crashing every resume."""
     from ._loader import ImageDataset, decoder_died, find_crashing
 
     crashed: dict[int, str] = {}
     embedded = errors = 0
+    workers = default_num_workers(plan.device) if config.num_workers is None else config.num_workers
+    batch_size = config.batch_size or default_batch_size(plan.device)
+
+    def record(found: dict[int, str], records: list) -> None:
+        for pos, why in found.items():
+            crashed[records[pos].row_id] = f"decoding it killed the decoder process ({why})"
+            log.warning("%s: decoding it killed the decoder process (%s): recorded as an error", records[pos].file, why)
+
+    if previous_died and workers == 0 and plan.pending:
+        depth = default_prefetch(plan.device, workers) if config.prefetch is None else config.prefetch
+        window = min(len(plan.pending), config.shard_size + (depth + 2) * batch_size)
+        log.warning("The previous run into %s (pid %s) ended without cleaning up: a crash, a kill or a power cut. "
+                    "Decoding its next %d images in a separate process first, in case one of them crashed it",
+                    out, previous_died, window)
+        record(find_crashing(ImageDataset(plan.pending, _decode_spec(plan.backbone, config)), 0, window), plan.pending)
     for _ in range(MAX_DECODER_DEATHS + 1):
         try:
             e, r = _run_local(plan, out, config, timer, crashed=crashed)
@@ -528,8 +548,6 @@ def _run_local_isolating_crashes(plan: _Plan, out: Path, config: ExtractConfig, 
         # what this run has written so far, from the manifest (the attempt's own counts died with it)
         embedded = sum(s["rows"] for s in plan.manifest["shards"]) - plan.embedded_before
         errors = sum(len(s.get("errors", [])) for s in plan.manifest["shards"]) - plan.errors_before
-        batch_size = config.batch_size or default_batch_size(plan.device)
-        workers = default_num_workers(plan.device) if config.num_workers is None else config.num_workers
         window = config.shard_size + (workers * 4 + 4) * batch_size  # unfinished shard + batches in flight
         dataset = ImageDataset(left, _decode_spec(plan.backbone, config), crashed)
         log.warning("A decoder process died (%s); decoding the next %d images one at a time to find the one "
@@ -539,9 +557,7 @@ def _run_local_isolating_crashes(plan: _Plan, out: Path, config: ExtractConfig, 
             raise EmbedxError(f"{death} A decoder process died, and no image among the {min(window, len(left))} "
                               "it may have been decoding kills one on its own: out of memory? Rerun with fewer "
                               "--num-workers or a smaller --batch-size (completed shards are kept).") from None
-        for pos, why in found.items():
-            crashed[left[pos].row_id] = f"decoding it killed the decoder process ({why})"
-            log.warning("%s: decoding it killed the decoder process (%s): recorded as an error", left[pos].file, why)
+        record(found, left)
         plan = replace(plan, pending=left)
     raise EmbedxError(f"Decoder processes died more than {MAX_DECODER_DEATHS} times in one run; the last: {death}")
 

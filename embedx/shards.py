@@ -207,11 +207,15 @@ def write_manifest(directory: str | os.PathLike, manifest: dict) -> None:
 
 
 class DirectoryLock:
-    """An exclusive, non-blocking flock on DIR/.lock; released automatically if the process dies."""
+    """An exclusive, non-blocking flock on DIR/.lock; released automatically if the process dies.
+    The file holds the holder's pid while it runs and is emptied when it exits cleanly (an
+    exception or Ctrl-C included): `died` then says whether the previous holder ended without
+    unwinding (a crash, a kill, power loss) — a run that resumes after one can take care."""
 
     def __init__(self, directory: str | os.PathLike):
         self.path = Path(directory) / ".lock"
         self._fh = None
+        self.died: str | None = None  # the previous holder's pid, when it did not exit cleanly
 
     def __enter__(self):
         self._fh = open(self.path, "a+")
@@ -227,6 +231,8 @@ class DirectoryLock:
                 ) from None
             raise
         self._fh.seek(0)
+        self.died = self._fh.read().strip() or None
+        self._fh.seek(0)
         self._fh.truncate()
         self._fh.write(str(os.getpid()))
         self._fh.flush()
@@ -234,6 +240,9 @@ class DirectoryLock:
 
     def __exit__(self, *exc):
         if self._fh is not None:
+            self._fh.seek(0)
+            self._fh.truncate()  # a clean exit: nothing for the next holder to take care of
+            self._fh.flush()
             fcntl.flock(self._fh.fileno(), fcntl.LOCK_UN)
             self._fh.close()
             self._fh = None

@@ -375,6 +375,7 @@ def test_killed_run_resumes_to_identical_output(tmp_path):
     stdout, stderr = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, stderr
     assert "done by an earlier run" in stdout
+    assert "ended without cleaning up" in stderr  # the kill is noticed (and its images checked first)
     ref = tmp_path / "ref"
     full = _run_cli([*args, "--out", str(ref)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _, stderr = full.communicate(timeout=300)
@@ -386,6 +387,42 @@ def test_killed_run_resumes_to_identical_output(tmp_path):
     assert sorted(p.name for p in out.glob("part-*.parquet")) == sorted(p.name for p in ref.glob("part-*.parquet"))
     assert not list(Path(out).glob(".*.tmp"))
     assert done_before >= 2
+
+
+def test_an_in_process_decoder_crash_is_found_by_the_rerun(tiny_dir, tmp_path):
+    """On 2 cores images are decoded in the extract process itself: a decoding library that
+    segfaults on an image kills the run. The rerun sees that the last run did not exit cleanly
+    and decodes its next images in a separate process first: the image is recorded as a
+    `decoder_crashed` error and the run completes (before: it died again, at every rerun). A
+    clean exit (here: the completed rerun) leaves nothing for the next run to check."""
+    files = sorted(str(p) for p in tiny_dir.rglob("*.jpg"))
+    code = f"""
+import os, signal, sys
+from embedx import _loader
+from embedx.extractor import ExtractConfig, extract
+real = _loader.decode_image
+def decode(file, *args, **kwargs):
+    if file == {files[9]!r}:
+        os.kill(os.getpid(), signal.SIGSEGV)  # a crash inside a decoding library
+    return real(file, *args, **kwargs)
+_loader.decode_image = decode
+r = extract([{str(tiny_dir)!r}], {str(tmp_path / "f")!r},
+            ExtractConfig(progress=False, num_workers=0, batch_size=4, shard_size=8))
+print(r.num_embedded, r.num_errors)
+"""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    first = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert first.returncode == -signal.SIGSEGV, first.stderr[-2000:]
+    assert not shards.read_manifest(tmp_path / "f")["complete"]
+    again = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stdout.split() == ["23", "1"]
+    assert "ended without cleaning up" in again.stderr
+    (err,) = shards.read_errors(tmp_path / "f").to_pylist()
+    assert err["path"] == os.path.relpath(files[9], str(tiny_dir.resolve()))
+    assert err["error"] == "decoder_crashed" and "SIGSEGV" in err["message"]
+    third = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert third.returncode == 0 and "ended without cleaning up" not in third.stderr, third.stderr[-2000:]
 
 
 def test_uint8_resize_matches_timms_pil_transform_on_real_photos(backbone):
