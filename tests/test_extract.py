@@ -170,6 +170,7 @@ def test_an_image_that_kills_its_decoder_is_recorded_and_the_run_goes_on(tiny_di
     with caplog.at_level("WARNING", logger="embedx.extractor"):
         r = extract(tiny_dir, tmp_path / "crash", cfg, backbone=backbone)
     assert r.num_embedded == 22 and r.num_errors == 2
+    assert r.time_shares()["finding a crashing image"] > 0  # said where the time went
     errors = {e["path"]: e for e in shards.read_errors(tmp_path / "crash").to_pylist()}
     root = str(tiny_dir.resolve())
     assert set(errors) == {os.path.relpath(k, root) for k in killers}
