@@ -95,6 +95,27 @@ def bench_device_decode(files: list[Path], backbone, device: str, batch_size: in
     return out
 
 
+def _profile(folder: Path, out: Path, name: str, args, backbone) -> None:
+    """One GPU-decode extraction under cProfile (the calling thread only: the loop, start-up and
+    finishing; the decoder processes and the prefetch thread are not in it); the top functions by
+    cumulative time printed."""
+    import cProfile
+    import pstats
+
+    from embedx.extractor import ExtractConfig, extract
+
+    cfg = ExtractConfig(model=name, batch_size=args.batch_size, device=args.device, decode="device",
+                        progress=False, compile="no")
+    prof = cProfile.Profile()
+    prof.enable()
+    extract(folder, out, cfg, backbone=backbone)
+    prof.disable()
+    shutil.rmtree(out, ignore_errors=True)
+    print(f"--- cProfile, {name}, --decode device, calling thread, by cumulative time:", flush=True)
+    pstats.Stats(prof, stream=sys.stdout).sort_stats("cumulative").print_stats(30)
+    sys.stdout.flush()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=20_000)
@@ -102,6 +123,11 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/gpu_extract.json"))
+    ap.add_argument("--variants", choices=("all", "main"), default="all",
+                    help="main: only CPU-worker decode and GPU decode with the defaults, per model (for large --images)")
+    ap.add_argument("--profile", action="store_true",
+                    help="also run the first model's GPU-decode extraction once under cProfile (the calling thread: "
+                         "where its time goes outside the timed stages) and print the top functions")
     ap.add_argument("--quick", action="store_true",
                     help="smoke run for the test suite: 48 images, test_efficientnet, on the CPU")
     args = ap.parse_args()
@@ -137,15 +163,16 @@ def main() -> None:
             backbone = load_backbone(name, "random")
             row = {"model": name, "dim": backbone.dim}
             n = max(4096, args.batch_size * 16)
-            # bf16 with the half-resolution layers in fp32 (--fp32-stem; by default on CPUs only): what
-            # it costs here (its accuracy on real photos is tests/test_gpu.py's). A fresh backbone,
-            # still on the CPU, so that the wrapping is checked there as in a user's run
-            row["fp32_modules"] = fp32_modules(backbone, args.device, precision, fp32_stem=True)
+            # bf16 with the half-resolution layers in fp32 (--fp32-stem): what it costs here (its
+            # accuracy on real photos is tests/test_gpu.py's)
+            # (the default on every device since session 15: measured here, cosine and speed); the
+            # ceiling without them beside it, from a fresh backbone
+            row["fp32_modules"] = fp32_modules(backbone, args.device, precision)
             if row["fp32_modules"]:
-                row["ceiling_fp32_stem"] = bench_ceiling(load_backbone(name, "random"), n, args.batch_size, args.device,
-                                                         precision, fp32_stem=True)
+                row["ceiling_no_fp32_stem"] = bench_ceiling(load_backbone(name, "random"), n, args.batch_size,
+                                                            args.device, precision, fp32_stem=False)
             row["ceiling"] = bench_ceiling(backbone, n, args.batch_size, args.device, precision, fp32_stem=None)
-            if name == first:
+            if name == first and args.variants == "all":
                 row["device_decode_stage"] = {d: bench_device_decode(files, backbone, args.device, args.batch_size, d)
                                               for d in env["device_decoders"]}
                 for d, v in row["device_decode_stage"].items():
@@ -155,26 +182,30 @@ def main() -> None:
             # and the device decoding a share of the JPEGs while the CPU workers decode the rest
             # --decode device uses the default decoder (TorchCodec when it loads); with both
             # installed, the first model also runs torchvision's, side by side
-            # and, where the model has half-resolution layers, GPU decode with them in fp32
+            # and, where the model has half-resolution layers, GPU decode without them in fp32
+            # (a fresh backbone: as every run with them does, it starts from one on the CPU)
             variants = [("pil", 2, 1.0, "auto", None), ("device", 2, 1.0, "auto", None)]
-            if name == first:
+            if name == first and args.variants == "all":
                 variants += [("pil", 0, 1.0, "auto", None), ("device", 0, 1.0, "auto", None)]
                 variants += [("device", 2, x, "auto", None) for x in SHARES]
                 variants += [("device", 2, 1.0, d, None) for d in env["device_decoders"][1:]]
-                variants += [("device", 2, 1.0, "auto", True)] if row["fp32_modules"] else []
+                variants += [("device", 2, 1.0, "auto", False)] if row["fp32_modules"] else []
             for decode, prefetch, share, device_decoder, stem in variants:
                 key = (decode + ("" if prefetch else "_prefetch0") + ("" if share == 1.0 else f"_share{share}")
-                       + ("" if device_decoder == "auto" else f"_{device_decoder}") + ("_fp32_stem" if stem else ""))
+                       + ("" if device_decoder == "auto" else f"_{device_decoder}") + ("_no_fp32_stem" if stem is False else ""))
                 out = tmp / f"out-{name}-{key}"
                 cfg = ExtractConfig(model=name, batch_size=args.batch_size, device=args.device, decode=decode,
                                     device_share=share, device_decoder=device_decoder, prefetch=prefetch,
                                     progress=False, compile="no", fp32_stem=stem)
                 t = time.perf_counter()
-                r = extract(folder, out, cfg, backbone=load_backbone(name, "random") if stem else backbone)
-                row[f"e2e_{key}"] = r.num_embedded / (time.perf_counter() - t)
+                r = extract(folder, out, cfg, backbone=load_backbone(name, "random") if stem is False else backbone)
+                wall = time.perf_counter() - t
+                row[f"e2e_{key}"] = r.num_embedded / wall
+                # wall = listing the folder + r.seconds (plan, start-up, the loop, finishing)
+                row[f"seconds_{key}"] = {"wall": round(wall, 3), "run": round(r.seconds, 3)}
                 row[f"stages_{key}"] = {k: round(v, 3) for k, v in (r.stage_seconds or {}).items()}
                 shutil.rmtree(out, ignore_errors=True)
-            best = max(v for k, v in row.items() if k.startswith("e2e_") and not k.endswith("_fp32_stem"))
+            best = max(v for k, v in row.items() if k.startswith("e2e_") and not k.endswith("_no_fp32_stem"))
             row["efficiency_pil"] = row["e2e_pil"] / row["ceiling"]
             row["efficiency_device"] = row["e2e_device"] / row["ceiling"]
             row["efficiency_best"] = best / row["ceiling"]
@@ -184,7 +215,11 @@ def main() -> None:
                   flush=True)
             print(f"{'':>24}  seconds by stage, CPU-decode: {row['stages_pil']}", flush=True)
             print(f"{'':>24}  seconds by stage, GPU-decode: {row['stages_device']}", flush=True)
-            if name == first:
+            print(f"{'':>24}  seconds (wall, run), CPU-decode: {row['seconds_pil']}, GPU-decode: {row['seconds_device']}",
+                  flush=True)
+            if name == first and args.profile:
+                _profile(folder, tmp / "profiled", name, args, backbone)
+            if name == first and args.variants == "all":
                 print(f"{'':>24}  prefetch 0 (inline): e2e CPU-decode {row['e2e_pil_prefetch0']:8.0f} img/s, "
                       f"GPU-decode {row['e2e_device_prefetch0']:8.0f} img/s -> prefetch gain "
                       f"{row['e2e_pil'] / row['e2e_pil_prefetch0']:.2f}x / "
@@ -192,10 +227,11 @@ def main() -> None:
                 for x in SHARES:
                     r_ = row[f"e2e_device_share{x}"]
                     print(f"{'':>24}  device share {x}: e2e {r_:8.0f} img/s ({r_ / row['ceiling']:.2f})", flush=True)
-                if "e2e_device_fp32_stem" in row:
-                    print(f"{'':>24}  with {', '.join(row['fp32_modules'])} in fp32: ceiling "
-                          f"{row['ceiling_fp32_stem']:8.0f} img/s ({row['ceiling_fp32_stem'] / row['ceiling']:.2f}x), "
-                          f"e2e GPU-decode {row['e2e_device_fp32_stem']:8.0f} img/s", flush=True)
+                if "e2e_device_no_fp32_stem" in row:
+                    print(f"{'':>24}  with {', '.join(row['fp32_modules'])} in fp32 (the default): ceiling "
+                          f"{row['ceiling'] / row['ceiling_no_fp32_stem']:.2f}x, e2e GPU-decode "
+                          f"{row['e2e_device'] / row['e2e_device_no_fp32_stem']:.2f}x of all-bf16's "
+                          f"({row['ceiling_no_fp32_stem']:8.0f} / {row['e2e_device_no_fp32_stem']:8.0f} img/s)", flush=True)
                 for d in env["device_decoders"][1:]:
                     r_ = row[f"e2e_device_{d}"]
                     print(f"{'':>24}  GPU-decode with {d}'s decoder: e2e {r_:8.0f} img/s ({r_ / row['ceiling']:.2f}) "

@@ -85,7 +85,8 @@ def test_bf16_with_the_fp32_stem_is_within_0_999_of_fp32_on_real_photos(photo_di
 
 def test_bf16_folds_the_depthwise_convolutions_of_the_kept_layers_only(backbone):
     kept = fp32_modules(backbone, "cpu", "bf16")
-    assert kept == half_resolution_modules(backbone.model) and fp32_modules(backbone, "cuda", "bf16") == []
+    # by default on every device (measured on a CPU and on an H200)
+    assert kept == half_resolution_modules(backbone.model) == fp32_modules(backbone, "cuda", "bf16")
     assert fp32_modules(backbone, "cpu", "fp32") == fp32_modules(backbone, "cpu", "bf16", fp32_stem=False) == []
     # asked for (--fp32-stem), on any device and in either half precision; never in fp32
     assert fp32_modules(backbone, "cuda", "bf16", fp32_stem=True) == fp32_modules(backbone, "cuda:1", "fp16", True) == kept
