@@ -589,11 +589,15 @@ def _run_local(plan: _Plan, out: Path, config: ExtractConfig, timer: "_StageTime
     threads = default_decode_threads(num_workers) if config.decode_threads is None else config.decode_threads
     loader = make_loader(dataset, batch_size, num_workers, pin_memory=device.startswith("cuda"), decode_threads=threads)
     with timer("startup"):
-        # start the decoder processes before CUDA is initialised here: forking a process
-        # that holds a CUDA context is slower and not safe
-        batches = iter(loader)
+        # the model's checked changes (folding, fp32 stem, bf16 weights: forward passes on the
+        # CPU) before the decoder processes start: with 15 of them decoding beside it, the fp32
+        # stem's check took 2-5 s on the H200 machine's 16 cores (session 15); then the decoder
+        # processes, before CUDA is initialised here (forking a process that holds a CUDA context
+        # is slower and not safe); then the model to the device
         model = _prepare_model(backbone, device, config.channels_last, plan.precision, fold_bn=config.fold_bn,
-                               fp32_stem=config.fp32_stem)
+                               fp32_stem=config.fp32_stem, place=False)
+        batches = iter(loader)
+        model = _place(model, device, config.channels_last)
         runner = _Embedder(model, backbone, device, plan.precision, config.normalize, config.channels_last,
                            compile=should_compile(config.compile, device, len(pending), plan.precision))
     bar = _progress(len(plan.records), len(plan.records) - len(pending), config.progress)
@@ -747,7 +751,8 @@ def fp32_modules(backbone: Backbone, device: str, precision: str, fp32_stem: boo
 
 
 def _prepare_model(backbone: Backbone, device: str, channels_last: bool, precision: str | None = None,
-                   fold_bn: bool = False, fp32_stem: bool | None = False, bf16_weights: bool = True):
+                   fold_bn: bool = False, fp32_stem: bool | None = False, bf16_weights: bool = True,
+                   place: bool = True):
     """The model to run: `backbone.model` itself (moved to `device`), or on a CPU a copy with
     - with `fold_bn`, at precision fp32 or bf16, its BatchNorms folded into the convolutions before
       them (bf16: pointwise ones, and depthwise ones in the layers kept in fp32; see `embedx.fold`);
@@ -755,11 +760,10 @@ def _prepare_model(backbone: Backbone, device: str, channels_last: bool, precisi
       `embedx.mixed`; on any device);
     - in bf16, the other layers' weights stored in bf16 (`embedx.mixed.store_bf16_weights`: the
       same output, checked; `bf16_weights=False` leaves them fp32, for benchmarks).
+    Then moved to `device` (channels_last as asked: `_place`), unless `place` is False.
 
     Raises:
         EmbedxError: keeping the layers in fp32 changed what the model computes."""
-    import torch
-
     model = backbone.model
     kept = fp32_modules(backbone, device, precision, fp32_stem)
     input_size = tuple(backbone.data_config.input_size)
@@ -784,6 +788,12 @@ def _prepare_model(backbone: Backbone, device: str, channels_last: bool, precisi
         model, stored = store_bf16_weights(model if model is not backbone.model else copy.deepcopy(model), input_size)
         if stored:
             log.info("stored the weights of %d layers in bf16 (autocast's cast, done once: the same output)", stored)
+    return _place(model, device, channels_last) if place else model
+
+
+def _place(model, device: str, channels_last: bool):
+    import torch
+
     model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
