@@ -554,3 +554,38 @@ def test_compile_auto_follows_length_device_and_precision(tiny_dir, tmp_path, ba
     assert len(compiled) == 1  # the fp32 run only
     assert freezing and all(freezing)  # with inductor's freezing on a CPU in fp32 ...
     assert not torch._inductor.config.freezing  # ... around its calls only
+
+
+def test_the_models_checked_changes_are_made_before_the_decoder_processes_start(tiny_dir, tmp_path, backbone,
+                                                                                  monkeypatch):
+    """The fp32 stem's check (CPU forward passes) ran after the decoder processes had started: on
+    the H200 machine, beside 15 busy decoders, start-up took 2-5 s instead of ~0.4 (session 15).
+    The model is prepared first, the decoders start, then it goes to the device."""
+    import embedx._loader as loader_module
+    import embedx.extractor as extractor
+
+    order = []
+    real_prepare, real_place, real_make = extractor._prepare_model, extractor._place, loader_module.make_loader
+
+    def prepare(*args, **kwargs):
+        order.append(("prepare", kwargs.get("place", True)))
+        return real_prepare(*args, **kwargs)
+
+    def place(*args, **kwargs):
+        order.append(("place",))
+        return real_place(*args, **kwargs)
+
+    class Loader:
+        def __init__(self, loader):
+            self.loader = loader
+
+        def __iter__(self):
+            order.append(("decoders start",))
+            return iter(self.loader)
+
+    monkeypatch.setattr(extractor, "_prepare_model", prepare)
+    monkeypatch.setattr(extractor, "_place", place)
+    monkeypatch.setattr(loader_module, "make_loader", lambda *a, **k: Loader(real_make(*a, **k)))
+    r = extract(tiny_dir, tmp_path / "o", ExtractConfig(num_workers=2, progress=False), backbone=backbone)
+    assert r.num_embedded > 0
+    assert order == [("prepare", False), ("decoders start",), ("place",)]
