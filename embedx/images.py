@@ -105,7 +105,7 @@ def list_images(inputs: list[str | os.PathLike], labels: str = "folder", progres
             ImageFolder; in archives the WebDataset `.cls` file of the same key comes first)
             or `none`.
         progress: count the images found on stderr when listing takes more than a second
-            (25-70 us an image here, folders to archives: `benchmarks/bench_archive.py`).
+            (3.5 us an image here from a folder, 21 from an archive: `benchmarks/bench_archive.py`).
 
     Returns:
         An `ImageListing` whose records are sorted by path, with row ids 0..N-1.
