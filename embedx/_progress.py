@@ -14,7 +14,10 @@ def progress_bar(iterable: Iterable | None = None, *, desc: str, unit: str, enab
                  total: int | None = None, initial: int = 0, leave: bool = True, delay: float = 0.0):
     """A tqdm bar on stderr: `unit`/s is its rate (img/s for extraction), smoothed over recent
     updates; with `delay`, shown only once a step has taken that many seconds."""
-    from tqdm.auto import tqdm
+    # not tqdm.auto: its asyncio mixin calls iter() on the iterable in the constructor and again when
+    # iterated, so a DataLoader started its worker processes twice, the first set decoding batches
+    # that nobody read (fine-tuning, every epoch). autonotebook: the notebook bar or the plain one
+    from tqdm.autonotebook import tqdm
 
     return tqdm(iterable, total=total, initial=initial, desc=desc, unit=unit, unit_scale=False,
                 dynamic_ncols=True, disable=not enabled, file=sys.stderr, leave=leave, smoothing=0.1,

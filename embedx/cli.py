@@ -331,6 +331,9 @@ def finetune(
         f"gain {m['finetune_gain']:+.4f}) -> {out}; re-extract with: embedx extract IMAGES --model {model} "
         f"--weights {Path(out) / 'backbone.safetensors'}{overrides}"
     )
+    if m.get("num_skipped"):
+        typer.echo(f"{m['num_skipped']} images left out (unreadable, or decoding them crashed the decoder): "
+                   f"'skipped' in {Path(out) / 'metrics.json'}", err=True)
 
 
 @app.command()

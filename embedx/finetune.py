@@ -23,12 +23,17 @@ from ._malloc import apply_heap, check_heap
 from ._progress import progress_bar
 from .backbone import (DEFAULT_MODEL, Backbone, autocast, check_preprocessing, load_backbone, resolve_device,
                        resolve_precision, usable_cpus)
-from .errors import FeaturesError, InputError
+from .errors import EmbedxError, FeaturesError, InputError
 from .images import ImageDecodeError, ImageRecord, decode_image, list_images
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
+#: the images a fine-tune leaves out, path -> why (unreadable, or decoding them killed the decoder
+#: process): kept in --out, so that a rerun leaves them out too, and reported in metrics.json
+SKIPPED = "skipped.json"
+#: decoder-process deaths one fine-tune recovers from (each finds its culprits first)
+MAX_DECODER_DEATHS = 20
 
 
 @dataclass(frozen=True)
@@ -58,8 +63,17 @@ class FinetuneConfig:
     interpolation: str | None = None
 
 
+@dataclass(frozen=True)
+class _Unreadable:
+    """What a loader gives for an image it could not read: its position and why."""
+
+    index: int
+    kind: str
+    message: str
+
+
 class _LabelledImages:
-    """(image tensor, class index) pairs through a timm transform; bad files yield None."""
+    """(image tensor, class index) pairs through a timm transform; a bad file gives `_Unreadable`."""
 
     def __init__(self, records: list[ImageRecord], targets: list[int], transform):
         self.records, self.targets, self.transform = records, targets, transform
@@ -69,19 +83,49 @@ class _LabelledImages:
 
     def __getitem__(self, i):
         try:
-            img = decode_image(self.records[i].file).image
-        except ImageDecodeError:
-            return None
-        return self.transform(img), self.targets[i]
+            return self.transform(decode_image(self.records[i].file).image), self.targets[i]
+        except ImageDecodeError as e:
+            return _Unreadable(i, e.kind, str(e))
+        except Exception as e:  # noqa: BLE001 - one bad file must never stop the run (as in extract)
+            return _Unreadable(i, "decode_error", f"{type(e).__name__}: {e}")
+
+
+@dataclass
+class _Batch:
+    x: object  # (n, 3, H, W) tensor, None when no image of the batch could be read
+    y: object
+    unreadable: list  # [_Unreadable]
 
 
 def _collate(items):
     import torch
 
-    items = [it for it in items if it is not None]
-    if not items:
-        return None
-    return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
+    good = [it for it in items if not isinstance(it, _Unreadable)]
+    bad = [it for it in items if isinstance(it, _Unreadable)]
+    if not good:
+        return _Batch(None, None, bad)
+    return _Batch(torch.stack([x for x, _ in good]), torch.tensor([y for _, y in good]), bad)
+
+
+def _note_unreadable(batch: _Batch, dataset: _LabelledImages, skipped: dict | None) -> None:
+    if skipped is not None:
+        for u in batch.unreadable:
+            skipped.setdefault(dataset.records[u.index].path, f"{u.kind}: {u.message}")
+
+
+class _Positions:
+    """A dataset's items decoded (and transformed) as the fine-tune would, giving (position,):
+    what `_loader.find_crashing` decodes one at a time."""
+
+    def __init__(self, dataset: _LabelledImages):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        self.dataset[i]
+        return (i,)
 
 
 def top_block_parameters(model, n: int) -> list[str]:
@@ -172,11 +216,90 @@ def finetune(images, out, config: FinetuneConfig = FinetuneConfig(), *, val=None
     check_preprocessing(config.img_size, config.crop_pct, config.crop_mode, config.interpolation)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    with DirectoryLock(out):
-        return _finetune(images, out, config, val=val, overwrite=overwrite)
+    with DirectoryLock(out) as lock:
+        return _finetune_isolating_crashes(images, out, config, val=val, overwrite=overwrite,
+                                           previous_died=lock.died)
 
 
-def _finetune(images, out: Path, config: FinetuneConfig, *, val, overwrite: bool) -> dict:
+def _finetune_isolating_crashes(images, out: Path, config: FinetuneConfig, *, val, overwrite: bool,
+                                previous_died: str | None) -> dict:
+    """`_finetune`, surviving images whose decoding kills a decoder process (a crash in a decoding
+    library, an out-of-memory kill), as `embedx extract` does: when a loader process dies, every
+    image not yet left out is decoded one at a time in processes of their own; those that kill
+    theirs are left out (SKIPPED, reported in metrics.json) and the run resumes from its last
+    checkpoint. Without loader processes (2-core machines) such a crash ends this process: a
+    rerun after a run that ended without cleaning up checks the images that way first."""
+    from ._loader import decoder_died
+
+    if overwrite:  # the old run's checkpoint and findings go; this run's own are resumed from below
+        for name in (CHECKPOINT, SKIPPED):
+            (out / name).unlink(missing_ok=True)
+    workers = config.num_workers if config.num_workers is not None else default_num_workers()
+    if previous_died and workers == 0:
+        log.warning("the last fine-tune into %s (pid %s) ended without cleaning up: if decoding an image crashed it, "
+                    "checking every image in a separate process first finds it", out, previous_died)
+        _find_crashing_images(images, out, config, val)
+    deaths = 0
+    while True:
+        try:
+            return _finetune(images, out, config, val=val)
+        except RuntimeError as e:
+            if not decoder_died(e):
+                raise
+            deaths += 1
+            if deaths > MAX_DECODER_DEATHS:
+                raise EmbedxError(f"Decoder processes died {deaths} times; giving up. Rerun with --num-workers 0 "
+                                  "(what was fine-tuned so far is kept: it resumes).") from e
+            log.warning("a loader process died (%s): checking every image in a process of its own", e)
+            if not _find_crashing_images(images, out, config, val):
+                raise EmbedxError(
+                    f"A loader process died ({e}), but no image kills one when decoded on its own: likely a "
+                    "memory limit with several processes decoding at once. Rerun with fewer --num-workers (what "
+                    "was fine-tuned so far is kept: it resumes).") from e
+
+
+def _read_skipped(out: Path) -> dict[str, str]:
+    try:
+        return json.loads((out / SKIPPED).read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError):
+        log.warning("%s is damaged: the images it left out are looked for again", out / SKIPPED)
+        return {}
+
+
+def _write_skipped(out: Path, skipped: dict[str, str]) -> None:
+    tmp = out / (SKIPPED + ".tmp")
+    tmp.write_text(json.dumps(dict(sorted(skipped.items())), indent=1))
+    os.replace(tmp, out / SKIPPED)
+
+
+def _find_crashing_images(images, out: Path, config: FinetuneConfig, val) -> dict[str, str]:
+    """Decode (and transform for evaluation) every training and validation image not yet left
+    out, one at a time in decoder processes of their own; those whose decoding kills the process
+    are added to SKIPPED. Returns them (path -> why)."""
+    from ._loader import find_crashing
+
+    train_records, val_records, classes = _split(images, val, config)
+    skipped = _read_skipped(out)
+    backbone = load_backbone(config.model, config.weights).with_preprocessing(
+        config.img_size, config.crop_pct, config.crop_mode, config.interpolation)
+    _, eval_tf = _transforms(backbone, False)
+    records = [r for r in train_records + val_records if r.path not in skipped]
+    t0 = time.perf_counter()
+    crashed = find_crashing(_Positions(_LabelledImages(records, [0] * len(records), eval_tf)), 0, len(records))
+    found = {records[i].path: f"decoder_crashed: decoding it killed the decoder process ({why})"
+             for i, why in crashed.items()}
+    for path, why in found.items():
+        log.warning("%s: %s; left out of the fine-tune", path, why)
+    log.info("checked %d images for decoder crashes in %.1f s: %d found", len(records), time.perf_counter() - t0,
+             len(found))
+    if found:
+        _write_skipped(out, {**skipped, **found})
+    return found
+
+
+def _finetune(images, out: Path, config: FinetuneConfig, *, val) -> dict:
     import torch
     from torch.utils.data import DataLoader
 
@@ -190,7 +313,13 @@ def _finetune(images, out: Path, config: FinetuneConfig, *, val, overwrite: bool
     apply_heap(config.heap, device)
     precision = resolve_precision("auto", device) if device.startswith("cuda") else "fp32"
     train_records, val_records, classes = _split(images, val, config)
-    fingerprint = _fingerprint(config, train_records, val_records)
+    fingerprint = _fingerprint(config, train_records, val_records)  # of the input: resumes after leaving some out
+    skipped = _read_skipped(out)
+    # the images that crash a decoder are left out; unreadable ones stay in (they are skipped as
+    # they come, and the epochs' shuffles stay those of a run that was never interrupted)
+    crashing = {p for p, why in skipped.items() if why.startswith("decoder_crashed")}
+    train_records = [r for r in train_records if r.path not in crashing]
+    val_records = [r for r in val_records if r.path not in crashing]
     lookup = {c: i for i, c in enumerate(classes)}
 
     backbone = load_backbone(config.model, config.weights).with_preprocessing(
@@ -212,7 +341,7 @@ def _finetune(images, out: Path, config: FinetuneConfig, *, val, overwrite: bool
     state = {"stage": 1, "epoch": 0, "best_acc": -1.0, "head_only_best": -1.0, "stale": 0, "history": []}
     ckpt_path = out / CHECKPOINT
     resume = None
-    if ckpt_path.exists() and not overwrite:
+    if ckpt_path.exists():
         resume = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         if resume.get("fingerprint") != fingerprint:
             raise InputError(f"{out} holds a fine-tune with other settings or images. Use --overwrite or another --out.")
@@ -248,9 +377,10 @@ def _finetune(images, out: Path, config: FinetuneConfig, *, val, overwrite: bool
             loss_sum, seen = 0.0, 0
             for batch in progress_bar(train_loader, desc=f"stage {stage} epoch {state['epoch'] + 1}/{n_epochs}",
                                       unit="batch", enabled=config.progress, leave=False):
-                if batch is None:
+                _note_unreadable(batch, train_loader.dataset, skipped)
+                if batch.x is None:
                     continue
-                x, y = batch[0].to(device, non_blocking=True), batch[1].to(device)
+                x, y = batch.x.to(device, non_blocking=True), batch.y.to(device)
                 with autocast(device, precision):
                     if stage == 1:
                         with torch.no_grad():
@@ -264,7 +394,7 @@ def _finetune(images, out: Path, config: FinetuneConfig, *, val, overwrite: bool
                 opt.step()
                 loss_sum += float(loss.detach()) * len(y)
                 seen += len(y)
-            acc, _, _ = _evaluate(model, head, val_loader, device, precision)
+            acc, _, _ = _evaluate(model, head, val_loader, device, precision, skipped=skipped)
             state["epoch"] += 1
             improved = acc > state["best_acc"]
             state["history"].append({"stage": stage, "epoch": state["epoch"], "train_loss": loss_sum / max(seen, 1),
@@ -277,16 +407,20 @@ def _finetune(images, out: Path, config: FinetuneConfig, *, val, overwrite: bool
                 _save_best(out, model, head)
             else:
                 state["stale"] += 1
+            if skipped:
+                _write_skipped(out, skipped)
             _checkpoint(ckpt_path, model, head, opt, stage, state, fingerprint)
             log.info("stage %d epoch %d: val acc %.4f", stage, state["epoch"], acc)
     metrics = _final_metrics(out, backbone, head, classes, train_records, val_records, config, device, precision,
-                             eval_tf, workers, state, total_epochs)
+                             eval_tf, workers, state, total_epochs, skipped)
+    if skipped:
+        _write_skipped(out, skipped)
     state["done"] = True
     _checkpoint(ckpt_path, model, head, None, 2, state, fingerprint)
     return metrics
 
 
-def _evaluate(model, head, loader, device, precision):
+def _evaluate(model, head, loader, device, precision, skipped: dict | None = None):
     import torch
 
     model.eval()
@@ -294,11 +428,12 @@ def _evaluate(model, head, loader, device, precision):
     probs, ys = [], []
     with torch.no_grad(), autocast(device, precision):
         for batch in loader:
-            if batch is None:
+            _note_unreadable(batch, loader.dataset, skipped)
+            if batch.x is None:
                 continue
-            logits = head(model(batch[0].to(device)).float())
+            logits = head(model(batch.x.to(device)).float())
             probs.append(torch.softmax(logits.float(), -1).cpu().numpy())
-            ys.append(batch[1].numpy())
+            ys.append(batch.y.numpy())
     if not probs:
         return 0.0, np.empty((0, 0)), np.empty(0, np.int64)
     p, y = np.concatenate(probs), np.concatenate(ys)
@@ -331,7 +466,7 @@ def _save_best(out: Path, model, head) -> None:
 
 
 def _final_metrics(out: Path, backbone: Backbone, head, classes, train_records, val_records, config, device,
-                   precision, eval_tf, workers, state, total_epochs) -> dict:
+                   precision, eval_tf, workers, state, total_epochs, skipped: dict) -> dict:
     """Reload the best weights, evaluate on val and train (no augmentation), write outputs."""
     from safetensors.torch import load_file
     from torch.utils.data import DataLoader
@@ -347,8 +482,8 @@ def _final_metrics(out: Path, backbone: Backbone, head, classes, train_records, 
         return DataLoader(_LabelledImages(recs, [lookup[r.label] for r in recs], eval_tf),
                           batch_size=config.batch_size * 2, num_workers=workers, collate_fn=_collate)
 
-    _, pv, yv = _evaluate(backbone.model, head, loader(val_records), device, precision)
-    _, pt, yt = _evaluate(backbone.model, head, loader(train_records), device, precision)
+    _, pv, yv = _evaluate(backbone.model, head, loader(val_records), device, precision, skipped=skipped)
+    _, pt, yt = _evaluate(backbone.model, head, loader(train_records), device, precision, skipped=skipped)
     metrics, cm, report = evaluate(pv, yv, pt, yt, classes)
     metrics.update({
         "num_classes": len(classes), "classes": classes, "num_train": len(train_records), "num_val": len(val_records),
@@ -357,6 +492,8 @@ def _final_metrics(out: Path, backbone: Backbone, head, classes, train_records, 
         "unfreeze_blocks": config.unfreeze_blocks, "history": state["history"],
         "sweep": [{"name": f"stage{h['stage']}_epoch{h['epoch']}", "val_accuracy": h["val_accuracy"]} for h in state["history"]],
         "epochs_run": len(state["history"]), "max_epochs": total_epochs,
+        # images left out: unreadable, or decoding them killed the decoder process (path -> why)
+        "num_skipped": len(skipped), "skipped": dict(sorted(skipped.items())),
     })
     head.cpu()
     cfg = {

@@ -114,3 +114,125 @@ def test_unknown_heap_choice_is_refused_before_any_work(tiny_dir, tmp_path):
 def test_default_loader_workers_follow_the_cores(monkeypatch, cpus, workers):
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(cpus)), raising=False)
     assert ft.default_num_workers() == workers
+
+
+def _copy_with_bad_files(tiny_dir, dest):
+    import shutil
+
+    shutil.copytree(tiny_dir, dest)
+    (dest / "class_0" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a JPEG at all")
+    good = (dest / "class_1" / "img_001.jpg").read_bytes()
+    (dest / "class_1" / "truncated.jpg").write_bytes(good[:40])
+    return dest
+
+
+def test_unreadable_images_are_recorded_and_skipped(tiny_dir, tmp_path):
+    """Images that cannot be read were dropped without a word; they are now skipped and said
+    (metrics.json 'skipped', kept in skipped.json for reruns), and the run completes."""
+    data = _copy_with_bad_files(tiny_dir, tmp_path / "data")
+    m = ft.finetune(data, tmp_path / "ft", ft.FinetuneConfig(**TINY))
+    assert m["num_skipped"] == 2 and set(m["skipped"]) == {"class_0/broken.jpg", "class_1/truncated.jpg"}, m["skipped"]
+    # the decoder's own reasons, as extract records them (kind: message)
+    assert all(why.startswith("truncated: ") for why in m["skipped"].values()), m["skipped"]
+    assert json.loads((tmp_path / "ft" / ft.SKIPPED).read_text()) == m["skipped"]
+    assert m["num_train"] + m["num_val"] == 26  # unreadable ones stay listed: the splits and shuffles do not move
+
+
+def test_an_image_that_kills_a_loader_process_is_left_out_and_the_fine_tune_goes_on(tiny_dir, tmp_path,
+                                                                                    monkeypatch):
+    """A decoding library that segfaults on an image killed the DataLoader worker, and the fine-tune
+    with it, at every rerun. Now every image is decoded alone in a process of its own, the one that
+    kills it is left out (metrics.json 'skipped', with the signal), and the run resumes."""
+    import os
+    import signal
+
+    files = sorted(str(p) for p in tiny_dir.rglob("*.jpg"))
+    killer = files[7]
+    real = ft.decode_image
+
+    def decode(file, *args, **kwargs):
+        if file == killer:
+            os.kill(os.getpid(), signal.SIGSEGV)  # in the loader process (forked: it has this patch)
+        return real(file, *args, **kwargs)
+
+    monkeypatch.setattr(ft, "decode_image", decode)
+    m = ft.finetune(tiny_dir, tmp_path / "ft", ft.FinetuneConfig(**{**TINY, "num_workers": 2}))
+    rel = os.path.relpath(killer, str(tiny_dir.resolve()))
+    assert list(m["skipped"]) == [rel] and "decoder_crashed" in m["skipped"][rel] and "SIGSEGV" in m["skipped"][rel]
+    assert m["num_train"] + m["num_val"] == 23 and [h["stage"] for h in m["history"]] == [1, 2, 2]
+
+
+def test_a_loader_death_that_no_image_explains_is_an_error_with_advice(tiny_dir, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from embedx.errors import EmbedxError
+
+    real = ft.decode_image
+    marker = tmp_path / "killed-once"
+
+    def decode(file, *args, **kwargs):
+        if not marker.exists():  # one death, in the first loader process that decodes: an OOM kill, say
+            marker.write_text("x")
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(file, *args, **kwargs)
+
+    monkeypatch.setattr(ft, "decode_image", decode)
+    with pytest.raises(EmbedxError, match="no image kills one when decoded on its own.*fewer --num-workers"):
+        ft.finetune(tiny_dir, tmp_path / "ft", ft.FinetuneConfig(**{**TINY, "num_workers": 2}))
+    assert marker.exists() and not (tmp_path / "ft" / ft.SKIPPED).exists()  # it died once; nothing was left out
+
+
+def test_an_in_process_decoder_crash_is_found_by_the_rerun(tiny_dir, tmp_path):
+    """Without loader processes (2 cores) a segfault while decoding ends the fine-tune itself. The
+    rerun sees the last run did not exit cleanly, decodes every image in a separate process first,
+    leaves the culprit out and completes (before: it died again, at every rerun)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    files = sorted(str(p) for p in tiny_dir.rglob("*.jpg"))
+    code = f"""
+import json, os, signal
+from embedx import finetune as ft
+real = ft.decode_image
+def decode(file, *args, **kwargs):
+    if file == {files[3]!r}:
+        os.kill(os.getpid(), signal.SIGSEGV)  # a crash inside a decoding library
+    return real(file, *args, **kwargs)
+ft.decode_image = decode
+m = ft.finetune({str(tiny_dir)!r}, {str(tmp_path / "ft")!r}, ft.FinetuneConfig(**{TINY!r}))
+print(json.dumps(m["skipped"]))
+"""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    first = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert first.returncode == -signal.SIGSEGV, first.stderr[-2000:]
+    again = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "ended without cleaning up" in again.stderr
+    skipped = json.loads(again.stdout.strip().splitlines()[-1])
+    rel = os.path.relpath(files[3], str(tiny_dir.resolve()))
+    assert list(skipped) == [rel] and "SIGSEGV" in skipped[rel], skipped
+
+
+def test_each_epoch_decodes_every_image_once(tiny_dir, tmp_path, monkeypatch):
+    """The progress bar (tqdm.auto) called iter() on the DataLoader in its constructor and again
+    when iterated: every epoch started two sets of loader processes, and the first decoded batches
+    that nobody read. Counted across the loader processes (one line per decode in a shared file)."""
+    import os
+
+    log_file = tmp_path / "decodes.log"
+    real = ft.decode_image
+
+    def decode(file, *args, **kwargs):
+        with open(log_file, "a") as f:  # O_APPEND: one whole line per write, from any process
+            f.write(f"{os.getpid()} {file}\n")
+        return real(file, *args, **kwargs)
+
+    monkeypatch.setattr(ft, "decode_image", decode)
+    cfg = ft.FinetuneConfig(**{**TINY, "num_workers": 2, "head_epochs": 1, "epochs": 0, "progress": True})
+    m = ft.finetune(tiny_dir, tmp_path / "ft", cfg)
+    lines = log_file.read_text().splitlines()
+    # one epoch over train, evaluations over val (each epoch, then again at the end) and train (at the end)
+    assert len(lines) == 2 * m["num_train"] + 2 * m["num_val"], (len(lines), m["num_train"], m["num_val"])
