@@ -124,3 +124,18 @@ def timm_pixels(backbone, files, **data):
 
     tf = create_transform(**{**backbone.timm_data_config(), **data}, is_training=False)
     return torch.stack([tf(Image.open(f).convert("RGB")) for f in files])
+
+
+def segfault_on(module: str, file: str) -> str:
+    """Source for a script run in a subprocess: `module`'s decode_image segfaults on `file`, as a
+    crash inside a decoding library would."""
+    return f"""
+import os, signal
+import {module} as _patched
+_real = _patched.decode_image
+def _decode(file, *args, **kwargs):
+    if file == {file!r}:
+        os.kill(os.getpid(), signal.SIGSEGV)  # a crash inside a decoding library
+    return _real(file, *args, **kwargs)
+_patched.decode_image = _decode
+"""

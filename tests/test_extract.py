@@ -16,6 +16,8 @@ from embedx import shards
 from embedx.errors import LockedError, OutputExistsError
 from embedx.extractor import ExtractConfig, extract
 
+from .conftest import segfault_on
+
 FAST = dict(progress=False, num_workers=0, batch_size=8)
 
 
@@ -397,16 +399,8 @@ def test_an_in_process_decoder_crash_is_found_by_the_rerun(tiny_dir, tmp_path):
     `decoder_crashed` error and the run completes (before: it died again, at every rerun). A
     clean exit (here: the completed rerun) leaves nothing for the next run to check."""
     files = sorted(str(p) for p in tiny_dir.rglob("*.jpg"))
-    code = f"""
-import os, signal, sys
-from embedx import _loader
+    code = segfault_on("embedx._loader", files[9]) + f"""
 from embedx.extractor import ExtractConfig, extract
-real = _loader.decode_image
-def decode(file, *args, **kwargs):
-    if file == {files[9]!r}:
-        os.kill(os.getpid(), signal.SIGSEGV)  # a crash inside a decoding library
-    return real(file, *args, **kwargs)
-_loader.decode_image = decode
 r = extract([{str(tiny_dir)!r}], {str(tmp_path / "f")!r},
             ExtractConfig(progress=False, num_workers=0, batch_size=4, shard_size=8))
 print(r.num_embedded, r.num_errors)

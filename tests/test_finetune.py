@@ -9,6 +9,8 @@ from embedx import finetune as ft
 from embedx.extractor import ExtractConfig, extract
 from embedx.predict import predict
 
+from .conftest import segfault_on
+
 TINY = dict(model="test_efficientnet", weights="random", head_epochs=1, epochs=2, batch_size=8, num_workers=0,
             progress=False, unfreeze_blocks=2, patience=5, lr=3e-3)
 
@@ -193,15 +195,9 @@ def test_an_in_process_decoder_crash_is_found_by_the_rerun(tiny_dir, tmp_path):
     import sys
 
     files = sorted(str(p) for p in tiny_dir.rglob("*.jpg"))
-    code = f"""
-import json, os, signal
+    code = segfault_on("embedx.finetune", files[3]) + f"""
+import json
 from embedx import finetune as ft
-real = ft.decode_image
-def decode(file, *args, **kwargs):
-    if file == {files[3]!r}:
-        os.kill(os.getpid(), signal.SIGSEGV)  # a crash inside a decoding library
-    return real(file, *args, **kwargs)
-ft.decode_image = decode
 m = ft.finetune({str(tiny_dir)!r}, {str(tmp_path / "ft")!r}, ft.FinetuneConfig(**{TINY!r}))
 print(json.dumps(m["skipped"]))
 """
