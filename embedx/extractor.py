@@ -376,9 +376,15 @@ def _plan(listing: ImageListing, out: Path, config: ExtractConfig, backbone: Bac
                                  or len(segments.segments(manifest)) > 1):
         diffs = _config_diffs(manifest, metadata, config)
         if diffs:
+            # the fp32 stem became the default on GPUs too (session 15): a run begun all-bf16
+            # before that goes on with the flag
+            all_bf16 = (config.fp32_stem is None and manifest.get("metadata", {}).get("fp32_modules") == []
+                        and metadata.get("fp32_modules"))
             raise OutputExistsError(
                 f"{out} already holds a run with a different configuration:\n  " + "\n  ".join(diffs)
                 + "\nUse another --out directory, or --overwrite to replace it."
+                + ("\nThat run kept every layer in bf16: add --no-fp32-stem to go on with it as it was "
+                   "(the half-resolution layers in fp32 are now the default on every device)." if all_bf16 else "")
             )
         records, change = _plan_update(out, manifest, listing, config, fingerprint)
     if manifest is None:

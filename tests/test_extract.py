@@ -606,3 +606,19 @@ def test_a_shards_rows_are_stacked_on_the_writer_thread(tiny_dir, tmp_path, back
     assert r.num_embedded > 4 and threads and all(t.startswith("embedx-shard-writer") for t in threads), threads
     f = embedx.read_features(tmp_path / "o")
     assert f.embeddings.shape == (r.num_embedded, backbone.dim) and list(f.row_ids) == sorted(f.row_ids)
+
+
+def test_a_run_begun_all_bf16_is_told_how_to_go_on(tiny_dir, tmp_path, backbone):
+    """The fp32 stem became the default on GPUs too: a run begun there before, all in bf16, would
+    be refused on resume as another configuration; the error says which flag goes on with it."""
+    cfg = ExtractConfig(precision="bf16", fp32_stem=False, progress=False, shard_size=8, num_workers=0)
+    extract(tiny_dir, tmp_path / "o", cfg, backbone=backbone)
+    manifest = shards.read_manifest(tmp_path / "o")
+    manifest["complete"] = False
+    manifest["shards"] = manifest["shards"][:1]  # interrupted after its first shard
+    shards.write_manifest(tmp_path / "o", manifest)
+    with pytest.raises(OutputExistsError, match="(?s)fp32_modules.*add --no-fp32-stem to go on"):
+        extract(tiny_dir, tmp_path / "o", ExtractConfig(precision="bf16", progress=False, shard_size=8,
+                                                      num_workers=0), backbone=backbone)
+    r = extract(tiny_dir, tmp_path / "o", cfg, backbone=backbone)  # with the flag it resumes
+    assert r.num_embedded == 24 and r.num_skipped == 8
