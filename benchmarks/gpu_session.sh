@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session's checks, in one call (the machine is lent for minutes): install the carried
 # wheels (benchmarks/gpu_wheels.sh) into a scratch directory, run the extraction benchmark
-# (gpu_extract.sh, under 5 minutes), the GPU tests, and the CPU engine on the many cores there
+# (gpu_extract.sh, under 5 minutes; ~1.5 min in session 15), a 50k-image run of resnet50, the GPU tests, and the CPU engine on the many cores there
 # (bench_extract.py, cut at 90 s); each step has a time limit, so that one that hangs leaves the
 # others their turn. Results and logs go to $OUT (default
 # benchmarks/results). Each step runs even if the one before failed; the exit code is the worst.
@@ -22,6 +22,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee 
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" 2>&1 | tee -a "$OUT/gpu_session_device.txt"
 rc=0
 OUT="$OUT" timeout "${GPU_BENCH_SECONDS:-330}" bash benchmarks/gpu_extract.sh 2>&1 | tee "$OUT/gpu_extract.log" || rc=1
+# a longer run of resnet50's two main paths (start-up and the last batches weigh less: 1.2-1.4x the
+# 20k figures in session 15)
+HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 timeout "${GPU_LONG_SECONDS:-100}" python3 benchmarks/bench_gpu.py --images 50000 \
+  --models resnet50 --variants main --out "$OUT/gpu_extract_50k.json" 2>&1 | tee "$OUT/gpu_extract_50k.log" || rc=1
 HF_HUB_OFFLINE=1 timeout "${GPU_TESTS_SECONDS:-90}" python3 -m pytest -q -s -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" || rc=1
 # last, and cut short if time runs out: the CPU engine on this machine's many cores (only 2-core
 # CPUs have been measured): the default loader (decoder processes, one per 4 cores) against
