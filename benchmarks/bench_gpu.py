@@ -163,10 +163,9 @@ def main() -> None:
             backbone = load_backbone(name, "random")
             row = {"model": name, "dim": backbone.dim}
             n = max(4096, args.batch_size * 16)
-            # bf16 with the half-resolution layers in fp32 (--fp32-stem): what it costs here (its
-            # accuracy on real photos is tests/test_gpu.py's)
-            # (the default on every device since session 15: measured here, cosine and speed); the
-            # ceiling without them beside it, from a fresh backbone
+            # bf16 with the half-resolution layers in fp32 (the default on every device since session
+            # 15; its accuracy on real photos is tests/test_gpu.py's): the ceiling without them
+            # (--no-fp32-stem) beside it, from a fresh backbone, says what they cost here
             row["fp32_modules"] = fp32_modules(backbone, args.device, precision)
             if row["fp32_modules"]:
                 row["ceiling_no_fp32_stem"] = bench_ceiling(load_backbone(name, "random"), n, args.batch_size,
