@@ -155,3 +155,118 @@ def test_no_usable_decoder_is_refused_clearly(fresh_resolution, monkeypatch, tin
 def test_device_decoder_option_checked(tiny_dir, tmp_path, kwargs, message):
     with pytest.raises(InputError, match=message):
         extract(tiny_dir, tmp_path / "out", _cfg(**kwargs))
+
+
+# sizes for the batched resize (a 64 -> 56 crop, as in test_resize): downscales, upscales, the
+# crop's own size, portrait and landscape, equal sizes, and odd ones
+_SIZES = [(375, 500), (500, 375), (120, 97), (56, 56), (64, 64), (57, 150), (150, 57), (61, 61), (375, 500),
+          (199, 173), (70, 180), (1000, 640)]
+
+
+def _textured(h, w, seed):
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([(xx * 7 + yy * 3) % 256, (xx * 2 + yy * 11) % 256, (xx * yy) % 256], 0)
+    return torch.from_numpy(np.clip(base + rng.integers(-20, 21, (3, h, w)), 0, 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize("mode", ["bicubic", "bilinear", "nearest"])
+@pytest.mark.parametrize("group_pixels,slack", [(2 ** 25, float("inf")), (40_000, 1.5)])
+def test_batched_resize_equals_the_per_size_one(mode, group_pixels, slack, monkeypatch):
+    """Images of many sizes resized together (padded, two matrix products a group) give the pixels
+    that one interpolate call per image gives, in one group or split into many."""
+    from embedx._tensor_decode import TensorPreprocess, _groups, batchable, batched_resize_crop, resize_crop_batch
+
+    monkeypatch.setattr(_tensor_decode, "GROUP_PIXELS", group_pixels)
+    monkeypatch.setattr(_tensor_decode, "GROUP_SLACK", slack)
+    pre = TensorPreprocess(64, (56, 56), mode)
+    imgs = [_textured(h, w, seed) for seed, (h, w) in enumerate(_SIZES)]
+    assert all(batchable(h, w, pre) for h, w in _SIZES)
+    groups = _groups(_SIZES, group_pixels, slack)
+    assert sorted(i for g in groups for i in g) == list(range(len(_SIZES)))
+    assert (len(groups) == 1) == (slack == float("inf")), groups  # all padded to 1000 x 640, or many groups
+    got = batched_resize_crop(imgs, pre)
+    for (h, w), img, out in zip(_SIZES, imgs, got):
+        want = resize_crop_batch(img[None], pre)[0]
+        assert out.shape == want.shape == (3, 56, 56)
+        assert (out - want).abs().max() < 1e-3, (h, w, mode, (out - want).abs().max())
+
+
+@pytest.mark.parametrize("n_in,n_out", [(1025, 300), (2049, 512), (700, 256), (100, 256), (1, 256)])
+@pytest.mark.parametrize("mode", ["bicubic", "bilinear", "nearest"])
+def test_axis_weights_are_the_resize_of_one_axis(n_in, n_out, mode):
+    """The cached weights (built in slices of 1024 columns, none of width 1) applied to columns =
+    aten's resize of those columns, for the crop's rows."""
+    from embedx._tensor_decode import _axis_weights
+
+    w = _axis_weights(n_in, n_out, 10, 200, mode, "cpu")
+    x = torch.rand(1, 1, n_in, 5, generator=torch.Generator().manual_seed(0))
+    ref = torch.nn.functional.interpolate(x, size=(n_out, 5), mode=mode, antialias=mode != "nearest",
+                                          align_corners=False if mode != "nearest" else None)[0, 0, 10:210]
+    assert w.shape == (200, n_in)
+    assert (w @ x[0, 0] - ref).abs().max() < 1e-5
+
+
+def test_groups_stay_within_their_padding_and_pixel_limits():
+    from embedx._tensor_decode import _groups
+
+    # photo-like: a few aspect ratios, portrait and landscape, many scales
+    rng = np.random.default_rng(0)
+    shapes = [(int(s), int(s * rng.choice([4 / 3, 3 / 4, 3 / 2, 2 / 3, 1, 16 / 9]))) for s in rng.integers(200, 1200, 300)]
+    for limit in (3_000_000, 2 ** 25):
+        groups = _groups(shapes, limit, 1.5)
+        assert sorted(i for g in groups for i in g) == list(range(300))
+        for g in groups:
+            padded = len(g) * max(shapes[i][0] for i in g) * max(shapes[i][1] for i in g)
+            own = sum(shapes[i][0] * shapes[i][1] for i in g)
+            assert len(g) == 1 or (padded <= limit and padded <= 1.5 * own), (g, padded, own)
+    assert len(groups) <= 20, len(groups)  # 300 images in 18 groups (ordered by size alone: 40)
+
+
+def test_decode_batch_batched_keeps_banners_and_failures_apart(tmp_path):
+    """resize="batched": ordinary JPEGs (one upscaled) go through the batched products; a banner
+    (windowed resize) and a broken file take their own paths; all equal to resize="per-size"."""
+    from PIL import Image
+
+    from embedx._tensor_decode import TensorPreprocess, decode_batch
+
+    pre = TensorPreprocess(64, (56, 56), "bicubic")
+    blobs = []
+    for seed, (h, w) in enumerate([(375, 500), (120, 97), (3, 1200), (40, 30), (375, 500)]):
+        f = tmp_path / f"{seed}.jpg"
+        Image.fromarray(_textured(h, w, seed).permute(1, 2, 0).numpy()).save(f, quality=95)
+        blobs.append(torch.frombuffer(bytearray(f.read_bytes()), dtype=torch.uint8))
+    blobs.insert(2, torch.frombuffer(bytearray(b"\xff\xd8\xff not a jpeg"), dtype=torch.uint8))
+    calls = []
+    real = _tensor_decode.batched_resize_crop
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(_tensor_decode, "batched_resize_crop", lambda imgs, p: calls.append(len(imgs)) or real(imgs, p))
+        a, sizes_a, fail_a = decode_batch(blobs, "cpu", pre, USABLE[0], resize="batched")
+    b, sizes_b, fail_b = decode_batch(blobs, "cpu", pre, USABLE[0], resize="per-size")
+    assert calls == [4]  # all but the banner and the broken file
+    assert sizes_a == sizes_b and list(fail_a) == list(fail_b) == [2] and a[2] is None
+    for i, (x, y) in enumerate(zip(a, b)):
+        if i != 2:
+            assert x.shape == y.shape == (3, 56, 56) and (x - y).abs().max() < 1e-3, i
+    with pytest.raises(ValueError, match="per-size"):
+        decode_batch(blobs[:1], "cpu", pre, USABLE[0], resize="fast")
+
+
+def test_extract_with_the_batched_resize_gives_the_same_rows(photo_dir, tmp_path, backbone, monkeypatch):
+    """End to end on the CPU with RESIZE forced to "batched" (the CUDA default) against "per-size"
+    (the CPU default): the same rows (fp32: bf16 would blur the comparison)."""
+    from .conftest import row_cosines
+
+    batched = []
+    real = _tensor_decode.batched_resize_crop
+    monkeypatch.setattr(_tensor_decode, "batched_resize_crop", lambda imgs, p: batched.append(len(imgs)) or real(imgs, p))
+    for resize in ("batched", "per-size"):
+        monkeypatch.setattr(_tensor_decode, "RESIZE", resize)
+        extract(photo_dir, tmp_path / resize, _cfg(decode="device", device_decoder=USABLE[0], precision="fp32"),
+                backbone=backbone)
+        assert (sum(batched) > 0) == (resize == "batched")
+        batched.clear()
+    a, b = embedx.read_features(tmp_path / "batched"), embedx.read_features(tmp_path / "per-size")
+    assert len(a.paths) == len(b.paths) > 0 and list(a.paths) == list(b.paths)
+    cos = row_cosines(a.embeddings, b.embeddings)
+    assert cos.min() > 0.99999, cos.min()
