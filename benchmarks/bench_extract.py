@@ -288,15 +288,20 @@ def _fresh_process_rounds(script: str, variants: list, rounds: int, args_of, env
     """Run `script` (which prints one JSON line last) in a fresh Python process per variant and
     round, with `args_of(variant)` and the environment `env_of(variant, scratch directory)`;
     rounds interleave the variants so that drifts of a shared machine hit all. Returns
-    {variant: [parsed result, ...]}."""
+    {variant: [parsed result, ...]}. Each run's result is printed to stderr as it arrives, so that a
+    benchmark cut short by a time limit (a lent GPU machine's) still says what it measured."""
     out = {v: [] for v in variants}
-    for _ in range(rounds):
+    for r in range(rounds):
         for v in variants:
+            t = time.perf_counter()
             with tempfile.TemporaryDirectory() as scratch:
                 env = env_of(v, scratch) if env_of else None
                 proc = subprocess.run([sys.executable, "-c", script, *args_of(v)], capture_output=True, text=True,
                                       check=True, env=env)
             out[v].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            brief = {k: x for k, x in out[v][-1].items() if isinstance(x, (int, float, str))}
+            print(f"round {r + 1}/{rounds}, {v}, {time.perf_counter() - t:.1f} s: {json.dumps(brief)}",
+                  file=sys.stderr, flush=True)
     return out
 
 
