@@ -61,8 +61,7 @@ def usable_device_decoders() -> list[str]:
 def bench_device_decode(files: list[Path], backbone, device: str, batch_size: int, decoder: str) -> dict:
     """img/s of the `--decode device` stage alone with `decoder`'s decode_jpeg, on JPEG bytes
     already in memory: decode only, then decode + embedx's resize + crop (what the prefetch
-    thread does per batch), with the default resize (batched on CUDA) and with one interpolate
-    call per image size (the default before session 16)."""
+    thread does per batch)."""
     import torch
 
     from embedx._tensor_decode import _decoder, decode_batch, finish_batch
@@ -80,17 +79,12 @@ def bench_device_decode(files: list[Path], backbone, device: str, batch_size: in
         images, _, _ = decode_batch(b, device, pre, decoder)
         finish_batch(images)
 
-    def decode_resize_per_size(b):
-        images, _, _ = decode_batch(b, device, pre, decoder, resize="per-size")
-        finish_batch(images)
-
     def sync():
         if device.startswith("cuda"):
             torch.cuda.synchronize()
 
     out = {}
-    for name, fn in (("decode_only", decode_only), ("decode_resize", decode_resize),
-                     ("decode_resize_per_size", decode_resize_per_size)):
+    for name, fn in (("decode_only", decode_only), ("decode_resize", decode_resize)):
         fn(batches[0])  # warm-up (nvJPEG handles, kernels)
         sync()
         t = time.perf_counter()
@@ -142,7 +136,6 @@ def main() -> None:
     import torch
 
     from bench_extract import bench_ceiling
-    from embedx import _tensor_decode
     from embedx.backbone import load_backbone, resolve_precision
     from embedx.extractor import ExtractConfig, default_num_workers, extract, fp32_modules
     from embedx.images import jpeg_decoder
@@ -178,7 +171,7 @@ def main() -> None:
                 row["ceiling_no_fp32_stem"] = bench_ceiling(load_backbone(name, "random"), n, args.batch_size,
                                                             args.device, precision, fp32_stem=False)
             row["ceiling"] = bench_ceiling(backbone, n, args.batch_size, args.device, precision, fp32_stem=None)
-            if name == first:
+            if name == first and args.variants == "all":
                 row["device_decode_stage"] = {d: bench_device_decode(files, backbone, args.device, args.batch_size, d)
                                               for d in env["device_decoders"]}
                 for d, v in row["device_decode_stage"].items():
@@ -190,21 +183,15 @@ def main() -> None:
             # installed, the first model also runs torchvision's, side by side
             # and, where the model has half-resolution layers, GPU decode without them in fp32
             # (a fresh backbone: as every run with them does, it starts from one on the CPU)
-            # and (first model, every --variants) GPU decode with one resize call per image size, the
-            # default before the batched resize
-            variants = [("pil", 2, 1.0, "auto", None, "auto"), ("device", 2, 1.0, "auto", None, "auto")]
-            if name == first:
-                variants += [("device", 2, 1.0, "auto", None, "per-size")]
+            variants = [("pil", 2, 1.0, "auto", None), ("device", 2, 1.0, "auto", None)]
             if name == first and args.variants == "all":
-                variants += [("pil", 0, 1.0, "auto", None, "auto"), ("device", 0, 1.0, "auto", None, "auto")]
-                variants += [("device", 2, x, "auto", None, "auto") for x in SHARES]
-                variants += [("device", 2, 1.0, d, None, "auto") for d in env["device_decoders"][1:]]
-                variants += [("device", 2, 1.0, "auto", False, "auto")] if row["fp32_modules"] else []
-            for decode, prefetch, share, device_decoder, stem, resize in variants:
+                variants += [("pil", 0, 1.0, "auto", None), ("device", 0, 1.0, "auto", None)]
+                variants += [("device", 2, x, "auto", None) for x in SHARES]
+                variants += [("device", 2, 1.0, d, None) for d in env["device_decoders"][1:]]
+                variants += [("device", 2, 1.0, "auto", False)] if row["fp32_modules"] else []
+            for decode, prefetch, share, device_decoder, stem in variants:
                 key = (decode + ("" if prefetch else "_prefetch0") + ("" if share == 1.0 else f"_share{share}")
-                       + ("" if device_decoder == "auto" else f"_{device_decoder}") + ("_no_fp32_stem" if stem is False else "")
-                       + ("" if resize == "auto" else "_" + resize.replace("-", "_")))
-                _tensor_decode.RESIZE = resize
+                       + ("" if device_decoder == "auto" else f"_{device_decoder}") + ("_no_fp32_stem" if stem is False else ""))
                 out = tmp / f"out-{name}-{key}"
                 cfg = ExtractConfig(model=name, batch_size=args.batch_size, device=args.device, decode=decode,
                                     device_share=share, device_decoder=device_decoder, prefetch=prefetch,
@@ -217,7 +204,6 @@ def main() -> None:
                 row[f"seconds_{key}"] = {"wall": round(wall, 3), "run": round(r.seconds, 3)}
                 row[f"stages_{key}"] = {k: round(v, 3) for k, v in (r.stage_seconds or {}).items()}
                 shutil.rmtree(out, ignore_errors=True)
-                _tensor_decode.RESIZE = "auto"
             best = max(v for k, v in row.items() if k.startswith("e2e_") and not k.endswith("_no_fp32_stem"))
             row["efficiency_pil"] = row["e2e_pil"] / row["ceiling"]
             row["efficiency_device"] = row["e2e_device"] / row["ceiling"]
@@ -230,11 +216,6 @@ def main() -> None:
             print(f"{'':>24}  seconds by stage, GPU-decode: {row['stages_device']}", flush=True)
             print(f"{'':>24}  seconds (wall, run), CPU-decode: {row['seconds_pil']}, GPU-decode: {row['seconds_device']}",
                   flush=True)
-            if "e2e_device_per_size" in row:
-                r_ = row["e2e_device_per_size"]
-                print(f"{'':>24}  GPU-decode, one resize call per image size: e2e {r_:8.0f} img/s "
-                      f"({r_ / row['ceiling']:.2f}) -> batched resize {row['e2e_device'] / r_:.2f}x", flush=True)
-                print(f"{'':>24}  seconds by stage, per-size resize: {row['stages_device_per_size']}", flush=True)
             if name == first and args.profile:
                 _profile(folder, tmp / "profiled", name, args, backbone)
             if name == first and args.variants == "all":
