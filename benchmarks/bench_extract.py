@@ -254,7 +254,9 @@ ips = r.num_embedded / (time.perf_counter() - t)
 sys.path.insert(0, sys.argv[9])
 from bench_extract import bench_ceiling
 ceiling = bench_ceiling(backbone, r.num_embedded, bs, r.device, r.precision)
-print(json.dumps({"images_per_second": ips, "ceiling": ceiling, "stage_seconds": r.stage_seconds}))
+import torch
+print(json.dumps({"images_per_second": ips, "ceiling": ceiling, "stage_seconds": r.stage_seconds,
+                  "model_threads": torch.get_num_threads()}))
 shutil.rmtree(tmp)
 """
 
@@ -262,15 +264,16 @@ shutil.rmtree(tmp)
 def bench_batch_sizes(folder: Path, model: str, weights: str | None, sizes: list[int], rounds: int,
                       heaps: list[str] = ("auto",), jpegs: list[str] = ("simplejpeg",),
                       loaders: list[str] = ("auto",), precisions: list[str] = ("auto",),
-                      spins: list[str] = ("auto",)) -> dict:
+                      spins: list[str] = ("auto",), model_threads: list[str] = ("auto",)) -> dict:
     """`extract` end to end per batch size (and --heap choice, JPEG decoder, decoder
-    processes:prefetch depth[:decode threads], precision, and GOMP_SPINCOUNT: "default" unsets it),
+    processes:prefetch depth[:decode threads], precision, GOMP_SPINCOUNT: "default" unsets it, and
+    the model's threads: OMP_NUM_THREADS, which torch reads at start-up),
     each run in a fresh process (as a user's run is, and the heap switch is one-way), after a
     32-image warm-up, followed by the model-only ceiling in the same process; rounds interleave
     the variants so drifts of a shared machine hit all. Returns {variant: [run, ...]}, each run
     {"images_per_second", "ceiling", "stage_seconds"}."""
-    variants = [(bs, heap, jpeg, loader, precision, spin) for bs in sizes for heap in heaps for jpeg in jpegs
-                for loader in loaders for precision in precisions for spin in spins]
+    variants = [(bs, heap, jpeg, loader, precision, spin, mt) for bs in sizes for heap in heaps for jpeg in jpegs
+                for loader in loaders for precision in precisions for spin in spins for mt in model_threads]
 
     def env_of(v, _scratch):
         env = dict(os.environ)
@@ -278,6 +281,8 @@ def bench_batch_sizes(folder: Path, model: str, weights: str | None, sizes: list
             env.pop("GOMP_SPINCOUNT", None)
         elif v[5] != "auto":
             env["GOMP_SPINCOUNT"] = v[5]
+        if v[6] != "auto":
+            env["OMP_NUM_THREADS"] = v[6]
         return env
 
     return _fresh_process_rounds(_ONE_RUN, variants, rounds, lambda v: [
@@ -414,6 +419,9 @@ def main() -> None:
                     help="with --batch-sizes: decoder processes:prefetch depth[:decode threads] to compare, e.g. "
                          "0:0,1:2,0:2 or 0:0:1,0:0:2 (auto: the defaults)")
     ap.add_argument("--precisions", default="auto", help="with --batch-sizes: precisions to compare, e.g. fp32,bf16")
+    ap.add_argument("--model-threads", default="auto",
+                    help="with --batch-sizes: the model's intra-op threads to compare (OMP_NUM_THREADS in each "
+                         "run's process), e.g. auto,12 (auto: torch's default, one per core)")
     ap.add_argument("--spin-counts", default="auto",
                     help="with --batch-sizes: GOMP_SPINCOUNT values to compare, e.g. default,30000 (default: libgomp's own; "
                          "auto: as the CLI sets it)")
@@ -462,12 +470,13 @@ def main() -> None:
         model = "test_efficientnet" if args.quick else args.model
         folder = photo_folder(16 if args.quick else args.images, cache)
         heaps, jpegs, loaders = args.heaps.split(","), args.jpeg_decoders.split(","), args.loaders.split(",")
-        precisions, spins = args.precisions.split(","), args.spin_counts.split(",")
+        precisions, spins, threads = args.precisions.split(","), args.spin_counts.split(","), args.model_threads.split(",")
         runs = bench_batch_sizes(folder, model, "random" if args.quick else None, sizes, 1 if args.quick else args.rounds,
-                                 heaps, jpegs, loaders, precisions, spins)
+                                 heaps, jpegs, loaders, precisions, spins, threads)
         key = {v: "/".join([str(v[0])] + ([v[1]] if heaps != ["auto"] else []) + ([v[2]] if len(jpegs) > 1 else [])
                            + ([f"workers:prefetch{':threads' if v[3].count(':') == 2 else ''}={v[3]}"] if loaders != ["auto"] else [])
-                           + ([v[4]] if precisions != ["auto"] else []) + ([f"spin={v[5]}"] if spins != ["auto"] else []))
+                           + ([v[4]] if precisions != ["auto"] else []) + ([f"spin={v[5]}"] if spins != ["auto"] else [])
+                           + ([f"model_threads={v[6]}"] if threads != ["auto"] else []))
                for v in runs}
         for v, rs in runs.items():
             print(f"batch {key[v]:>12}: " + ", ".join(f"{r['images_per_second']:.1f}" for r in rs) + " img/s; ceiling "
@@ -476,7 +485,8 @@ def main() -> None:
         result = {"benchmark": "extract-batch-sizes", "model": model, "env": env, "images": len(files_of(folder)),
                   "images_per_second": {key[v]: [r["images_per_second"] for r in rs] for v, rs in runs.items()},
                   "ceiling": {key[v]: [r["ceiling"] for r in rs] for v, rs in runs.items()},
-                  "stage_seconds": {key[v]: [r["stage_seconds"] for r in rs] for v, rs in runs.items()}}
+                  "stage_seconds": {key[v]: [r["stage_seconds"] for r in rs] for v, rs in runs.items()},
+                  "model_threads": {key[v]: [r["model_threads"] for r in rs] for v, rs in runs.items()}}
         write_result(result, "extract_batch_sizes", args.quick, args.out)
         return
 

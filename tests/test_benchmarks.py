@@ -45,6 +45,15 @@ def test_bench_extract_batch_sizes_quick(tmp_path):
     assert set(ips) == {"8", "4"} and all(len(v) == 1 and v[0] > 0 for v in ips.values())
 
 
+def test_bench_extract_model_threads_quick(tmp_path):
+    """--model-threads sets each run's OMP_NUM_THREADS, which the model's torch then uses."""
+    r = run("bench_extract.py", tmp_path, "--batch-sizes", "4", "--model-threads", "auto,1",
+            "--cache", str(tmp_path / "cache"))
+    assert set(r["model_threads"]) == {"4/model_threads=auto", "4/model_threads=1"}
+    assert r["model_threads"]["4/model_threads=1"] == [1] and r["model_threads"]["4/model_threads=auto"][0] >= 1
+    assert all(v[0] > 0 for v in r["images_per_second"].values())
+
+
 def test_bench_extract_heaps_and_jpeg_decoders_quick(tmp_path):
     r = run("bench_extract.py", tmp_path, "--batch-sizes", "4", "--heaps", "release,keep",
             "--jpeg-decoders", "pil,simplejpeg", "--cache", str(tmp_path / "cache"))
