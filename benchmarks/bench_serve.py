@@ -10,7 +10,9 @@ seed, as bench_extract.py) embedded with the default model, reports:
 3. serve_id_ms    - POST /search {"ids": [...], "k": 10} likewise (no model), a new connection
                     each (urllib), and serve_id_kept_ms: the same over one kept connection;
 
-and cli_image_s / serve_image_ms: how many times faster an image query gets once the server is up.
+and cli_image_s / serve_image_ms: how many times faster an image query gets once the server is up;
+then serve_image_no_isolate_ms: the image queries again, to a server that decodes them in its
+own process (--no-isolate-decode) instead of a decoder process (the default).
 The server's own start-up (imports, loading the index and the backbone) is reported apart.
 
 Then, under concurrent load (--clients threads, each sending one-image requests, --concurrent
@@ -156,6 +158,22 @@ def main() -> None:
         proc.terminate()
         proc.wait(timeout=30)
 
+    # the same image queries to a server that decodes them in its own process (--no-isolate-decode)
+    # instead of a decoder process of its own (the default)
+    proc, url = _start_server(embedx_cmd, work / "idx", env, "--no-isolate-decode")
+    try:
+        _post(url + "/search/image?k=10", files[0].read_bytes())  # warm-up
+        inproc_ms = []
+        for i in range(args.queries):
+            blob = files[i % len(files)].read_bytes()
+            t = time.perf_counter()
+            got = _post(url + "/search/image?k=10", blob)
+            inproc_ms.append((time.perf_counter() - t) * 1e3)
+            assert got["results"][0]["results"][0]["path"] == feats.paths[i % len(files)], got
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
     # under concurrent load: dynamic batching vs one request at a time, alternating fresh servers
     blobs = [f.read_bytes() for f in files]
     load = {1: [], 64: []}
@@ -169,17 +187,20 @@ def main() -> None:
                 proc.wait(timeout=30)
 
     med = {"cli_image_s": statistics.median(cli), "serve_image_ms": statistics.median(image_ms),
-           "serve_id_ms": statistics.median(id_ms), "serve_id_kept_ms": statistics.median(kept_ms)}
+           "serve_id_ms": statistics.median(id_ms), "serve_id_kept_ms": statistics.median(kept_ms),
+           "serve_image_no_isolate_ms": statistics.median(inproc_ms)}
     result = {
         "images": len(feats),
         "medians": med,
         "cli_over_serve_image": med["cli_image_s"] * 1e3 / med["serve_image_ms"],
+        "isolated_over_in_process_image": med["serve_image_ms"] / med["serve_image_no_isolate_ms"],
         "serve_startup_s": startup,
         "concurrent": {"clients": args.clients, "requests": args.concurrent,
                        "one_at_a_time": load[1], "batched": load[64],
                        "batched_over_one_at_a_time_qps": statistics.median(r["qps"] for r in load[64])
                        / statistics.median(r["qps"] for r in load[1])},
-        "runs": {"cli_image_s": cli, "serve_image_ms": image_ms, "serve_id_ms": id_ms, "serve_id_kept_ms": kept_ms},
+        "runs": {"cli_image_s": cli, "serve_image_ms": image_ms, "serve_id_ms": id_ms, "serve_id_kept_ms": kept_ms,
+                 "serve_image_no_isolate_ms": inproc_ms},
         "env": {"python": platform.python_version(), "cpus": os.cpu_count()},
         "command": "python benchmarks/bench_serve.py" + (" --quick" if args.quick else f" --images {args.images}"),
     }
@@ -188,6 +209,8 @@ def main() -> None:
     print(f"  embedx serve, image: {med['serve_image_ms']:.1f} ms   id: {med['serve_id_ms']:.1f} ms, "
           f"{med['serve_id_kept_ms']:.1f} ms on a kept connection   (started in {startup:.1f} s)")
     print(f"  image query, search/serve: {result['cli_over_serve_image']:.0f}x")
+    print(f"  image query decoded in the server's process (--no-isolate-decode): {med['serve_image_no_isolate_ms']:.1f} ms; "
+          f"in a decoder process of its own (the default): {result['isolated_over_in_process_image']:.2f}x that")
     for name, key in (("one request at a time (--max-batch 1)", 1), ("dynamic batching (--max-batch 64)", 64)):
         print(f"  {args.clients} clients, {name}: " + ", ".join(
             f"{r['qps']:.1f} img queries/s (p50 {r['p50_ms']:.0f} ms, p95 {r['p95_ms']:.0f} ms, "

@@ -521,6 +521,7 @@ def serve(
     max_batch: int = typer.Option(64, help="Most query images embedded in one backbone call, gathered from the requests that arrive while it is busy (1: one request at a time)."),
     token: Optional[str] = typer.Option(None, envvar="EMBEDX_SERVE_TOKEN", show_envvar=True,
                                         help="Require 'Authorization: Bearer TOKEN' of every request (best given by the environment variable: a command line shows in `ps`)."),
+    isolate_decode: bool = typer.Option(True, "--isolate-decode/--no-isolate-decode", help="Decode query images in a process of their own: an image that crashes the decoding library is answered as an error (decoder_crashed) and the server goes on (--no-isolate-decode: in the server's process, for inputs you trust)."),
 ):
     """Serve an index over HTTP: JSON queries by vector, row id or image, with the index and the
     backbone loaded once. GET / says what is served; POST /search takes {"vectors": [[...]]},
@@ -540,7 +541,8 @@ def serve(
 
     from .serve import SearchService, make_server
 
-    service = SearchService.open(index_dir, weights=weights, device=device, images=images, max_batch=max_batch)
+    service = SearchService.open(index_dir, weights=weights, device=device, images=images, max_batch=max_batch,
+                                 isolate=isolate_decode)
     server = make_server(service, host, port, cors=cors, token=token)
     access = logging.getLogger("embedx.serve")
     if not access.handlers:
@@ -562,6 +564,7 @@ def serve(
         typer.echo("stopped", err=True)
     finally:
         server.server_close()
+        service.close()  # (the image-embedding thread and the decoder process)
 
 
 @app.command()

@@ -1143,7 +1143,7 @@ class EmbeddedFiles:
 def embed_files(files: list[str], backbone: Backbone, *, device: str = "auto", precision: str = "auto",
                 normalize: bool = False, batch_size: int | None = None, num_workers: int = 0,
                 fast_decode: bool = True, max_pixels: int | None = DEFAULT_MAX_PIXELS,
-                model=None) -> EmbeddedFiles:
+                model=None, decoder=None) -> EmbeddedFiles:
     """Embed image files in memory with the same pipeline as `extract`.
 
     Args:
@@ -1151,10 +1151,13 @@ def embed_files(files: list[str], backbone: Backbone, *, device: str = "auto", p
             callers embedding many small batches (a server's queries) do not pay for that on
             every call (Lite0 on a CPU, with the copy, folding and checks: ~28 ms in fp32, 42-57 ms
             in bf16; a forward pass of one image is ~7 ms).
+        decoder: a `_isolated.DecodeProcess` that decodes the files instead of this process (and
+            `num_workers`): an image that crashes the decoding library is then an error
+            (`decoder_crashed`), not the end of the caller.
     """
     import torch
 
-    from ._loader import ImageDataset, make_loader
+    from ._loader import ImageDataset, collate, make_loader
 
     device = resolve_device(device)
     precision = resolve_precision(precision, device)
@@ -1163,8 +1166,13 @@ def embed_files(files: list[str], backbone: Backbone, *, device: str = "auto", p
         model = prepare_model(backbone, device, precision)
     runner = _Embedder(model, backbone, device, precision, normalize, channels_last=True)
     dataset = ImageDataset(records, backbone.decode_spec(fast_decode, max_pixels))
-    loader = make_loader(dataset, batch_size or default_batch_size(device), num_workers, pin_memory=device.startswith("cuda"),
-                         decode_threads=default_decode_threads(num_workers))
+    batch_size = batch_size or default_batch_size(device)
+    if decoder is not None:
+        loader = (collate(decoder.decode(dataset, s, min(len(dataset), s + batch_size)))
+                  for s in range(0, len(dataset), batch_size))
+    else:
+        loader = make_loader(dataset, batch_size, num_workers, pin_memory=device.startswith("cuda"),
+                             decode_threads=default_decode_threads(num_workers))
     embs, ok, errors = [], [], []
     with torch.inference_mode():
         for batch in loader:

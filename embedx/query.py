@@ -237,18 +237,26 @@ class QueryEncoder:
         weights: where the backbone's weights are, if they moved (their sha256 must match).
         device: where to embed the queries.
         backbone: an already-loaded backbone as the provenance records it (tests, notebooks).
+        isolate: decode the query images in a process of their own (`_isolated.DecodeProcess`),
+            so that one that crashes the decoding library is an error, not the caller's end
+            (`embedx serve` does); `close()` ends that process.
     """
 
-    def __init__(self, provenance: dict, *, weights: str | None = None, device: str = "auto", backbone=None):
+    def __init__(self, provenance: dict, *, weights: str | None = None, device: str = "auto", backbone=None,
+                 isolate: bool = False):
+        from ._isolated import DecodeProcess
         from .backbone import load_backbone_for
         from .extractor import prepare_model
 
+        self.decoder = DecodeProcess() if isolate else None
         self.provenance = provenance
         self.backbone = backbone if backbone is not None else load_backbone_for(provenance, weights)
         self.device = device
         # once, not per query; the layers the features' extractor kept in fp32 too (none before embedx recorded them)
         self._model = prepare_model(self.backbone, device, _query_precision(provenance, device),
                                     fp32_stem=bool(provenance.get("fp32_modules")))
+        if self.decoder is not None:
+            self.decoder.start()  # its imports while the caller goes on
 
     def embed(self, files: list[str]):
         """An `EmbeddedFiles`: the rows of the files that decoded, and why the others did not."""
@@ -257,7 +265,13 @@ class QueryEncoder:
         prov = self.provenance
         return embed_files(files, self.backbone, device=self.device, precision=_query_precision(prov, self.device),
                            normalize=bool(prov.get("normalized")),
-                           fast_decode=prov.get("decode", "pil-draft").startswith("pil-draft"), model=self._model)
+                           fast_decode=prov.get("decode", "pil-draft").startswith("pil-draft"), model=self._model,
+                           decoder=self.decoder)
+
+    def close(self) -> None:
+        """End the decoder process, if there is one (`isolate`)."""
+        if self.decoder is not None:
+            self.decoder.close()
 
 
 def search_images(idx: SearchIndex, inputs: list[str], k: int = 10, exclude_self: bool = False, *,

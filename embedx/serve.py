@@ -68,10 +68,12 @@ class SearchService:
             features of another backbone).
         max_batch: most query images embedded together, from requests that arrive while the
             backbone is busy (1: one request at a time).
+        isolate: whether an encoder this service makes for a rebuilt index decodes query images
+            in a process of its own (`QueryEncoder(isolate=...)`; `open` makes the first one so).
     """
 
     def __init__(self, idx: SearchIndex, encoder: QueryEncoder | None, no_images: str | None = None,
-                 weights: str | None = None, max_batch: int = MAX_BATCH):
+                 weights: str | None = None, max_batch: int = MAX_BATCH, isolate: bool = True):
         if max_batch < 1:
             raise InputError(f"--max-batch must be 1 or more, not {max_batch}")
         self._idx = idx
@@ -79,6 +81,7 @@ class SearchService:
         self._stamp = _stamp(idx.directory)
         self._reload_lock = threading.Lock()
         self.max_batch = max_batch
+        self.isolate = isolate
         self._embedding: tuple[QueryEncoder | None, MicroBatcher | None] = (None, None)
         self._set_encoder(encoder)
         self.no_images = no_images or "image queries are not served here"
@@ -88,11 +91,13 @@ class SearchService:
         return self._embedding[0]
 
     def _set_encoder(self, encoder: QueryEncoder | None) -> None:
-        old = self._embedding[1]
+        old_encoder, old = self._embedding
         batcher = MicroBatcher(_embed_each(encoder), self.max_batch) if encoder is not None else None
         self._embedding = (encoder, batcher)  # one assignment: requests see both or neither
         if old is not None:
             old.close()  # answers what it has queued, then its thread ends
+        if old_encoder is not None and old_encoder is not encoder:
+            old_encoder.close()  # (its decoder process, if any)
 
     def close(self) -> None:
         """Stop the image-embedding thread (after the requests it has queued)."""
@@ -122,21 +127,23 @@ class SearchService:
 
     def _new_encoder(self, provenance: dict) -> None:
         # (called under _reload_lock: one backbone load at a time)
-        encoder, why = _encoder(provenance, self.weights, self.encoder.device)
+        encoder, why = _encoder(provenance, self.weights, self.encoder.device, self.isolate)
         self._set_encoder(encoder)
         self.no_images = why or self.no_images
 
     @classmethod
     def open(cls, index_dir, *, weights: str | None = None, device: str = "auto", images: bool = True,
-             max_batch: int = MAX_BATCH) -> "SearchService":
+             max_batch: int = MAX_BATCH, isolate: bool = True) -> "SearchService":
         """Load an index directory and, with `images`, its backbone. A backbone that cannot be
         rebuilt (weights moved, random weights) leaves image queries off, with the reason
-        logged and given to each image query; vectors and ids are still served."""
+        logged and given to each image query; vectors and ids are still served. `isolate`: query
+        images are decoded in a process of their own, so that one that crashes the decoding
+        library costs that image an error (`decoder_crashed`), not the server its life."""
         idx = SearchIndex(index_dir)
         if not images:
             return cls(idx, None, "image queries are off on this server (started with --no-images)", max_batch=max_batch)
-        encoder, why = _encoder(idx.provenance, weights, device)
-        return cls(idx, encoder, why, weights=weights, max_batch=max_batch)
+        encoder, why = _encoder(idx.provenance, weights, device, isolate)
+        return cls(idx, encoder, why, weights=weights, max_batch=max_batch, isolate=isolate)
 
     def image(self, row_id: int, size: int = 256) -> bytes:
         """An indexed image as a JPEG thumbnail, by row id."""
@@ -251,10 +258,13 @@ def _embed_each(encoder: QueryEncoder):
     return embed
 
 
-def _encoder(provenance: dict, weights: str | None, device: str) -> tuple[QueryEncoder | None, str | None]:
+def _encoder(provenance: dict, weights: str | None, device: str,
+             isolate: bool = True) -> tuple[QueryEncoder | None, str | None]:
     """The backbone for image queries, or None and why not (logged: the server runs on without)."""
     try:
-        return QueryEncoder(provenance, weights=weights, device=device), None
+        # isolate: query images decoded in a process of their own; one that crashes the decoding
+        # library costs that image an error and the server ~1-2 s to start another decoder
+        return QueryEncoder(provenance, weights=weights, device=device, isolate=isolate), None
     except EmbedxError as e:
         log.warning("image queries are off: %s", e)
         return None, f"image queries are off on this server: {e}"

@@ -139,3 +139,27 @@ def _decode(file, *args, **kwargs):
     return _real(file, *args, **kwargs)
 _patched.decode_image = _decode
 """
+
+
+def crash_on_content(tmp_path: Path, blob: bytes) -> dict:
+    """Environment for Python processes (started after it is set) in which embedx._loader's
+    decode_image segfaults on any file whose bytes are `blob`, as a crash inside a decoding
+    library would: a sitecustomize on PYTHONPATH, so that spawned processes have it too."""
+    site = tmp_path / "crash-site"
+    site.mkdir(exist_ok=True)
+    (site / "crash.bin").write_bytes(blob)
+    (site / "sitecustomize.py").write_text(f"""
+import os, signal
+import embedx._loader as _patched
+_real = _patched.decode_image
+with open({str(site / "crash.bin")!r}, "rb") as f:
+    _CRASH = f.read()
+def _decode(file, *args, **kwargs):
+    with open(file, "rb") as f:
+        if f.read() == _CRASH:
+            os.kill(os.getpid(), signal.SIGSEGV)  # a crash inside a decoding library
+    return _real(file, *args, **kwargs)
+_patched.decode_image = _decode
+""")
+    path = os.pathsep.join([str(site)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))
+    return {"PYTHONPATH": path}

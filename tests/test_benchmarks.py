@@ -174,3 +174,4 @@ def test_bench_serve_quick(tmp_path):
     r = run("bench_serve.py", tmp_path, "--cache", str(tmp_path / "cache"))
     assert r["images"] >= 16 and len(r["runs"]["serve_image_ms"]) == 5 and len(r["runs"]["cli_image_s"]) == 1
     assert r["cli_over_serve_image"] > 0 and r["serve_startup_s"] > 0
+    assert len(r["runs"]["serve_image_no_isolate_ms"]) == 5 and r["isolated_over_in_process_image"] > 0

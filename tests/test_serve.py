@@ -178,6 +178,38 @@ def test_cli_serve_starts_answers_and_stops(served):
         assert status == 200 and got["results"][0]["results"][0]["row_id"] == int(feats.row_ids[0])
 
 
+def test_cli_server_survives_an_image_that_crashes_the_decoder(served, photo_dir, tmp_path):
+    """`embedx serve` with image queries, where decoding one upload segfaults (in the server and in
+    any process it starts, as a crash in a decoding library would): that image is a failure, the
+    others in its request are answered, and so is the next request, by the same server."""
+    from .conftest import crash_on_content
+
+    _, idx, feats = served
+    good, other = (photo_dir / feats.paths[0]).read_bytes(), (photo_dir / feats.paths[2]).read_bytes()
+    crash = good + b"crafted"  # the same picture, other bytes
+    environ = dict(os.environ, HF_HUB_OFFLINE="1", **crash_on_content(tmp_path, crash))
+    proc = subprocess.Popen([sys.executable, "-m", "embedx", "serve", str(idx.directory), "--port", "0",
+                             "--device", "cpu"], stderr=subprocess.PIPE, text=True, env=environ)
+    try:
+        line = proc.stderr.readline()
+        m = re.search(r"on (http://[\d.]+:\d+)", line)
+        assert m and "image queries off" not in line, line
+        images = [base64.b64encode(b).decode() for b in (good, crash, other)]
+        status, got = _call(m.group(1) + "/search", {"images": images, "k": 1})
+        assert status == 200, got
+        assert [r["query"] for r in got["results"]] == ["image:0", "image:2"]
+        assert [r["results"][0]["path"] for r in got["results"]] == [feats.paths[0], feats.paths[2]]
+        [failure] = got["failures"]
+        assert failure["query"] == "image:1" and failure["error"].startswith("decoder_crashed") \
+            and "SIGSEGV" in failure["error"], failure
+        status, got = _call(m.group(1) + "/search", {"images": images[2:], "k": 1})
+        assert status == 200 and got["results"][0]["results"][0]["path"] == feats.paths[2]
+        assert proc.poll() is None
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 def test_server_follows_the_index_as_it_grows_and_is_rebuilt(tmp_path):
     """index add while serving: the next request sees the new rows; a rebuild over features of
     another backbone makes the server embed image queries with that backbone."""
@@ -219,11 +251,16 @@ def test_rebuilt_index_of_another_backbone_gets_its_encoder(served, tmp_path, mo
     built = []
 
     class FakeEncoder:  # records which provenance the service asked for, loads nothing
-        def __init__(self, provenance, *, weights=None, device="auto"):
-            built.append((provenance["model"], weights, device))
+        def __init__(self, provenance, *, weights=None, device="auto", isolate=False):
+            built.append((provenance["model"], weights, device, isolate))
             self.device = device
+            self.closed = False
 
-    service = SearchService(SearchIndex(idx.directory), FakeEncoder(idx.provenance, device="cpu"), weights="w.pth")
+        def close(self):
+            self.closed = True
+
+    first = FakeEncoder(idx.provenance, device="cpu")
+    service = SearchService(SearchIndex(idx.directory), first, weights="w.pth")
     built.clear()
     monkeypatch.setattr(serve_mod, "QueryEncoder", FakeEncoder)
     info = json.loads((idx.directory / "index.json").read_text())
@@ -232,7 +269,9 @@ def test_rebuilt_index_of_another_backbone_gets_its_encoder(served, tmp_path, mo
         assert built == []
         changed = dict(info, provenance=dict(info["provenance"], model="resnet18"))
         (idx.directory / "index.json").write_text(json.dumps(changed))
-        assert service.idx.provenance["model"] == "resnet18" and built == [("resnet18", "w.pth", "cpu")]
+        # the new encoder decodes in a process of its own, as the server's first; the old one is closed
+        assert service.idx.provenance["model"] == "resnet18" and built == [("resnet18", "w.pth", "cpu", True)]
+        assert first.closed and not service.encoder.closed
     finally:
         (idx.directory / "index.json").write_text(json.dumps(info))
 

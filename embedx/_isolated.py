@@ -1,0 +1,155 @@
+"""Decoding in a process of its own, for callers that must outlive a crashing image: `embedx serve`.
+
+A decoding library that segfaults on a crafted or damaged file takes its process with it.
+`extract` and `finetune` decode in worker processes and find the culprit after a death
+(`_loader.find_crashing`); a server decoding uploads in its own process would simply be gone.
+`DecodeProcess` keeps one decoder process for the server's lifetime: batches of query images go
+to it through a pipe (their ~150 KB of pixels each come back the same way) and, when it dies,
+the batch's images are decoded again one at a time in a fresh process, so that the one that
+killed it is reported as `decoder_crashed` and the others are answered.
+
+The process is started with "spawn" (a fresh interpreter), not forked: the server runs threads
+(HTTP handlers, the micro-batcher), and a fork of a multi-threaded process may inherit a lock
+that no thread will release. Starting one costs ~1-2 s of imports, in the background when the
+server loads its backbone (`start`), and again only after a crash.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+
+log = logging.getLogger("embedx")
+
+
+class DecoderDied(Exception):
+    """The decoder process ended while decoding; `why` says how (e.g. killed by signal SIGSEGV)."""
+
+    def __init__(self, why: str):
+        super().__init__(why)
+        self.why = why
+
+
+def _serve(conn) -> None:
+    """The decoder process: (dataset, positions) in, the dataset's items for them out, until None."""
+    from ._loader import worker_init
+
+    worker_init(0)
+    while True:
+        try:
+            msg = conn.recv()
+        except EOFError:  # the server is gone
+            return
+        if msg is None:
+            return
+        dataset, positions = msg
+        conn.send([dataset[i] for i in positions])
+
+
+class DecodeProcess:
+    """One decoder process, started on first use and again after it dies. Thread-safe: one
+    batch at a time."""
+
+    def __init__(self):
+        self._proc = None
+        self._conn = None
+        self._lock = threading.Lock()
+        self._closed = False
+        self.starts = 0  # processes started so far (the first, then one per death)
+
+    def start(self) -> None:
+        """Start the process now, not on first use (it imports for ~1-2 s, meanwhile the caller
+        goes on)."""
+        with self._lock:
+            if self._proc is None and not self._closed:
+                self._start()
+
+    def decode(self, dataset, start: int, stop: int) -> list:
+        """`dataset`'s items (as `_loader.ImageDataset` gives them) for positions [start, stop).
+        An image whose decoding kills the process comes back as an error item
+        `("decoder_crashed", "killed by signal ...")`; the others are decoded as usual. After
+        `close()` (a server swapping backbones, with requests still queued) this still works,
+        in a process ended when the call returns."""
+        with self._lock:
+            try:
+                return self._decode(dataset, start, stop)
+            finally:
+                if self._closed:
+                    self._stop()
+
+    def _decode(self, dataset, start: int, stop: int) -> list:
+        try:
+            return self._ask(dataset, range(start, stop))
+        except DecoderDied as died:
+            if stop - start == 1:
+                return [self._crashed(start, died.why)]
+            log.warning("a query image killed the decoder process (%s); decoding the batch's %d images one at a "
+                        "time to find which", died.why, stop - start)
+        items = []
+        for i in range(start, stop):
+            try:
+                items += self._ask(dataset, [i])
+            except DecoderDied as died:
+                items.append(self._crashed(i, died.why))
+        return items
+
+    @staticmethod
+    def _crashed(position: int, why: str):
+        return position, None, 0, 0, ("decoder_crashed", f"decoding it killed the decoder process ({why})")
+
+    def _ask(self, dataset, positions) -> list:
+        if self._proc is None or not self._proc.is_alive():
+            self._start()
+        try:
+            self._conn.send((dataset, list(positions)))
+            return self._conn.recv()
+        except (EOFError, OSError):  # the process died (mid-answer, or before the question)
+            raise DecoderDied(self._reap()) from None
+
+    def _start(self) -> None:
+        import multiprocessing
+
+        self._reap()
+        ctx = multiprocessing.get_context("spawn")
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_serve, args=(child,), name="embedx-query-decoder", daemon=True)
+        proc.start()
+        child.close()  # (the child's end lives in the child now: its death closes the pipe)
+        self._proc, self._conn = proc, parent
+        self.starts += 1
+
+    def _reap(self) -> str:
+        """Forget the current process (after its death, or to replace it): how it ended."""
+        proc, conn = self._proc, self._conn
+        self._proc = self._conn = None
+        if conn is not None:
+            conn.close()
+        if proc is None:
+            return "it was not running"
+        proc.join(5)
+        code = proc.exitcode
+        if code is None:  # alive but its pipe broke: do not leave it behind
+            proc.kill()
+            proc.join(5)
+            return "its pipe broke"
+        if code < 0:
+            try:
+                return f"killed by signal {signal.Signals(-code).name}"
+            except ValueError:
+                return f"killed by signal {-code}"
+        return f"it exited with code {code}"
+
+    def close(self) -> None:
+        """End the process (after the batch it is decoding, if any) and wait for it."""
+        self._closed = True
+        with self._lock:
+            self._stop()
+
+    def _stop(self) -> None:
+        if self._conn is not None and self._proc is not None and self._proc.is_alive():
+            try:
+                self._conn.send(None)
+            except OSError:
+                pass
+        self._reap()

@@ -1,0 +1,86 @@
+"""Decoding in a process of its own (`embedx._isolated.DecodeProcess`, what `embedx serve` decodes
+query images with): the same items as decoding here, and an image that kills the decoding library
+costs an error item and a new process, not the caller."""
+
+import shutil
+
+import numpy as np
+
+from embedx._isolated import DecodeProcess
+from embedx._loader import ImageDataset
+from embedx.images import ImageRecord
+
+from .conftest import crash_on_content
+
+
+def _dataset(files, backbone):
+    records = [ImageRecord(i, str(f), str(f), None) for i, f in enumerate(files)]
+    return ImageDataset(records, backbone.decode_spec(True))
+
+
+def _same_items(got, want):
+    assert [g[0] for g in got] == [w[0] for w in want]
+    for g, w in zip(got, want):
+        assert g[2:] == w[2:], (g[2:], w[2:])  # size, error
+        if w[1] is None:
+            assert g[1] is None
+        else:
+            np.testing.assert_array_equal(g[1], w[1])
+
+
+def test_items_equal_decoding_here(photo_dir, tmp_path, backbone):
+    files = sorted(photo_dir.rglob("*.jpg"))
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8\xff not a jpeg")
+    files.insert(1, bad)
+    dataset = _dataset(files, backbone)
+    decoder = DecodeProcess()
+    try:
+        got = decoder.decode(dataset, 0, len(files))
+        _same_items(got, [dataset[i] for i in range(len(files))])
+        assert got[1][1] is None and got[1][4][0] == "not_an_image"
+        _same_items(decoder.decode(dataset, 2, 4), [dataset[2], dataset[3]])  # the same process again
+        assert decoder.starts == 1
+        proc = decoder._proc
+    finally:
+        decoder.close()
+    assert not proc.is_alive() and proc.exitcode == 0  # asked to stop, not killed
+
+
+def test_a_crashing_image_is_an_error_item_and_the_rest_are_decoded(photo_dir, tmp_path, backbone, monkeypatch):
+    files = sorted(photo_dir.rglob("*.jpg"))[:3]
+    crash = tmp_path / "crash.jpg"
+    shutil.copy(files[0], crash)
+    with open(crash, "ab") as f:
+        f.write(b"crafted")  # other bytes than files[0], the same picture
+    for name, value in crash_on_content(tmp_path, crash.read_bytes()).items():
+        monkeypatch.setenv(name, value)  # for the decoder processes (this one is not patched)
+    files.insert(1, crash)
+    dataset = _dataset(files, backbone)
+    decoder = DecodeProcess()
+    try:
+        got = decoder.decode(dataset, 0, len(files))
+        assert got[1][1] is None and got[1][4][0] == "decoder_crashed" and "SIGSEGV" in got[1][4][1], got[1][4]
+        _same_items([got[0], *got[2:]], [dataset[i] for i in (0, 2, 3)])
+        # the batch, then its images one at a time: the first alone in a fresh process, which the
+        # crashing one killed, the rest in a third
+        assert decoder.starts == 3
+        _same_items(decoder.decode(dataset, 2, 4), [dataset[2], dataset[3]])
+        assert decoder.starts == 3
+        alone = decoder.decode(dataset, 1, 2)  # a batch of the crashing image alone: it kills the third
+        assert alone[0][4][0] == "decoder_crashed" and decoder.starts == 3
+        _same_items(decoder.decode(dataset, 0, 1), [dataset[0]])  # in a fourth
+        assert decoder.starts == 4
+    finally:
+        decoder.close()
+
+
+def test_closed_decoder_still_answers_then_ends_its_process(photo_dir, backbone):
+    """A server swapping backbones closes the old encoder while requests may still be queued for
+    it: those are still decoded, and no process is left behind."""
+    files = sorted(photo_dir.rglob("*.jpg"))[:2]
+    dataset = _dataset(files, backbone)
+    decoder = DecodeProcess()
+    decoder.close()
+    _same_items(decoder.decode(dataset, 0, 2), [dataset[0], dataset[1]])
+    assert decoder._proc is None and decoder.starts == 1
