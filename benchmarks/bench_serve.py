@@ -176,10 +176,12 @@ def main() -> None:
 
     # under concurrent load: dynamic batching vs one request at a time, alternating fresh servers
     blobs = [f.read_bytes() for f in files]
-    load = {1: [], 64: []}
+    # (and batching with the queries decoded in the server's process: what isolating them costs)
+    load = {1: [], 64: [], "64-in-process": []}
     for _ in range(args.rounds):
-        for max_batch in (1, 64):
-            proc, url = _start_server(embedx_cmd, work / "idx", env, "--max-batch", str(max_batch))
+        for max_batch in (1, 64, "64-in-process"):
+            extra = ["--max-batch", "64", "--no-isolate-decode"] if max_batch == "64-in-process" else ["--max-batch", str(max_batch)]
+            proc, url = _start_server(embedx_cmd, work / "idx", env, *extra)
             try:
                 load[max_batch].append(_concurrent(url, blobs, feats.paths, args.clients, args.concurrent))
             finally:
@@ -196,9 +198,11 @@ def main() -> None:
         "isolated_over_in_process_image": med["serve_image_ms"] / med["serve_image_no_isolate_ms"],
         "serve_startup_s": startup,
         "concurrent": {"clients": args.clients, "requests": args.concurrent,
-                       "one_at_a_time": load[1], "batched": load[64],
+                       "one_at_a_time": load[1], "batched": load[64], "batched_no_isolate": load["64-in-process"],
                        "batched_over_one_at_a_time_qps": statistics.median(r["qps"] for r in load[64])
-                       / statistics.median(r["qps"] for r in load[1])},
+                       / statistics.median(r["qps"] for r in load[1]),
+                       "isolated_over_in_process_qps": statistics.median(r["qps"] for r in load[64])
+                       / statistics.median(r["qps"] for r in load["64-in-process"])},
         "runs": {"cli_image_s": cli, "serve_image_ms": image_ms, "serve_id_ms": id_ms, "serve_id_kept_ms": kept_ms,
                  "serve_image_no_isolate_ms": inproc_ms},
         "env": {"python": platform.python_version(), "cpus": os.cpu_count()},
@@ -211,11 +215,13 @@ def main() -> None:
     print(f"  image query, search/serve: {result['cli_over_serve_image']:.0f}x")
     print(f"  image query decoded in the server's process (--no-isolate-decode): {med['serve_image_no_isolate_ms']:.1f} ms; "
           f"in a decoder process of its own (the default): {result['isolated_over_in_process_image']:.2f}x that")
-    for name, key in (("one request at a time (--max-batch 1)", 1), ("dynamic batching (--max-batch 64)", 64)):
+    for name, key in (("one request at a time (--max-batch 1)", 1), ("dynamic batching (--max-batch 64)", 64),
+                      ("dynamic batching, decoded in the server's process", "64-in-process")):
         print(f"  {args.clients} clients, {name}: " + ", ".join(
             f"{r['qps']:.1f} img queries/s (p50 {r['p50_ms']:.0f} ms, p95 {r['p95_ms']:.0f} ms, "
             f"{r['images_per_call']:.1f} images a backbone call)" for r in load[key]))
-    print(f"  batched / one at a time: {result['concurrent']['batched_over_one_at_a_time_qps']:.2f}x queries/s")
+    print(f"  batched / one at a time: {result['concurrent']['batched_over_one_at_a_time_qps']:.2f}x queries/s; "
+          f"batched, decoder process / in the server's: {result['concurrent']['isolated_over_in_process_qps']:.2f}x")
     write_result(result, "serve", args.quick, args.out)
 
 

@@ -31,27 +31,33 @@ class DecoderDied(Exception):
         self.why = why
 
 
-def _serve(conn) -> None:
-    """The decoder process: (dataset, positions) in, the dataset's items for them out, until None."""
-    from ._loader import worker_init
+def _serve(conn, threads: int) -> None:
+    """The decoder process: (dataset, positions) in, the dataset's items for them out, until None;
+    a batch's images decoded by `threads` threads (as `_loader.ThreadedBatches` does in-process)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ._loader import _one_torch_thread, worker_init
 
     worker_init(0)
-    while True:
-        try:
-            msg = conn.recv()
-        except EOFError:  # the server is gone
-            return
-        if msg is None:
-            return
-        dataset, positions = msg
-        conn.send([dataset[i] for i in positions])
+    with ThreadPoolExecutor(threads, thread_name_prefix="embedx-decode", initializer=_one_torch_thread) as pool:
+        while True:
+            try:
+                msg = conn.recv()
+            except EOFError:  # the server is gone
+                return
+            if msg is None:
+                return
+            dataset, positions = msg
+            conn.send(list(pool.map(dataset.__getitem__, positions)) if len(positions) > 1
+                      else [dataset[i] for i in positions])
 
 
 class DecodeProcess:
-    """One decoder process, started on first use and again after it dies. Thread-safe: one
-    batch at a time."""
+    """One decoder process, started on first use and again after it dies, decoding each batch with
+    `threads` threads. Thread-safe: one batch at a time."""
 
-    def __init__(self):
+    def __init__(self, threads: int = 1):
+        self.threads = max(1, threads)  # decoding a batch's images at once
         self._proc = None
         self._conn = None
         self._lock = threading.Lock()
@@ -113,7 +119,7 @@ class DecodeProcess:
         self._reap()
         ctx = multiprocessing.get_context("spawn")
         parent, child = ctx.Pipe()
-        proc = ctx.Process(target=_serve, args=(child,), name="embedx-query-decoder", daemon=True)
+        proc = ctx.Process(target=_serve, args=(child, self.threads), name="embedx-query-decoder", daemon=True)
         proc.start()
         child.close()  # (the child's end lives in the child now: its death closes the pipe)
         self._proc, self._conn = proc, parent

@@ -248,7 +248,10 @@ class QueryEncoder:
         from .backbone import load_backbone_for
         from .extractor import prepare_model
 
-        self.decoder = DecodeProcess() if isolate else None
+        from .extractor import default_decode_threads
+
+        # as many decode threads there as embed_files would use here (the model waits meanwhile)
+        self.decoder = DecodeProcess(default_decode_threads(0)) if isolate else None
         self.provenance = provenance
         self.backbone = backbone if backbone is not None else load_backbone_for(provenance, weights)
         self.device = device

@@ -175,3 +175,4 @@ def test_bench_serve_quick(tmp_path):
     assert r["images"] >= 16 and len(r["runs"]["serve_image_ms"]) == 5 and len(r["runs"]["cli_image_s"]) == 1
     assert r["cli_over_serve_image"] > 0 and r["serve_startup_s"] > 0
     assert len(r["runs"]["serve_image_no_isolate_ms"]) == 5 and r["isolated_over_in_process_image"] > 0
+    assert len(r["concurrent"]["batched_no_isolate"]) == 1 and r["concurrent"]["isolated_over_in_process_qps"] > 0

@@ -34,7 +34,7 @@ def test_items_equal_decoding_here(photo_dir, tmp_path, backbone):
     bad.write_bytes(b"\xff\xd8\xff not a jpeg")
     files.insert(1, bad)
     dataset = _dataset(files, backbone)
-    decoder = DecodeProcess()
+    decoder = DecodeProcess(threads=2)  # (a batch's images on two threads there)
     try:
         got = decoder.decode(dataset, 0, len(files))
         _same_items(got, [dataset[i] for i in range(len(files))])
@@ -57,7 +57,7 @@ def test_a_crashing_image_is_an_error_item_and_the_rest_are_decoded(photo_dir, t
         monkeypatch.setenv(name, value)  # for the decoder processes (this one is not patched)
     files.insert(1, crash)
     dataset = _dataset(files, backbone)
-    decoder = DecodeProcess()
+    decoder = DecodeProcess(threads=2)  # (a batch's images on two threads there)
     try:
         got = decoder.decode(dataset, 0, len(files))
         assert got[1][1] is None and got[1][4][0] == "decoder_crashed" and "SIGSEGV" in got[1][4][1], got[1][4]
