@@ -24,7 +24,8 @@ log = logging.getLogger("embedx")
 
 
 class DecoderDied(Exception):
-    """The decoder process ended while decoding; `why` says how (e.g. killed by signal SIGSEGV)."""
+    """The decoder process ended (or was ended, hung) while decoding; `why` says so, for the image's
+    error record ("decoding it killed the decoder process (killed by signal SIGSEGV)")."""
 
     def __init__(self, why: str):
         super().__init__(why)
@@ -40,6 +41,7 @@ def _serve(conn, threads: int) -> None:
 
     worker_init(0)
     with ThreadPoolExecutor(threads, thread_name_prefix="embedx-decode", initializer=_one_torch_thread) as pool:
+        conn.send("ready")  # (imports done: time from here on is decoding)
         while True:
             try:
                 msg = conn.recv()
@@ -52,14 +54,24 @@ def _serve(conn, threads: int) -> None:
                       else [dataset[i] for i in positions])
 
 
+#: seconds a batch may take in the decoder process before the process is taken for hung and
+#: killed: then the batch's images are tried alone, each with this long
+TIMEOUT = 60.0
+#: seconds a new decoder process may take to start (its imports)
+STARTUP_TIMEOUT = 300.0
+
+
 class DecodeProcess:
     """One decoder process, started on first use and again after it dies, decoding each batch with
-    `threads` threads. Thread-safe: one batch at a time."""
+    `threads` threads. Thread-safe: one batch at a time. A decode that hangs (no answer in
+    `timeout` seconds) is ended like a crash, its image reported as `decoder_crashed`."""
 
-    def __init__(self, threads: int = 1):
+    def __init__(self, threads: int = 1, timeout: float = TIMEOUT):
         self.threads = max(1, threads)  # decoding a batch's images at once
+        self.timeout = timeout
         self._proc = None
         self._conn = None
+        self._ready = False
         self._lock = threading.Lock()
         self._closed = False
         self.starts = 0  # processes started so far (the first, then one per death)
@@ -90,8 +102,8 @@ class DecodeProcess:
         except DecoderDied as died:
             if stop - start == 1:
                 return [self._crashed(start, died.why)]
-            log.warning("a query image killed the decoder process (%s); decoding the batch's %d images one at a "
-                        "time to find which", died.why, stop - start)
+            log.warning("the decoder process failed on a batch of %d images: %s; decoding them one at a time to "
+                        "find which", stop - start, died.why.replace("decoding it ", ""))
         items = []
         for i in range(start, stop):
             try:
@@ -102,16 +114,26 @@ class DecodeProcess:
 
     @staticmethod
     def _crashed(position: int, why: str):
-        return position, None, 0, 0, ("decoder_crashed", f"decoding it killed the decoder process ({why})")
+        return position, None, 0, 0, ("decoder_crashed", why)
 
     def _ask(self, dataset, positions) -> list:
         if self._proc is None or not self._proc.is_alive():
             self._start()
         try:
+            if not self._ready:  # its start-up does not count against the batch's time
+                if not self._conn.poll(STARTUP_TIMEOUT):
+                    self._reap(hung=True)
+                    raise RuntimeError(f"embedx's query decoder process did not start in {STARTUP_TIMEOUT:g} s")
+                if self._conn.recv() != "ready":
+                    raise RuntimeError("embedx's query decoder process said something else than that it was ready")
+                self._ready = True
             self._conn.send((dataset, list(positions)))
+            if not self._conn.poll(self.timeout):
+                self._reap(hung=True)
+                raise DecoderDied(f"decoding it did not end in {self.timeout:g} s (the decoder process was ended)")
             return self._conn.recv()
         except (EOFError, OSError):  # the process died (mid-answer, or before the question)
-            raise DecoderDied(self._reap()) from None
+            raise DecoderDied(f"decoding it killed the decoder process ({self._reap()})") from None
 
     def _start(self) -> None:
         import multiprocessing
@@ -122,17 +144,22 @@ class DecodeProcess:
         proc = ctx.Process(target=_serve, args=(child, self.threads), name="embedx-query-decoder", daemon=True)
         proc.start()
         child.close()  # (the child's end lives in the child now: its death closes the pipe)
-        self._proc, self._conn = proc, parent
+        self._proc, self._conn, self._ready = proc, parent, False
         self.starts += 1
 
-    def _reap(self) -> str:
-        """Forget the current process (after its death, or to replace it): how it ended."""
+    def _reap(self, hung: bool = False) -> str:
+        """Forget the current process (after its death, or to replace it; `hung`: killing it,
+        for not answering in time): how it ended."""
         proc, conn = self._proc, self._conn
         self._proc = self._conn = None
         if conn is not None:
             conn.close()
         if proc is None:
             return "it was not running"
+        if hung:
+            proc.kill()
+            proc.join(5)
+            return "killed"
         proc.join(5)
         code = proc.exitcode
         if code is None:  # alive but its pipe broke: do not leave it behind

@@ -141,10 +141,11 @@ _patched.decode_image = _decode
 """
 
 
-def crash_on_content(tmp_path: Path, blob: bytes) -> dict:
+def crash_on_content(tmp_path: Path, blob: bytes, hang: bool = False) -> dict:
     """Environment for Python processes (started after it is set) in which embedx._loader's
-    decode_image segfaults on any file whose bytes are `blob`, as a crash inside a decoding
-    library would: a sitecustomize on PYTHONPATH, so that spawned processes have it too."""
+    decode_image segfaults (with `hang`: sleeps for an hour) on any file whose bytes are `blob`,
+    as a crash (a hang) inside a decoding library would: a sitecustomize on PYTHONPATH, so that
+    spawned processes have it too."""
     site = tmp_path / "crash-site"
     site.mkdir(exist_ok=True)
     (site / "crash.bin").write_bytes(blob)
@@ -157,6 +158,9 @@ with open({str(site / "crash.bin")!r}, "rb") as f:
 def _decode(file, *args, **kwargs):
     with open(file, "rb") as f:
         if f.read() == _CRASH:
+            if {hang!r}:
+                import time
+                time.sleep(3600)
             os.kill(os.getpid(), signal.SIGSEGV)  # a crash inside a decoding library
     return _real(file, *args, **kwargs)
 _patched.decode_image = _decode

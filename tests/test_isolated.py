@@ -84,3 +84,21 @@ def test_closed_decoder_still_answers_then_ends_its_process(photo_dir, backbone)
     decoder.close()
     _same_items(decoder.decode(dataset, 0, 2), [dataset[0], dataset[1]])
     assert decoder._proc is None and decoder.starts == 1
+
+
+def test_a_hanging_decode_is_ended_and_reported(photo_dir, tmp_path, backbone, monkeypatch):
+    files = sorted(photo_dir.rglob("*.jpg"))[:2]
+    hang = tmp_path / "hang.jpg"
+    hang.write_bytes(files[0].read_bytes() + b"hangs")
+    for name, value in crash_on_content(tmp_path, hang.read_bytes(), hang=True).items():
+        monkeypatch.setenv(name, value)
+    files.insert(1, hang)
+    dataset = _dataset(files, backbone)
+    decoder = DecodeProcess(timeout=3)  # (a process's start-up does not count)
+    try:
+        got = decoder.decode(dataset, 0, 3)
+        assert got[1][1] is None and got[1][4] == (
+            "decoder_crashed", "decoding it did not end in 3 s (the decoder process was ended)"), got[1][4]
+        _same_items([got[0], got[2]], [dataset[0], dataset[2]])
+    finally:
+        decoder.close()
