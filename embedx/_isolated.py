@@ -8,10 +8,13 @@ to it through a pipe (their ~150 KB of pixels each come back the same way) and, 
 the batch's images are decoded again one at a time in a fresh process, so that the one that
 killed it is reported as `decoder_crashed` and the others are answered.
 
-The process is started with "spawn" (a fresh interpreter), not forked: the server runs threads
-(HTTP handlers, the micro-batcher), and a fork of a multi-threaded process may inherit a lock
-that no thread will release. Starting one costs ~1-2 s of imports, in the background when the
-server loads its backbone (`start`), and again only after a crash.
+The process is a fresh interpreter (`python -m embedx._isolated`, talking over two pipes of its
+own), not a fork: the server runs threads (HTTP handlers, the micro-batcher), and a fork of a
+multi-threaded process may inherit a lock that no thread will release; and not multiprocessing's
+"spawn", which runs the caller's main script again in the child — a script calling
+`embedx.predict` without an `if __name__ == "__main__":` guard would fail. Starting one costs
+~1-2 s of imports, in the background while the caller loads its backbone (`start`), and again
+only after a crash.
 """
 
 from __future__ import annotations
@@ -117,7 +120,7 @@ class DecodeProcess:
         return position, None, 0, 0, ("decoder_crashed", why)
 
     def _ask(self, dataset, positions) -> list:
-        if self._proc is None or not self._proc.is_alive():
+        if self._proc is None or self._proc.poll() is not None:
             self._start()
         try:
             if not self._ready:  # its start-up does not count against the batch's time
@@ -136,15 +139,27 @@ class DecodeProcess:
             raise DecoderDied(f"decoding it killed the decoder process ({self._reap()})") from None
 
     def _start(self) -> None:
-        import multiprocessing
+        import os
+        import subprocess
+        import sys
+        from multiprocessing.connection import Connection
+        from pathlib import Path
 
         self._reap()
-        ctx = multiprocessing.get_context("spawn")
-        parent, child = ctx.Pipe()
-        proc = ctx.Process(target=_serve, args=(child, self.threads), name="embedx-query-decoder", daemon=True)
-        proc.start()
-        child.close()  # (the child's end lives in the child now: its death closes the pipe)
-        self._proc, self._conn, self._ready = proc, parent, False
+        to_child, from_parent = os.pipe()  # (read end, write end) each
+        from_child, to_parent = os.pipe()
+        env = dict(os.environ)
+        here = str(Path(__file__).resolve().parent.parent)  # this embedx, wherever it is imported from
+        env["PYTHONPATH"] = os.pathsep.join([here] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+        try:
+            proc = subprocess.Popen([sys.executable, "-m", "embedx._isolated", str(to_child), str(to_parent),
+                                     str(self.threads)], pass_fds=(to_child, to_parent), env=env,
+                                    stdin=subprocess.DEVNULL)
+        finally:
+            os.close(to_child)  # (the child's ends live in the child now: its death closes the pipes)
+            os.close(to_parent)
+        self._proc, self._ready = proc, False
+        self._conn = _Duplex(Connection(from_child, writable=False), Connection(from_parent, readable=False))
         self.starts += 1
 
     def _reap(self, hung: bool = False) -> str:
@@ -158,13 +173,13 @@ class DecodeProcess:
             return "it was not running"
         if hung:
             proc.kill()
-            proc.join(5)
+            proc.wait(5)
             return "killed"
-        proc.join(5)
-        code = proc.exitcode
-        if code is None:  # alive but its pipe broke: do not leave it behind
+        try:
+            code = proc.wait(5)
+        except Exception:  # noqa: BLE001 - alive but its pipe broke: do not leave it behind
             proc.kill()
-            proc.join(5)
+            proc.wait(5)
             return "its pipe broke"
         if code < 0:
             try:
@@ -180,9 +195,43 @@ class DecodeProcess:
             self._stop()
 
     def _stop(self) -> None:
-        if self._conn is not None and self._proc is not None and self._proc.is_alive():
+        if self._conn is not None and self._proc is not None and self._proc.poll() is None:
             try:
                 self._conn.send(None)
             except OSError:
                 pass
         self._reap()
+
+
+class _Duplex:
+    """Two one-way Connections (a pipe each way) as one: send, recv, poll, close."""
+
+    def __init__(self, reader, writer):
+        self.reader, self.writer = reader, writer
+
+    def send(self, obj) -> None:
+        self.writer.send(obj)
+
+    def recv(self):
+        return self.reader.recv()
+
+    def poll(self, timeout: float) -> bool:
+        return self.reader.poll(timeout)
+
+    def close(self) -> None:
+        self.reader.close()
+        self.writer.close()
+
+
+def _main(argv: list[str]) -> None:
+    """`python -m embedx._isolated READ_FD WRITE_FD THREADS`: the decoder process."""
+    from multiprocessing.connection import Connection
+
+    read_fd, write_fd, threads = (int(a) for a in argv)
+    _serve(_Duplex(Connection(read_fd, writable=False), Connection(write_fd, readable=False)), threads)
+
+
+if __name__ == "__main__":
+    import sys
+
+    _main(sys.argv[1:])

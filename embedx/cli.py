@@ -344,6 +344,7 @@ def predict(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output .parquet or .csv [default: a table on stdout]."),
     k: int = typer.Option(5, "-k", help="Top-k classes to list."),
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
+    isolate_decode: bool = typer.Option(False, "--isolate-decode/--no-isolate-decode", help="Decode the images in a process of their own: one that crashes the decoding library (a crafted file) is skipped as decoder_crashed instead of ending the run; costs that process's start-up (~3 s)."),
 ):
     """Classify new images or existing shards with a trained head.
 
@@ -355,7 +356,7 @@ def predict(
     """
     from .predict import predict as run, table_lines, write_predictions
 
-    pred = run(head_dir, inputs, device=device)
+    pred = run(head_dir, inputs, device=device, isolate=isolate_decode)
     for f, why in pred.failures:
         typer.echo(f"skipped {f}: {why}", err=True)
     if out is None:  # tab-separated, one image a line: readable, and cut/awk-able

@@ -44,7 +44,7 @@ def test_items_equal_decoding_here(photo_dir, tmp_path, backbone):
         proc = decoder._proc
     finally:
         decoder.close()
-    assert not proc.is_alive() and proc.exitcode == 0  # asked to stop, not killed
+    assert proc.poll() == 0  # asked to stop, not killed
 
 
 def test_a_crashing_image_is_an_error_item_and_the_rest_are_decoded(photo_dir, tmp_path, backbone, monkeypatch):
@@ -102,3 +102,56 @@ def test_a_hanging_decode_is_ended_and_reported(photo_dir, tmp_path, backbone, m
         _same_items([got[0], got[2]], [dataset[0], dataset[2]])
     finally:
         decoder.close()
+
+
+def test_works_from_a_script_without_a_main_guard(photo_dir, tmp_path):
+    """The decoder process is a fresh interpreter running embedx, not multiprocessing's spawn,
+    which would run the calling script again in it (and fail without `if __name__ == ...`)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "user_script.py"
+    script.write_text(f"""
+from pathlib import Path
+from embedx._isolated import DecodeProcess
+from embedx._loader import ImageDataset
+from embedx.backbone import load_backbone
+from embedx.images import ImageRecord
+files = sorted(Path({str(photo_dir)!r}).rglob("*.jpg"))
+dataset = ImageDataset([ImageRecord(i, str(f), str(f), None) for i, f in enumerate(files)],
+                       load_backbone("test_efficientnet", weights="random").decode_spec(True))
+decoder = DecodeProcess()
+items = decoder.decode(dataset, 0, len(files))
+decoder.close()
+print("decoded", sum(item[1] is not None for item in items), "of", len(files))
+""")
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    n = len(list(photo_dir.rglob("*.jpg")))
+    assert r.returncode == 0 and f"decoded {n} of {n}" in r.stdout, r.stdout + r.stderr[-2000:]
+
+
+def test_cli_predict_isolated_skips_an_image_that_crashes_the_decoder(tiny_dir, tmp_path, backbone):
+    """`embedx predict --isolate-decode` where decoding one image segfaults (in every process): that
+    image is skipped as decoder_crashed, the others are predicted, the run ends well."""
+    import os
+    import subprocess
+    import sys
+
+    from embedx.extractor import ExtractConfig, extract
+    from embedx.train import HeadConfig, train_head
+
+    extract(tiny_dir, tmp_path / "f", ExtractConfig(progress=False, num_workers=0), backbone=backbone)
+    train_head(tmp_path / "f", tmp_path / "h", HeadConfig(l2s=(1e-3,)))
+    photos = tmp_path / "new"
+    shutil.copytree(tiny_dir / sorted(p.name for p in tiny_dir.iterdir() if p.is_dir())[0], photos)
+    good = sorted(photos.iterdir())
+    crash = photos / "crash.jpg"
+    crash.write_bytes(good[0].read_bytes() + b"crafted")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", **crash_on_content(tmp_path, crash.read_bytes()))
+    r = subprocess.run([sys.executable, "-m", "embedx", "predict", str(tmp_path / "h"), str(photos), "--isolate-decode",
+                        "--device", "cpu"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"skipped {crash}: decoder_crashed" in r.stderr and "SIGSEGV" in r.stderr, r.stderr[-3000:]
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("path\tpredicted") and sorted(line.split("\t")[0] for line in lines[1:]) == \
+        sorted(str(p) for p in good)
