@@ -13,8 +13,8 @@ own), not a fork: the server runs threads (HTTP handlers, the micro-batcher), an
 multi-threaded process may inherit a lock that no thread will release; and not multiprocessing's
 "spawn", which runs the caller's main script again in the child — a script calling
 `embedx.predict` without an `if __name__ == "__main__":` guard would fail. Starting one costs
-~1-2 s of imports, in the background while the caller loads its backbone (`start`), and again
-only after a crash.
+~2-3 s of imports (2.7 s on 2 cores here), in the background while the caller loads its backbone
+(`start`), and again only after a crash.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ class DecodeProcess:
         self.starts = 0  # processes started so far (the first, then one per death)
 
     def start(self) -> None:
-        """Start the process now, not on first use (it imports for ~1-2 s, meanwhile the caller
+        """Start the process now, not on first use (it imports for ~2-3 s, meanwhile the caller
         goes on)."""
         with self._lock:
             if self._proc is None and not self._closed:
@@ -115,6 +115,21 @@ class DecodeProcess:
                 items.append(self._crashed(i, died.why))
         return items
 
+    def _wait_ready(self) -> None:
+        """Wait for a new process's "ready". A process that does not start is no image's fault:
+        an error, not an image to retry alone."""
+        if not self._conn.poll(STARTUP_TIMEOUT):
+            self._reap(hung=True)
+            raise RuntimeError(f"embedx's decoder process did not start in {STARTUP_TIMEOUT:g} s")
+        try:
+            said = self._conn.recv()
+        except (EOFError, OSError):
+            raise RuntimeError(f"embedx's decoder process ended while starting ({self._reap()}); its messages, "
+                               "if any, are above") from None
+        if said != "ready":
+            raise RuntimeError(f"embedx's decoder process said {said!r} instead of that it was ready")
+        self._ready = True
+
     @staticmethod
     def _crashed(position: int, why: str):
         return position, None, 0, 0, ("decoder_crashed", why)
@@ -124,12 +139,7 @@ class DecodeProcess:
             self._start()
         try:
             if not self._ready:  # its start-up does not count against the batch's time
-                if not self._conn.poll(STARTUP_TIMEOUT):
-                    self._reap(hung=True)
-                    raise RuntimeError(f"embedx's query decoder process did not start in {STARTUP_TIMEOUT:g} s")
-                if self._conn.recv() != "ready":
-                    raise RuntimeError("embedx's query decoder process said something else than that it was ready")
-                self._ready = True
+                self._wait_ready()
             self._conn.send((dataset, list(positions)))
             if not self._conn.poll(self.timeout):
                 self._reap(hung=True)

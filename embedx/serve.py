@@ -263,7 +263,7 @@ def _encoder(provenance: dict, weights: str | None, device: str,
     """The backbone for image queries, or None and why not (logged: the server runs on without)."""
     try:
         # isolate: query images decoded in a process of their own; one that crashes the decoding
-        # library costs that image an error and the server ~1-2 s to start another decoder
+        # library costs that image an error and the server ~2-3 s to start another decoder
         return QueryEncoder(provenance, weights=weights, device=device, isolate=isolate), None
     except EmbedxError as e:
         log.warning("image queries are off: %s", e)

@@ -155,3 +155,22 @@ def test_cli_predict_isolated_skips_an_image_that_crashes_the_decoder(tiny_dir, 
     lines = r.stdout.splitlines()
     assert lines[0].startswith("path\tpredicted") and sorted(line.split("\t")[0] for line in lines[1:]) == \
         sorted(str(p) for p in good)
+
+
+def test_a_process_that_cannot_start_is_an_error_not_a_crashing_image(photo_dir, tmp_path, backbone, monkeypatch):
+    """A decoder process that dies before it is ready (a broken install) fails the call at once,
+    instead of blaming each image in turn."""
+    import pytest
+
+    site = tmp_path / "broken-site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text("import os\nos._exit(3)  # as an interpreter that cannot start\n")
+    monkeypatch.setenv("PYTHONPATH", str(site))
+    files = sorted(photo_dir.rglob("*.jpg"))[:2]
+    decoder = DecodeProcess()
+    try:
+        with pytest.raises(RuntimeError, match=r"ended while starting \(it exited with code 3\)"):
+            decoder.decode(_dataset(files, backbone), 0, 2)
+        assert decoder.starts == 1
+    finally:
+        decoder.close()
