@@ -87,6 +87,17 @@ def _concurrent(url: str, blobs: list[bytes], paths: list[str], clients: int, re
             "images_per_call": images / max(1, calls)}
 
 
+def _image_query_ms(url: str, files: list[Path], paths: list[str], i: int) -> float:
+    """POST /search/image with photo i (of `files`, cycled): milliseconds, the answer checked (the
+    photo itself first)."""
+    blob = files[i % len(files)].read_bytes()
+    t = time.perf_counter()
+    got = _post(url + "/search/image?k=10", blob)
+    ms = (time.perf_counter() - t) * 1e3
+    assert got["results"][0]["results"][0]["path"] == paths[i % len(files)], got
+    return ms
+
+
 def _get(url: str) -> dict:
     with urllib.request.urlopen(url, timeout=120) as r:
         return json.loads(r.read())
@@ -138,11 +149,7 @@ def main() -> None:
         host, port = url.split("//")[1].split(":")
         kept = http.client.HTTPConnection(host, int(port), timeout=120)
         for i in range(args.queries):
-            blob = files[i % len(files)].read_bytes()
-            t = time.perf_counter()
-            got = _post(url + "/search/image?k=10", blob)
-            image_ms.append((time.perf_counter() - t) * 1e3)
-            assert got["results"][0]["results"][0]["path"] == feats.paths[i % len(files)], got
+            image_ms.append(_image_query_ms(url, files, feats.paths, i))
             body = json.dumps({"ids": [int(feats.row_ids[i % len(files)])], "k": 10}).encode()
             t = time.perf_counter()
             _post(url + "/search", body)
@@ -163,13 +170,7 @@ def main() -> None:
     proc, url = _start_server(embedx_cmd, work / "idx", env, "--no-isolate-decode")
     try:
         _post(url + "/search/image?k=10", files[0].read_bytes())  # warm-up
-        inproc_ms = []
-        for i in range(args.queries):
-            blob = files[i % len(files)].read_bytes()
-            t = time.perf_counter()
-            got = _post(url + "/search/image?k=10", blob)
-            inproc_ms.append((time.perf_counter() - t) * 1e3)
-            assert got["results"][0]["results"][0]["path"] == feats.paths[i % len(files)], got
+        inproc_ms = [_image_query_ms(url, files, feats.paths, i) for i in range(args.queries)]
     finally:
         proc.terminate()
         proc.wait(timeout=30)
