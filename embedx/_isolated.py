@@ -140,11 +140,12 @@ class DecodeProcess:
         try:
             if not self._ready:  # its start-up does not count against the batch's time
                 self._wait_ready()
-            self._conn.send((dataset, list(positions)))
+            positions = list(positions)
+            self._conn.send((_part(dataset, positions), list(range(len(positions)))))
             if not self._conn.poll(self.timeout):
                 self._reap(hung=True)
                 raise DecoderDied(f"decoding it did not end in {self.timeout:g} s (the decoder process was ended)")
-            return self._conn.recv()
+            return [(positions[item[0]], *item[1:]) for item in self._conn.recv()]
         except (EOFError, OSError):  # the process died (mid-answer, or before the question)
             raise DecoderDied(f"decoding it killed the decoder process ({self._reap()})") from None
 
@@ -211,6 +212,14 @@ class DecodeProcess:
             except OSError:
                 pass
         self._reap()
+
+
+def _part(dataset, positions: list[int]):
+    """The records at `positions` of an `_loader.ImageDataset`, as a dataset of their own: what
+    travels to the decoder process (not the whole folder's records with every batch)."""
+    records = [dataset.records[i] for i in positions]
+    ids = {r.row_id for r in records}
+    return type(dataset)(records, dataset.spec, {k: v for k, v in dataset.crashed.items() if k in ids})
 
 
 class _Duplex:

@@ -174,3 +174,18 @@ def test_a_process_that_cannot_start_is_an_error_not_a_crashing_image(photo_dir,
         assert decoder.starts == 1
     finally:
         decoder.close()
+
+
+def test_only_the_batch_records_travel(backbone):
+    """What is sent for a batch is its own records (a dataset of them), not the whole folder's."""
+    import pickle
+
+    from embedx._isolated import _part
+
+    files = [f"/photos/{i:06d}.jpg" for i in range(5000)]
+    dataset = ImageDataset([ImageRecord(i, f, f, None) for i, f in enumerate(files)], backbone.decode_spec(True),
+                           crashed={7: "killed", 4000: "killed"})
+    part = _part(dataset, [4000, 4001])
+    assert [r.file for r in part.records] == files[4000:4002] and part.crashed == {4000: "killed"}
+    assert part[0][4] == ("decoder_crashed", "killed")  # (crashed images are known by row id)
+    assert len(pickle.dumps(part)) * 50 < len(pickle.dumps(dataset))
