@@ -44,7 +44,7 @@ def predict(head_dir, inputs: list[str], *, device: str = "auto", batch_size: in
     from . import shards
     from ._isolated import DecodeProcess
     from .backbone import load_backbone, load_backbone_for
-    from .extractor import embed_files
+    from .extractor import default_decode_threads, embed_files
     from .heads import predict_proba
     from .images import list_images
     from .train import load_head
@@ -76,20 +76,18 @@ def predict(head_dir, inputs: list[str], *, device: str = "auto", batch_size: in
             image_inputs.append(raw)
     if image_inputs:
         files = [r.file for r in list_images(image_inputs, labels="none").records]
-        from .extractor import default_decode_threads
-
         # started now, its imports overlap loading the backbone
         decoder = DecodeProcess(default_decode_threads(0)) if isolate and files else None
         if decoder is not None:
             decoder.start()
-        if cfg["kind"] == "finetune":
-            backbone = load_backbone(cfg["model"], str(head_dir / cfg["backbone_weights"]))
-            backbone = backbone.as_recorded(cfg.get("provenance"))
-            normalize, precision = False, "fp32"
-        else:
-            backbone = load_backbone_for(prov)
-            normalize, precision = bool(prov.get("normalized")), prov.get("precision", "fp32")
         try:
+            if cfg["kind"] == "finetune":
+                backbone = load_backbone(cfg["model"], str(head_dir / cfg["backbone_weights"]))
+                backbone = backbone.as_recorded(cfg.get("provenance"))
+                normalize, precision = False, "fp32"
+            else:
+                backbone = load_backbone_for(prov)
+                normalize, precision = bool(prov.get("normalized")), prov.get("precision", "fp32")
             emb = embed_files(files, backbone, device=device, precision=precision, normalize=normalize,
                               batch_size=batch_size, decoder=decoder)
         finally:

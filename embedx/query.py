@@ -246,20 +246,23 @@ class QueryEncoder:
                  isolate: bool = False):
         from ._isolated import DecodeProcess
         from .backbone import load_backbone_for
-        from .extractor import prepare_model
+        from .extractor import default_decode_threads, prepare_model
 
-        from .extractor import default_decode_threads
-
-        # as many decode threads there as embed_files would use here (the model waits meanwhile)
+        # as many decode threads there as embed_files would use here (the model waits meanwhile);
+        # started first, so that its imports overlap loading the backbone
         self.decoder = DecodeProcess(default_decode_threads(0)) if isolate else None
-        self.provenance = provenance
-        self.backbone = backbone if backbone is not None else load_backbone_for(provenance, weights)
-        self.device = device
-        # once, not per query; the layers the features' extractor kept in fp32 too (none before embedx recorded them)
-        self._model = prepare_model(self.backbone, device, _query_precision(provenance, device),
-                                    fp32_stem=bool(provenance.get("fp32_modules")))
         if self.decoder is not None:
-            self.decoder.start()  # its imports while the caller goes on
+            self.decoder.start()
+        try:
+            self.provenance = provenance
+            self.backbone = backbone if backbone is not None else load_backbone_for(provenance, weights)
+            self.device = device
+            # once, not per query; the layers the features' extractor kept in fp32 too (none before embedx recorded them)
+            self._model = prepare_model(self.backbone, device, _query_precision(provenance, device),
+                                        fp32_stem=bool(provenance.get("fp32_modules")))
+        except BaseException:
+            self.close()  # (no decoder process left behind by an encoder that could not be made)
+            raise
 
     def embed(self, files: list[str]):
         """An `EmbeddedFiles`: the rows of the files that decoded, and why the others did not."""
