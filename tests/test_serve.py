@@ -457,3 +457,24 @@ def test_connections_are_kept_between_requests_unless_a_body_was_left_unread(ser
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_encoder_that_cannot_load_leaves_no_decoder_process(served, monkeypatch):
+    """The decoder process starts before the backbone loads (its imports overlap); when the
+    backbone cannot be loaded, it is ended, not left behind."""
+    from embedx import _isolated
+
+    made = []
+
+    class Recorded(_isolated.DecodeProcess):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            made.append(self)
+
+    monkeypatch.setattr(_isolated, "DecodeProcess", Recorded)
+    _, idx, _ = served
+    prov = dict(idx.provenance, weights_sha256="0" * 64)  # weights that are nowhere
+    with pytest.raises(embedx.errors.EmbedxError):
+        QueryEncoder(prov, device="cpu", isolate=True)
+    [decoder] = made
+    assert decoder.starts == 1 and decoder._proc is None and decoder._closed
