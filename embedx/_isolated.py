@@ -8,8 +8,8 @@ to it through a pipe (their ~150 KB of pixels each come back the same way) and, 
 the batch's images are decoded again one at a time in a fresh process, so that the one that
 killed it is reported as `decoder_crashed` and the others are answered.
 
-The process is a fresh interpreter (`python -m embedx._isolated`, talking over two pipes of its
-own), not a fork: the server runs threads (HTTP handlers, the micro-batcher), and a fork of a
+The process is a fresh interpreter (`python -m embedx._isolated`, talking over a socket pair of
+its own), not a fork: the server runs threads (HTTP handlers, the micro-batcher), and a fork of a
 multi-threaded process may inherit a lock that no thread will release; and not multiprocessing's
 "spawn", which runs the caller's main script again in the child — a script calling
 `embedx.predict` without an `if __name__ == "__main__":` guard would fail. Starting one costs
@@ -20,7 +20,6 @@ multi-threaded process may inherit a lock that no thread will release; and not m
 from __future__ import annotations
 
 import logging
-import signal
 import threading
 
 log = logging.getLogger("embedx")
@@ -36,7 +35,7 @@ class DecoderDied(Exception):
 
 
 def _serve(conn, threads: int) -> None:
-    """The decoder process: (dataset, positions) in, the dataset's items for them out, until None;
+    """The decoder process: a dataset (one batch's records, `_part`) in, its items out, until None;
     a batch's images decoded by `threads` threads (as `_loader.ThreadedBatches` does in-process)."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -52,9 +51,7 @@ def _serve(conn, threads: int) -> None:
                 return
             if msg is None:
                 return
-            dataset, positions = msg
-            conn.send(list(pool.map(dataset.__getitem__, positions)) if len(positions) > 1
-                      else [dataset[i] for i in positions])
+            conn.send(list(pool.map(msg.__getitem__, range(len(msg)))))
 
 
 #: seconds a batch may take in the decoder process before the process is taken for hung and
@@ -66,10 +63,15 @@ STARTUP_TIMEOUT = 300.0
 
 class DecodeProcess:
     """One decoder process, started on first use and again after it dies, decoding each batch with
-    `threads` threads. Thread-safe: one batch at a time. A decode that hangs (no answer in
+    `threads` threads (default: as many as `embed_files` would decode with in this process; the
+    model waits meanwhile). Thread-safe: one batch at a time. A decode that hangs (no answer in
     `timeout` seconds) is ended like a crash, its image reported as `decoder_crashed`."""
 
-    def __init__(self, threads: int = 1, timeout: float = TIMEOUT):
+    def __init__(self, threads: int | None = None, timeout: float = TIMEOUT):
+        if threads is None:
+            from .extractor import default_decode_threads
+
+            threads = default_decode_threads(0)
         self.threads = max(1, threads)  # decoding a batch's images at once
         self.timeout = timeout
         self._proc = None
@@ -141,36 +143,32 @@ class DecodeProcess:
             if not self._ready:  # its start-up does not count against the batch's time
                 self._wait_ready()
             positions = list(positions)
-            self._conn.send((_part(dataset, positions), list(range(len(positions)))))
+            self._conn.send(_part(dataset, positions))
             if not self._conn.poll(self.timeout):
                 self._reap(hung=True)
                 raise DecoderDied(f"decoding it did not end in {self.timeout:g} s (the decoder process was ended)")
-            return [(positions[item[0]], *item[1:]) for item in self._conn.recv()]
+            return [(positions[j], *item[1:]) for j, item in enumerate(self._conn.recv())]
         except (EOFError, OSError):  # the process died (mid-answer, or before the question)
             raise DecoderDied(f"decoding it killed the decoder process ({self._reap()})") from None
 
     def _start(self) -> None:
         import os
+        import socket
         import subprocess
         import sys
         from multiprocessing.connection import Connection
         from pathlib import Path
 
         self._reap()
-        to_child, from_parent = os.pipe()  # (read end, write end) each
-        from_child, to_parent = os.pipe()
+        mine, theirs = socket.socketpair()
         env = dict(os.environ)
         here = str(Path(__file__).resolve().parent.parent)  # this embedx, wherever it is imported from
         env["PYTHONPATH"] = os.pathsep.join([here] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-        try:
-            proc = subprocess.Popen([sys.executable, "-m", "embedx._isolated", str(to_child), str(to_parent),
-                                     str(self.threads)], pass_fds=(to_child, to_parent), env=env,
-                                    stdin=subprocess.DEVNULL)
-        finally:
-            os.close(to_child)  # (the child's ends live in the child now: its death closes the pipes)
-            os.close(to_parent)
+        with theirs:  # (its end lives in the child once started: the child's death closes the pair)
+            proc = subprocess.Popen([sys.executable, "-m", "embedx._isolated", str(theirs.fileno()), str(self.threads)],
+                                    pass_fds=(theirs.fileno(),), env=env, stdin=subprocess.DEVNULL)
         self._proc, self._ready = proc, False
-        self._conn = _Duplex(Connection(from_child, writable=False), Connection(from_parent, readable=False))
+        self._conn = Connection(mine.detach())
         self.starts += 1
 
     def _reap(self, hung: bool = False) -> str:
@@ -182,22 +180,18 @@ class DecodeProcess:
             conn.close()
         if proc is None:
             return "it was not running"
-        if hung:
-            proc.kill()
-            proc.wait(5)
-            return "killed"
-        try:
-            code = proc.wait(5)
-        except Exception:  # noqa: BLE001 - alive but its pipe broke: do not leave it behind
-            proc.kill()
-            proc.wait(5)
-            return "its pipe broke"
-        if code < 0:
+        import subprocess
+
+        from ._loader import how_it_ended
+
+        if not hung:
             try:
-                return f"killed by signal {signal.Signals(-code).name}"
-            except ValueError:
-                return f"killed by signal {-code}"
-        return f"it exited with code {code}"
+                return how_it_ended(proc.wait(5))
+            except subprocess.TimeoutExpired:  # alive but its end of the pair broke: do not leave it behind
+                pass
+        proc.kill()
+        proc.wait(5)
+        return "killed" if hung else "its pipe broke"
 
     def close(self) -> None:
         """End the process (after the batch it is decoding, if any) and wait for it."""
@@ -222,32 +216,12 @@ def _part(dataset, positions: list[int]):
     return type(dataset)(records, dataset.spec, {k: v for k, v in dataset.crashed.items() if k in ids})
 
 
-class _Duplex:
-    """Two one-way Connections (a pipe each way) as one: send, recv, poll, close."""
-
-    def __init__(self, reader, writer):
-        self.reader, self.writer = reader, writer
-
-    def send(self, obj) -> None:
-        self.writer.send(obj)
-
-    def recv(self):
-        return self.reader.recv()
-
-    def poll(self, timeout: float) -> bool:
-        return self.reader.poll(timeout)
-
-    def close(self) -> None:
-        self.reader.close()
-        self.writer.close()
-
-
 def _main(argv: list[str]) -> None:
-    """`python -m embedx._isolated READ_FD WRITE_FD THREADS`: the decoder process."""
+    """`python -m embedx._isolated FD THREADS`: the decoder process, FD its end of the socket pair."""
     from multiprocessing.connection import Connection
 
-    read_fd, write_fd, threads = (int(a) for a in argv)
-    _serve(_Duplex(Connection(read_fd, writable=False), Connection(write_fd, readable=False)), threads)
+    fd, threads = (int(a) for a in argv)
+    _serve(Connection(fd), threads)
 
 
 if __name__ == "__main__":

@@ -310,10 +310,20 @@ def _decode_in_one_process(dataset, start: int, stop: int):
             return pos, text[text.index("killed by signal"):].strip().rstrip(".")
         # the worker's exit code, where torch keeps its processes (a private attribute: else unsaid)
         codes = [getattr(w, "exitcode", None) for w in getattr(batches, "_workers", [])]
-        code = next((c for c in codes if c), None)
-        if code is not None and code < 0:
-            import signal
-
-            return pos, f"killed by signal {signal.Signals(-code).name}"
-        return pos, "it exited" if code is None else f"it exited with code {code}"
+        return pos, how_it_ended(next((c for c in codes if c), None))
     return None
+
+
+def how_it_ended(code: int | None) -> str:
+    """A dead process's exit status in words: "killed by signal SIGSEGV", "it exited with code 1",
+    or (unknown) "it exited"."""
+    import signal
+
+    if code is None:
+        return "it exited"
+    if code < 0:
+        try:
+            return f"killed by signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"it exited with code {code}"

@@ -215,8 +215,8 @@ def describe_ignored(ignored: dict[str, int]) -> str:
 
 def _walk(directory: Path, ignored: Counter | None = None, bar=None,
           skipped: dict[str, str] | None = None) -> list[tuple[str, list[str]]]:
-    """The image files under `directory`, as (folder, [file names]) per folder, symlinks followed (like torchvision's ImageFolder and
-    timm's folder reader), hidden files and folders left out. Two kinds of folder are skipped and
+    """The image files under `directory`, as (folder, [file names]) per folder, symlinks followed
+    (like torchvision's ImageFolder and timm's folder reader), hidden files and folders left out. Two kinds of folder are skipped and
     said why in `skipped` (folder -> reason): a symlink back to a folder the walk is inside
     already (a loop: `os.walk` would go round it until the paths got too long), and a folder that
     cannot be read (`os.walk` drops those without a word)."""

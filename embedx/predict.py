@@ -44,7 +44,7 @@ def predict(head_dir, inputs: list[str], *, device: str = "auto", batch_size: in
     from . import shards
     from ._isolated import DecodeProcess
     from .backbone import load_backbone, load_backbone_for
-    from .extractor import default_decode_threads, embed_files
+    from .extractor import embed_files
     from .heads import predict_proba
     from .images import list_images
     from .train import load_head
@@ -77,7 +77,7 @@ def predict(head_dir, inputs: list[str], *, device: str = "auto", batch_size: in
     if image_inputs:
         files = [r.file for r in list_images(image_inputs, labels="none").records]
         # started now, its imports overlap loading the backbone
-        decoder = DecodeProcess(default_decode_threads(0)) if isolate and files else None
+        decoder = DecodeProcess() if isolate and files else None
         if decoder is not None:
             decoder.start()
         try:

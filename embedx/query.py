@@ -246,11 +246,10 @@ class QueryEncoder:
                  isolate: bool = False):
         from ._isolated import DecodeProcess
         from .backbone import load_backbone_for
-        from .extractor import default_decode_threads, prepare_model
+        from .extractor import prepare_model
 
-        # as many decode threads there as embed_files would use here (the model waits meanwhile);
         # started first, so that its imports overlap loading the backbone
-        self.decoder = DecodeProcess(default_decode_threads(0)) if isolate else None
+        self.decoder = DecodeProcess() if isolate else None
         if self.decoder is not None:
             self.decoder.start()
         try:
