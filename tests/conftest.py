@@ -126,19 +126,30 @@ def timm_pixels(backbone, files, **data):
     return torch.stack([tf(Image.open(f).convert("RGB")) for f in files])
 
 
-def segfault_on(module: str, file: str) -> str:
-    """Source for a script run in a subprocess: `module`'s decode_image segfaults on `file`, as a
-    crash inside a decoding library would."""
+def _failing_decode(module: str, setup: str, test: str, hang: bool = False) -> str:
+    """Source that patches `module`'s decode_image to segfault (with `hang`: sleep for an hour) on
+    the files for which the expression `test` (of `file`; after the statements `setup`) holds, as
+    a crash (a hang) inside a decoding library would."""
     return f"""
 import os, signal
 import {module} as _patched
 _real = _patched.decode_image
+{setup}
 def _decode(file, *args, **kwargs):
-    if file == {file!r}:
+    if {test}:
+        if {hang!r}:
+            import time
+            time.sleep(3600)
         os.kill(os.getpid(), signal.SIGSEGV)  # a crash inside a decoding library
     return _real(file, *args, **kwargs)
 _patched.decode_image = _decode
 """
+
+
+def segfault_on(module: str, file: str) -> str:
+    """Source for a script run in a subprocess: `module`'s decode_image segfaults on `file`, as a
+    crash inside a decoding library would."""
+    return _failing_decode(module, "", f"file == {file!r}")
 
 
 def crash_on_content(tmp_path: Path, blob: bytes, hang: bool = False) -> dict:
@@ -149,21 +160,8 @@ def crash_on_content(tmp_path: Path, blob: bytes, hang: bool = False) -> dict:
     site = tmp_path / "crash-site"
     site.mkdir(exist_ok=True)
     (site / "crash.bin").write_bytes(blob)
-    (site / "sitecustomize.py").write_text(f"""
-import os, signal
-import embedx._loader as _patched
-_real = _patched.decode_image
-with open({str(site / "crash.bin")!r}, "rb") as f:
-    _CRASH = f.read()
-def _decode(file, *args, **kwargs):
-    with open(file, "rb") as f:
-        if f.read() == _CRASH:
-            if {hang!r}:
-                import time
-                time.sleep(3600)
-            os.kill(os.getpid(), signal.SIGSEGV)  # a crash inside a decoding library
-    return _real(file, *args, **kwargs)
-_patched.decode_image = _decode
-""")
+    setup = (f"with open({str(site / 'crash.bin')!r}, 'rb') as f:\n    _CRASH = f.read()\n"
+             "def _is_crash(file):\n    with open(file, 'rb') as f:\n        return f.read() == _CRASH")
+    (site / "sitecustomize.py").write_text(_failing_decode("embedx._loader", setup, "_is_crash(file)", hang))
     path = os.pathsep.join([str(site)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))
     return {"PYTHONPATH": path}
