@@ -25,6 +25,7 @@ with PIL decoding the JPEGs instead of simplejpeg.
     python benchmarks/bench_extract.py --batch-sizes 4 --heaps release,keep --rounds 3
     python benchmarks/bench_extract.py --batch-sizes 4 --jpeg-decoders pil,simplejpeg --rounds 5
     python benchmarks/bench_extract.py --decode-only
+    python benchmarks/bench_extract.py --compile-runs 4096,16384   # where torch.compile pays, end to end
     python benchmarks/bench_extract.py --quick        # a smoke run (the test suite uses it)
 """
 
@@ -393,6 +394,42 @@ def bench_switch(switch: str, model: str, weights: str | None, batch_size: int, 
         model, weights or "", str(batch_size), v[0], v[1], str(n), _HERE, str(photos), switch])
 
 
+_ONE_CLI_RUN = """
+import json, subprocess, sys, tempfile, time
+from pathlib import Path
+with tempfile.TemporaryDirectory() as tmp:
+    t = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "embedx", "extract", sys.argv[1], "--out", str(Path(tmp) / "out"),
+                           "--model", sys.argv[2], "--compile", sys.argv[3], "--no-progress", *sys.argv[4:]],
+                          check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    seconds = time.perf_counter() - t
+    manifest = json.loads((Path(tmp) / "out" / "manifest.json").read_text())
+print(json.dumps({"seconds": seconds, "embedded": manifest["num_embedded"], "compile": manifest["config"]["compile"],
+                  "precision": manifest["metadata"]["precision"],
+                  "compile_failed": "torch.compile failed" in proc.stderr}))  # the engine then ran eagerly
+"""
+
+
+def bench_compile_runs(folders: dict, model: str, rounds: int, extra: list[str],
+                       inductor_cache: Path | None = None) -> dict:
+    """`embedx extract` as a user runs it (the CLI in a fresh process: imports, model loading, the
+    compile and the shards all in the wall time) of each folder with --compile no and yes, the
+    compiled runs with an empty inductor cache (or the shared `inductor_cache`: --quick's runs,
+    which only check that this works); rounds interleave the variants. Returns
+    {(images, "no" | "yes"): [run, ...]}, each run {"seconds", "embedded", ...}."""
+    variants = [(n, c) for n in folders for c in ("no", "yes")]
+    return _fresh_process_rounds(_ONE_CLI_RUN, variants, rounds, lambda v: [str(folders[v[0]]), model, v[1], *extra],
+                                 lambda v, scratch: {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(inductor_cache or scratch)})
+
+
+def fit_fixed_and_rate(points: list[tuple[int, float]]) -> tuple[float, float]:
+    """(fixed seconds, images/s) of the line seconds = fixed + images / rate through (images,
+    seconds) points, least squares; two sizes or more."""
+    n, s = np.array([p[0] for p in points], float), np.array([p[1] for p in points], float)
+    slope, fixed = np.polyfit(n, s, 1)
+    return float(fixed), float(1.0 / slope)
+
+
 def _median_ratio(runs: list[dict], baseline: list[dict]) -> float:
     return float(np.median([r["images_per_second"] for r in runs]) / np.median([r["images_per_second"] for r in baseline]))
 
@@ -427,6 +464,10 @@ def main() -> None:
                          "auto: as the CLI sets it)")
     ap.add_argument("--compile", action="store_true",
                     help="model-only img/s, eager vs torch.compile, per --precisions (default fp32,bf16), on the CPU")
+    ap.add_argument("--compile-runs", default=None, metavar="SIZES",
+                    help="e.g. 4096,16384: `embedx extract` (the CLI, fresh processes, wall time) of a photo folder "
+                         "of each size with --compile no and yes; fits fixed seconds + images/s per choice and "
+                         "reports where the compile pays (--precisions: one precision, else the engine's)")
     ap.add_argument("--fold", action="store_true",
                     help="model-only img/s with and without BatchNorm folding, per --precisions (default fp32,bf16), on "
                          "the CPU, and each variant's cosine to unfolded fp32 on the photos")
@@ -488,6 +529,37 @@ def main() -> None:
                   "stage_seconds": {key[v]: [r["stage_seconds"] for r in rs] for v, rs in runs.items()},
                   "model_threads": {key[v]: [r["model_threads"] for r in rs] for v, rs in runs.items()}}
         write_result(result, "extract_batch_sizes", args.quick, args.out)
+        return
+
+    if args.compile_runs:
+        sizes = [32, 64] if args.quick else [int(x) for x in args.compile_runs.split(",")]
+        model = "test_efficientnet" if args.quick else args.model
+        folders = {len(files_of(photo_folder(n, cache))): photo_folder(n, cache) for n in sizes}
+        extra = ["--weights", "random"] if args.quick else []
+        if args.precisions != "auto":
+            extra += ["--precision", args.precisions]
+        runs = bench_compile_runs(folders, model, 1 if args.quick else args.rounds, extra,
+                                  cache / "inductor" if args.quick else None)
+        table = {}
+        for c in ("no", "yes"):
+            points = [(n, r["seconds"]) for (n, cc), rs in runs.items() if cc == c for r in rs]
+            fixed, rate = fit_fixed_and_rate(points)
+            table[c] = {"runs": {str(n): rs for (n, cc), rs in runs.items() if cc == c},
+                        "fixed_seconds": fixed, "images_per_second": rate}
+            print(f"--compile {c:>3}: " + "; ".join(
+                f"{n} images " + ", ".join(f"{r['seconds']:.1f}" for r in rs) + " s"
+                for (n, cc), rs in runs.items() if cc == c)
+                  + f" -> {fixed:.1f} s fixed + {rate:.1f} img/s")
+        no, yes = table["no"], table["yes"]
+        gain = yes["images_per_second"] / no["images_per_second"]
+        per_image_saved = 1 / no["images_per_second"] - 1 / yes["images_per_second"]
+        break_even = (yes["fixed_seconds"] - no["fixed_seconds"]) / per_image_saved if per_image_saved > 0 else None
+        precision = next(iter(runs.values()))[0]["precision"]
+        print(f"compiled / eager, end to end after the fixed cost: {gain:.2f}x; the compile pays from "
+              + (f"{break_even:,.0f} images" if break_even is not None else "never (no faster)") + f" ({precision})")
+        result = {"benchmark": "extract-compile-runs", "model": model, "env": env, "precision": precision,
+                  "compile": table, "compiled_over_eager": gain, "break_even_images": break_even}
+        write_result(result, "extract_compile_runs", args.quick, args.out)
         return
 
     if args.compile or args.fold or args.fp32_stem or args.bf16_weights:  # model-only, a switch off and on

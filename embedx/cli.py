@@ -128,7 +128,7 @@ def extract(
     device_share: float = typer.Option(1.0, help="With --decode device: the share of JPEGs decoded on the device; the CPU workers decode the rest at the same time."),
     device_decoder: str = typer.Option("auto", help="With --decode device: whose decode_jpeg: auto (TorchCodec when installed, else torchvision's, deprecated) | torchcodec | torchvision."),
     prefetch: Optional[int] = typer.Option(None, help="Batches prepared ahead (copied to / decoded on the device) on a background thread; 0: inline [default: 2; 0 on a CPU that decodes in-process]."),
-    compile: str = typer.Option("auto", help="auto (for runs of 20k+ images on a CPU in fp32, 200k+ on a GPU) | yes | no: torch.compile the backbone."),
+    compile: str = typer.Option("auto", help="auto (for runs of 20k+ images on a CPU in fp32, or in bf16 on CPUs with AMX; 200k+ on a GPU) | yes | no: torch.compile the backbone."),
     fold_bn: bool = typer.Option(True, "--fold-bn/--no-fold-bn", help="On a CPU, fold the model's BatchNorms into the convolutions before them (checked against the unfolded model; in bf16 pointwise convolutions only, and depthwise ones in the layers --fp32-stem keeps in fp32)."),
     fp32_stem: Optional[bool] = typer.Option(None, "--fp32-stem/--no-fp32-stem", show_default=False, help="In bf16, run the model's half-resolution layers (its stem and first block) in fp32: bf16 embeddings within cosine ~0.999 of fp32's instead of ~0.993 (CPU) / ~0.9988 (H200), for a few per cent of the model's speed [default: on]."),
     heap: str = typer.Option("auto", help="auto (keep on CPU) | keep | release: keep = glibc reuses freed memory instead of returning it to the OS (no page faults per batch; the process keeps its peak)."),

@@ -75,6 +75,28 @@ def test_bench_extract_compile_quick(tmp_path):
         assert fp32[f"{name}_over_eager"] > 0
 
 
+def test_bench_extract_compile_runs_quick(tmp_path):
+    """`embedx extract` through the CLI with --compile no and yes at two folder sizes, and the line
+    fixed seconds + images / rate fitted per choice."""
+    r = run("bench_extract.py", tmp_path, "--compile-runs", "x", "--cache", str(tmp_path / "cache"))
+    assert r["benchmark"] == "extract-compile-runs" and r["precision"] in ("fp32", "bf16")
+    for choice in ("no", "yes"):
+        runs = r["compile"][choice]["runs"]
+        assert {n: [x["embedded"] for x in rs] for n, rs in runs.items()} == {"32": [32], "64": [64]}
+        assert all(x["compile"] == choice and not x["compile_failed"] and x["seconds"] > 0 for rs in runs.values() for x in rs)
+        assert set(r["compile"][choice]) == {"runs", "fixed_seconds", "images_per_second"}
+
+
+def test_fit_fixed_and_rate():
+    sys.path.insert(0, str(BENCH))
+    try:
+        from bench_extract import fit_fixed_and_rate
+    finally:
+        sys.path.remove(str(BENCH))
+    fixed, rate = fit_fixed_and_rate([(1000, 20.0 + 1000 / 150), (4000, 20.0 + 4000 / 150), (4000, 20.0 + 4000 / 150)])
+    assert fixed == pytest.approx(20.0) and rate == pytest.approx(150.0)
+
+
 def test_bench_extract_fold_quick(tmp_path):
     r = run("bench_extract.py", tmp_path, "--fold", "--precisions", "fp32", "--cache", str(tmp_path / "cache"))
     fp32 = r["precisions"]["fp32"]

@@ -511,10 +511,23 @@ def test_default_cpu_batch_follows_the_cpu(monkeypatch):
     assert default_batch_size("cpu") == 32 and default_batch_size("cuda") == 256
 
 
+def test_cpu_has_amx_says_what_the_cpu_has():
+    """The AMX probe behind --compile auto's bf16 rule agrees with the kernel's CPU flags."""
+    from embedx.extractor import cpu_has_amx
+
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists():
+        pytest.skip("no /proc/cpuinfo here")
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.read_text().splitlines()
+                  if line.startswith("flags")), [])
+    assert cpu_has_amx() == ("amx_tile" in flags)
+
+
 def test_compile_auto_follows_length_device_and_precision(tiny_dir, tmp_path, backbone, monkeypatch):
-    """--compile auto compiles long runs, on a CPU only in fp32 (in bf16 the compiled model was
-    slower, or with freezing less accurate: bench_extract.py --compile); yes/no are obeyed; the
-    rule and the CPU's compile options reach the engine."""
+    """--compile auto compiles long runs, on a CPU in fp32, and in bf16 only on CPUs with AMX
+    (elsewhere the compiled bf16 model was slower, or with freezing less accurate:
+    bench_extract.py --compile); yes/no are obeyed; the rule and the CPU's compile options reach
+    the engine."""
     import torch
 
     from embedx import extractor
@@ -523,7 +536,11 @@ def test_compile_auto_follows_length_device_and_precision(tiny_dir, tmp_path, ba
     n = extractor.COMPILE_MIN_IMAGES["cpu"]
     assert extractor.should_compile("auto", "cpu", n, "fp32")
     assert not extractor.should_compile("auto", "cpu", n - 1, "fp32")
+    monkeypatch.setattr(extractor, "cpu_has_amx", lambda: True)
+    assert extractor.should_compile("auto", "cpu", n, "bf16") and not extractor.should_compile("auto", "cpu", n - 1, "bf16")
+    monkeypatch.setattr(extractor, "cpu_has_amx", lambda: False)  # from here on: a CPU without AMX
     assert not extractor.should_compile("auto", "cpu", 10 * n, "bf16")
+    assert extractor.should_compile("auto", "cpu", n, "fp32")
     assert extractor.should_compile("yes", "cpu", 1, "bf16") and not extractor.should_compile("no", "cpu", 10 * n)
     assert extractor.should_compile("auto", "cuda:0", extractor.COMPILE_MIN_IMAGES["cuda"], "bf16")
     with pytest.raises(InputError, match="auto, yes or no"):
