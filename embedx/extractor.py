@@ -81,7 +81,7 @@ COMPILE_MIN_IMAGES = {"cpu": 20_000, "cuda": 200_000}
 CPU_COMPILE_PRECISIONS = ("fp32",)
 #: ... but bf16 too on CPUs with AMX (Intel Xeon since Sapphire Rapids): on one (2 cores, Lite0,
 #: session 17) compiled bf16 ran 1.49x eager model-only, same cosine to fp32, and end to end
-#: through the CLI (`bench_extract.py --compile-runs 4096,16384`) 1.37x after a ~26 s longer
+#: through the CLI (`bench_extract.py --compile-runs 4096,16384`) 1.35x after a ~26 s longer
 #: start: it paid from ~15k images.
 AMX_COMPILE_PRECISIONS = ("bf16",)
 
@@ -95,6 +95,8 @@ def cpu_has_amx() -> bool:
         return bool(probe and probe())
     except Exception:  # noqa: BLE001 - no answer means no AMX as far as the defaults are concerned
         return False
+
+
 #: CPU precisions whose compiled model runs with inductor's freezing (the weights as constants:
 #: BatchNorm folding, oneDNN weight prepacking, fused pointwise ops; Dynamo reads the flag while
 #: it traces, so it is set around each call, never for the whole process). fp32: the same output.
