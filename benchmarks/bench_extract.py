@@ -534,7 +534,7 @@ def main() -> None:
     if args.compile_runs:
         sizes = [32, 64] if args.quick else [int(x) for x in args.compile_runs.split(",")]
         model = "test_efficientnet" if args.quick else args.model
-        folders = {len(files_of(photo_folder(n, cache))): photo_folder(n, cache) for n in sizes}
+        folders = {len(files_of(d)): d for d in (photo_folder(n, cache) for n in sizes)}
         extra = ["--weights", "random"] if args.quick else []
         if args.precisions != "auto":
             extra += ["--precision", args.precisions]
@@ -542,13 +542,12 @@ def main() -> None:
                                   cache / "inductor" if args.quick else None)
         table = {}
         for c in ("no", "yes"):
-            points = [(n, r["seconds"]) for (n, cc), rs in runs.items() if cc == c for r in rs]
-            fixed, rate = fit_fixed_and_rate(points)
-            table[c] = {"runs": {str(n): rs for (n, cc), rs in runs.items() if cc == c},
-                        "fixed_seconds": fixed, "images_per_second": rate}
-            print(f"--compile {c:>3}: " + "; ".join(
-                f"{n} images " + ", ".join(f"{r['seconds']:.1f}" for r in rs) + " s"
-                for (n, cc), rs in runs.items() if cc == c)
+            by_size = {n: rs for (n, cc), rs in runs.items() if cc == c}
+            fixed, rate = fit_fixed_and_rate([(n, r["seconds"]) for n, rs in by_size.items() for r in rs])
+            table[c] = {"runs": {str(n): rs for n, rs in by_size.items()}, "fixed_seconds": fixed,
+                        "images_per_second": rate}
+            print(f"--compile {c:>3}: " + "; ".join(f"{n} images " + ", ".join(f"{r['seconds']:.1f}" for r in rs) + " s"
+                                                   for n, rs in by_size.items())
                   + f" -> {fixed:.1f} s fixed + {rate:.1f} img/s")
         no, yes = table["no"], table["yes"]
         gain = yes["images_per_second"] / no["images_per_second"]
