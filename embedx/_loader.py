@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .images import DEFAULT_MAX_PIXELS, ImageDecodeError, ImageRecord, decode_image, read_jpeg_bytes
-from ._resize import oversized, resized_size, window_resize_crop
+from ._resize import channels_last_image, oversized, resize_crop, resized_size, window_resize_crop
 
 
 @dataclass
@@ -134,20 +134,19 @@ class UInt8ResizeCrop:
 
     def __call__(self, image) -> np.ndarray:
         import torch
-        from torchvision.transforms.v2 import functional as F
 
         if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.flags.writeable:
             hwc = torch.from_numpy(image)
         else:
             hwc = torch.from_numpy(np.array(image, dtype=np.uint8))  # a writable copy
-        chw = hwc.permute(2, 0, 1)  # a channels-last view: the layout the fast kernels want
-        nh, nw = resized_size(chw.shape[1], chw.shape[2], self.size, self.max_size)
-        if oversized(nh, nw, tuple(self.crop)):  # a banner or a panorama: resize only what the crop keeps
-            return window_resize_crop(chw[None], nh, nw, tuple(self.crop), self.interpolation)[0].permute(1, 2, 0).numpy()
-        out = F.resize(chw, self.size, interpolation=F.InterpolationMode(self.interpolation),
-                       max_size=self.max_size, antialias=True)
-        out = F.center_crop(out, self.crop)
-        return out.permute(1, 2, 0).numpy()
+        x = channels_last_image(hwc)  # (1, 3, H, W), the layout the fast kernels want
+        nh, nw = resized_size(x.shape[2], x.shape[3], self.size, self.max_size)
+        crop = tuple(self.crop)
+        if oversized(nh, nw, crop):  # a banner or a panorama: resize only what the crop keeps
+            out = window_resize_crop(x, nh, nw, crop, self.interpolation)
+        else:
+            out = resize_crop(x, nh, nw, crop, self.interpolation)
+        return out[0].permute(1, 2, 0).numpy()
 
     def __repr__(self) -> str:
         return f"UInt8ResizeCrop(size={self.size}, {self.interpolation}, crop={self.crop})"

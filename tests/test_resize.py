@@ -153,3 +153,28 @@ def test_banners_are_embedded_on_both_paths(tmp_path, backbone):
     assert fast.num_embedded == exact.num_embedded == 2 and fast.num_errors == exact.num_errors == 0
     a, b = embedx.read_features(tmp_path / "fast"), embedx.read_features(tmp_path / "exact")
     assert (a.embeddings * b.embeddings).sum(1).min() > 0.99
+
+
+@pytest.mark.parametrize("mode", ["bicubic", "bilinear", "nearest"])
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+def test_direct_resize_crop_is_torchvisions(mode, dtype):
+    """`resize_crop` (aten called directly, the uint8 fast path's ordinary images) gives
+    torchvision's resize + center_crop exactly, padding included, on channels-last views."""
+    import torchvision.transforms.v2.functional as F
+
+    for h, w in ORDINARY + [(56, 56), (40, 90), (64, 64), (1, 1)]:
+        hwc = torch.from_numpy(_textured(h, w, seed=h + w))
+        if dtype is torch.float32:
+            hwc = hwc.float()
+        x = _resize.channels_last_image(hwc)
+        assert x.is_contiguous(memory_format=torch.channels_last) and torch.equal(x[0].permute(1, 2, 0), hwc)
+        nh, nw = _resize.resized_size(h, w, SIZE)
+        ref = F.center_crop(F.resize(hwc.permute(2, 0, 1), [nh, nw], interpolation=T.InterpolationMode(mode),
+                                     antialias=True), list(CROP))
+        out = _resize.resize_crop(x, nh, nw, CROP, mode)
+        assert out.dtype == dtype and out.shape == (1, 3, *CROP), (h, w)
+        assert torch.equal(out[0], ref), (mode, dtype, h, w)
+    small = _resize.resize_crop(_resize.channels_last_image(hwc), 40, 50, CROP, mode)  # padded like torchvision
+    assert small.shape == (1, 3, *CROP) and torch.equal(
+        small[0], F.center_crop(F.resize(hwc.permute(2, 0, 1), [40, 50], interpolation=T.InterpolationMode(mode),
+                                         antialias=True), list(CROP)))
