@@ -181,8 +181,27 @@ def worker_init(_worker_id: int) -> None:
     torch.set_num_threads(1)
 
 
-def _decode_range(dataset: ImageDataset, start: int, stop: int) -> list:
-    return [dataset[i] for i in range(start, stop)]
+class _Shares:
+    """Positions [start, stop) handed out one at a time to whichever thread asks next."""
+
+    def __init__(self, start: int, stop: int):
+        import threading
+
+        self.next, self.stop = start, stop
+        self.lock = threading.Lock()
+
+    def take(self) -> int | None:
+        with self.lock:
+            i = self.next
+            if i >= self.stop:
+                return None
+            self.next = i + 1
+            return i
+
+
+def _decode_shares(dataset: ImageDataset, shares: _Shares, items: list, start: int) -> None:
+    while (i := shares.take()) is not None:
+        items[i - start] = dataset[i]
 
 
 def _one_torch_thread() -> None:
@@ -192,12 +211,14 @@ def _one_torch_thread() -> None:
 
 
 class ThreadedBatches:
-    """Batches decoded in this process, each split into `threads` contiguous shares decoded at
-    the same time: one by the calling thread, the others by a thread pool. For a CPU that runs the
-    model on every core and decodes between batches (no decoder processes): the decode, which
-    is serial there, gets every core too instead of one, while the model waits as before.
-    simplejpeg, PIL's decoders and torch's resize release the GIL, so the threads run in
-    parallel. Each item is `ImageDataset`'s, so batches hold exactly what the serial loop gives.
+    """Batches decoded in this process by `threads` threads at the same time: the calling thread
+    and a thread pool, each taking the batch's next undecoded image until none is left (so a
+    slow image holds up one thread, not a fixed share of the batch: 0.79 vs 0.81 ms an image
+    against fixed halves, 7 alternating runs on 512 real photos, batch 32, 2 threads). For a CPU that runs the model on every core and decodes
+    between batches (no decoder processes): the decode, which is serial there, gets every core
+    too instead of one, while the model waits as before. simplejpeg, PIL's decoders and torch's
+    resize release the GIL, so the threads run in parallel. Each item is `ImageDataset`'s and
+    keeps its place, so batches hold exactly what the serial loop gives.
     """
 
     def __init__(self, dataset: ImageDataset, batch_size: int, threads: int):
@@ -216,12 +237,12 @@ class ThreadedBatches:
                                 initializer=_one_torch_thread) as pool:
             for start in range(0, n, self.batch_size):
                 stop = min(n, start + self.batch_size)
-                bounds = np.linspace(start, stop, self.threads + 1).round().astype(int).tolist()
-                others = [pool.submit(_decode_range, self.dataset, lo, hi)
-                          for lo, hi in zip(bounds[1:-1], bounds[2:]) if hi > lo]
-                items = _decode_range(self.dataset, bounds[0], bounds[1])
+                shares, items = _Shares(start, stop), [None] * (stop - start)
+                others = [pool.submit(_decode_shares, self.dataset, shares, items, start)
+                          for _ in range(min(self.threads, stop - start) - 1)]
+                _decode_shares(self.dataset, shares, items, start)
                 for future in others:
-                    items += future.result()
+                    future.result()
                 yield collate(items)
 
 

@@ -51,11 +51,16 @@ def test_threaded_batches_equal_the_serial_loaders(mixed_dir, backbone, batch_si
     assert sum(not ok for b in threaded for ok in b.ok) == 2  # the two broken files, recorded
 
 
-def test_other_threads_decode_shares_of_each_batch(mixed_dir, backbone):
+def test_threads_decode_each_batch_together_and_share_it_by_image(mixed_dir, backbone):
+    """Both threads hold an image at once (a barrier each first image waits on), and a slow image
+    holds up one thread only: while it waits until the other 7 images of its batch of 8 are
+    decoded, the other thread decodes them all (fixed halves would leave it 3 and time out)."""
     from embedx._loader import ThreadedBatches
 
     dataset = _dataset(mixed_dir, backbone)
     seen: dict[int, str] = {}
+    lock, all_but_first = threading.Lock(), threading.Event()
+    together = threading.Barrier(2, timeout=20)
     getitem = dataset.__getitem__
 
     class Spy:
@@ -63,15 +68,24 @@ def test_other_threads_decode_shares_of_each_batch(mixed_dir, backbone):
             return len(dataset)
 
         def __getitem__(self, i):
-            seen[i] = threading.current_thread().name
-            return getitem(i)
+            name = threading.current_thread().name
+            first = name not in seen.values()
+            with lock:
+                seen[i] = name
+            if first:
+                together.wait()  # each thread's first image: both threads are decoding
+            if i == 8:  # the second batch's first image: slow until the rest of its batch is done
+                assert all_but_first.wait(20), "the other thread left part of the batch undecoded"
+            item = getitem(i)
+            with lock:
+                if sum(1 for j in range(9, 16) if j in seen) == 7:
+                    all_but_first.set()
+            return item
 
     batches = list(ThreadedBatches(Spy(), 8, 2))
     assert [p for b in batches for p in b.positions] == list(range(len(dataset)))
-    # per batch of 8: the first half on the calling thread, the second on the pool's
-    for start in range(0, len(dataset) - 8, 8):
-        assert seen[start] == threading.current_thread().name
-        assert seen[start + 7].startswith("embedx-decode")
+    assert len(dataset) >= 16 and len(set(seen.values())) == 2
+    assert len({seen[j] for j in range(9, 16)}) == 1 and seen[9] != seen[8]
 
 
 def test_one_thread_is_refused_by_threaded_batches_and_means_the_serial_loader(mixed_dir, backbone):
