@@ -438,6 +438,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=512)
     ap.add_argument("--model", default="tf_efficientnet_lite0")
+    ap.add_argument("--weights", default=None,
+                    help="with --compile, --compile-runs, --fold, --fp32-stem, --bf16-weights, --batch-sizes: the "
+                         "model's weights, as `embedx extract --weights` takes them (default: its pretrained ones; "
+                         "random with --quick); "
+                         "`random` for a model whose weights this machine lacks (speed only: the cosines are then "
+                         "those of random weights)")
     ap.add_argument("--batch-size", type=int, default=None, help="[default: the engine's default for the device]")
     ap.add_argument("--timm-workers", type=int, default=2, help="timm inference.py's default --workers")
     ap.add_argument("--timm-batch-size", type=int, default=32, help="batch size of the timm-style loop")
@@ -512,7 +518,7 @@ def main() -> None:
         folder = photo_folder(16 if args.quick else args.images, cache)
         heaps, jpegs, loaders = args.heaps.split(","), args.jpeg_decoders.split(","), args.loaders.split(",")
         precisions, spins, threads = args.precisions.split(","), args.spin_counts.split(","), args.model_threads.split(",")
-        runs = bench_batch_sizes(folder, model, "random" if args.quick else None, sizes, 1 if args.quick else args.rounds,
+        runs = bench_batch_sizes(folder, model, args.weights or ("random" if args.quick else None), sizes, 1 if args.quick else args.rounds,
                                  heaps, jpegs, loaders, precisions, spins, threads)
         key = {v: "/".join([str(v[0])] + ([v[1]] if heaps != ["auto"] else []) + ([v[2]] if len(jpegs) > 1 else [])
                            + ([f"workers:prefetch{':threads' if v[3].count(':') == 2 else ''}={v[3]}"] if loaders != ["auto"] else [])
@@ -523,7 +529,7 @@ def main() -> None:
             print(f"batch {key[v]:>12}: " + ", ".join(f"{r['images_per_second']:.1f}" for r in rs) + " img/s; ceiling "
                   + ", ".join(f"{r['ceiling']:.1f}" for r in rs) + "; embedx/ceiling "
                   + ", ".join(f"{r['images_per_second'] / r['ceiling']:.2f}" for r in rs))
-        result = {"benchmark": "extract-batch-sizes", "model": model, "env": env, "images": len(files_of(folder)),
+        result = {"benchmark": "extract-batch-sizes", "model": model, "weights": args.weights or ("random" if args.quick else "pretrained"), "env": env, "images": len(files_of(folder)),
                   "images_per_second": {key[v]: [r["images_per_second"] for r in rs] for v, rs in runs.items()},
                   "ceiling": {key[v]: [r["ceiling"] for r in rs] for v, rs in runs.items()},
                   "stage_seconds": {key[v]: [r["stage_seconds"] for r in rs] for v, rs in runs.items()},
@@ -535,7 +541,8 @@ def main() -> None:
         sizes = [32, 64] if args.quick else [int(x) for x in args.compile_runs.split(",")]
         model = "test_efficientnet" if args.quick else args.model
         folders = {len(files_of(d)): d for d in (photo_folder(n, cache) for n in sizes)}
-        extra = ["--weights", "random"] if args.quick else []
+        weights = args.weights or ("random" if args.quick else None)
+        extra = ["--weights", weights] if weights else []
         if args.precisions != "auto":
             extra += ["--precision", args.precisions]
         runs = bench_compile_runs(folders, model, 1 if args.quick else args.rounds, extra,
@@ -556,7 +563,7 @@ def main() -> None:
         precision = next(iter(runs.values()))[0]["precision"]
         print(f"compiled / eager, end to end after the fixed cost: {gain:.2f}x; the compile pays from "
               + (f"{break_even:,.0f} images" if break_even is not None else "never (no faster)") + f" ({precision})")
-        result = {"benchmark": "extract-compile-runs", "model": model, "env": env, "precision": precision,
+        result = {"benchmark": "extract-compile-runs", "model": model, "weights": weights or "pretrained", "env": env, "precision": precision,
                   "compile": table, "compiled_over_eager": gain, "break_even_images": break_even}
         write_result(result, "extract_compile_runs", args.quick, args.out)
         return
@@ -566,7 +573,7 @@ def main() -> None:
         bs = args.batch_size or (4 if args.quick else 16)
         default = ["bf16"] if args.fp32_stem or args.bf16_weights else ["fp32", "bf16"]
         precisions = default if args.precisions == "auto" else args.precisions.split(",")
-        weights, rounds, n = "random" if args.quick else None, 1 if args.quick else args.rounds, bs * 2 if args.quick else 1024
+        weights, rounds, n = args.weights or ("random" if args.quick else None), 1 if args.quick else args.rounds, bs * 2 if args.quick else 1024
         photos = photo_folder(16 if args.quick else 128, cache)
         table = {}
         if args.compile:
@@ -602,7 +609,7 @@ def main() -> None:
                       + f" img/s ({ratio:.2f}x by the medians); cosine to unfolded fp32 on {len(files_of(photos))} "
                       f"photos: {names[0]} min {off[0]['min_cosine_vs_fp32']:.5f} mean {off[0]['mean_cosine_vs_fp32']:.5f}, "
                       f"{names[1]} min {on[0]['min_cosine_vs_fp32']:.5f} mean {on[0]['mean_cosine_vs_fp32']:.5f}")
-        result = {"benchmark": f"extract-{kind}", "model": model, "batch_size": bs, "env": env, "precisions": table}
+        result = {"benchmark": f"extract-{kind}", "model": model, "weights": weights or "pretrained", "batch_size": bs, "env": env, "precisions": table}
         write_result(result, f"extract_{kind}", args.quick, args.out)
         return
 

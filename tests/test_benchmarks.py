@@ -75,6 +75,24 @@ def test_bench_extract_compile_quick(tmp_path):
         assert fp32[f"{name}_over_eager"] > 0
 
 
+def test_bench_extract_model_only_takes_weights(tmp_path):
+    """--weights reaches the model-only runs' processes: a checkpoint file of a network unlike
+    the seeded random one gives other embeddings (so other cosines to fp32 than random's)."""
+    import timm
+    import torch
+
+    torch.manual_seed(1)
+    ckpt = tmp_path / "other.pth"
+    torch.save(timm.create_model("test_efficientnet").state_dict(), ckpt)
+    got = {}
+    for weights in ("random", str(ckpt)):
+        r = run("bench_extract.py", tmp_path, "--fold", "--precisions", "bf16", "--weights", weights,
+                "--cache", str(tmp_path / "cache"))
+        assert r["weights"] == weights
+        got[weights] = r["precisions"]["bf16"]["folded"][0]["mean_cosine_vs_fp32"]
+    assert got["random"] != got[str(ckpt)]
+
+
 def test_bench_extract_compile_runs_quick(tmp_path):
     """`embedx extract` through the CLI with --compile no and yes at two folder sizes, and the line
     fixed seconds + images / rate fitted per choice."""
