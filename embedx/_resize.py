@@ -192,13 +192,20 @@ def window_resize_crop(x, nh: int, nw: int, crop: tuple[int, int], mode: str):
             windows.append((0, n_in, 0, n_out, None))
     (ay, by, ky, my, sy), (ax, bx, kx, mx, sx) = windows
     src = x[..., ay:by, ax:bx]
-    if mode == "bicubic":
-        out = torch.ops.aten._upsample_bicubic2d_aa(src, [my, mx], False, sy, sx)
-    elif mode == "bilinear":
-        out = torch.ops.aten._upsample_bilinear2d_aa(src, [my, mx], False, sy, sx)
-    else:
-        out = torch.ops.aten.upsample_nearest2d(src, [my, mx], sy, sx)
+    out = _aten_resize(src, my, mx, mode, sy, sx)
     return out[..., top - ky:top - ky + ch, left - kx:left - kx + cw]
+
+
+def _aten_resize(x, nh: int, nw: int, mode: str, scale_h: float | None = None, scale_w: float | None = None):
+    """aten's resize op for `mode` (antialiased for bilinear and bicubic), called directly; the
+    scales, when given, are the full image's (for a window of it)."""
+    import torch
+
+    if mode == "bicubic":
+        return torch.ops.aten._upsample_bicubic2d_aa(x, [nh, nw], False, scale_h, scale_w)
+    if mode == "bilinear":
+        return torch.ops.aten._upsample_bilinear2d_aa(x, [nh, nw], False, scale_h, scale_w)
+    return torch.ops.aten.upsample_nearest2d(x, [nh, nw], scale_h, scale_w)
 
 
 def channels_last_image(hwc):
@@ -222,12 +229,7 @@ def resize_crop(x, nh: int, nw: int, crop: tuple[int, int], mode: str):
     if x.dtype == torch.uint8 and not _native_uint8(mode, x.device):
         return resize_crop(x.float(), nh, nw, crop, mode).round_().clamp_(0, 255).to(torch.uint8)
     if (nh, nw) != tuple(x.shape[-2:]):
-        if mode == "bicubic":
-            x = torch.ops.aten._upsample_bicubic2d_aa(x, [nh, nw], False, None, None)
-        elif mode == "bilinear":
-            x = torch.ops.aten._upsample_bilinear2d_aa(x, [nh, nw], False, None, None)
-        else:
-            x = torch.ops.aten.upsample_nearest2d(x, [nh, nw], None, None)
+        x = _aten_resize(x, nh, nw, mode)
     ch, cw = crop
     top, left = crop_anchor(nh, nw, ch, cw)
     if top < 0 or left < 0 or nh < ch or nw < cw:
