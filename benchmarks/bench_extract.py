@@ -70,12 +70,15 @@ def files_of(d: Path) -> list[str]:
 
 
 def bench_ceiling(backbone, n: int, batch_size: int, device: str, precision: str, compile: bool = False,
-                  fold_bn: bool = True, fp32_stem: bool | None = None, bf16_weights: bool = True) -> float:
+                  fold_bn: bool = True, fp32_stem: bool | None = None, bf16_weights: bool = True,
+                  fuse_act: bool | None = None) -> float:
     import torch
 
     from embedx.extractor import _Embedder, _prepare_model
 
-    model = _prepare_model(backbone, device, True, precision, fold_bn, fp32_stem, bf16_weights)  # as the engine does
+    fuse_act = not compile if fuse_act is None else fuse_act  # the engine fuses in eager runs
+    model = _prepare_model(backbone, device, True, precision, fold_bn, fp32_stem, bf16_weights,
+                           fuse_act=fuse_act)  # as the engine does
     emb = _Embedder(model, backbone, device, precision, normalize=False, channels_last=True, compile=compile)
     # the pixels already on the device, and batch i+1 queued before batch i's result is read (as
     # the engine does): the model's own speed, with no input copy and no idle gap between batches
@@ -244,17 +247,18 @@ if sys.argv[6] == "pil":  # JPEGs decoded by PIL, as where simplejpeg is not ins
 loader = [None, None, None] if sys.argv[7] == "auto" else [int(x) for x in sys.argv[7].split(":")] + [None]
 workers, prefetch, threads = loader[:3]
 precision = sys.argv[8]
+fuse_act = sys.argv[10] != "no"  # auto, yes: the default
 backbone = load_backbone(model, weights)
 tmp = Path(tempfile.mkdtemp())
 cfg = ExtractConfig(model=model, batch_size=bs, progress=False, compile="no", heap=heap, num_workers=workers,
-                    prefetch=prefetch, precision=precision, decode_threads=threads)
+                    prefetch=prefetch, precision=precision, decode_threads=threads, fuse_act=fuse_act)
 extract(sorted(folder.rglob("*.jpg"))[:32], tmp / "warm-up", cfg, backbone=backbone)
 t = time.perf_counter()
 r = extract(folder, tmp / "out", cfg, backbone=backbone)
 ips = r.num_embedded / (time.perf_counter() - t)
 sys.path.insert(0, sys.argv[9])
 from bench_extract import bench_ceiling
-ceiling = bench_ceiling(backbone, r.num_embedded, bs, r.device, r.precision)
+ceiling = bench_ceiling(backbone, r.num_embedded, bs, r.device, r.precision, fuse_act=fuse_act)
 import torch
 print(json.dumps({"images_per_second": ips, "ceiling": ceiling, "stage_seconds": r.stage_seconds,
                   "model_threads": torch.get_num_threads()}))
@@ -265,16 +269,18 @@ shutil.rmtree(tmp)
 def bench_batch_sizes(folder: Path, model: str, weights: str | None, sizes: list[int], rounds: int,
                       heaps: list[str] = ("auto",), jpegs: list[str] = ("simplejpeg",),
                       loaders: list[str] = ("auto",), precisions: list[str] = ("auto",),
-                      spins: list[str] = ("auto",), model_threads: list[str] = ("auto",)) -> dict:
+                      spins: list[str] = ("auto",), model_threads: list[str] = ("auto",),
+                      fuse_acts: list[str] = ("auto",)) -> dict:
     """`extract` end to end per batch size (and --heap choice, JPEG decoder, decoder
     processes:prefetch depth[:decode threads], precision, GOMP_SPINCOUNT: "default" unsets it, and
-    the model's threads: OMP_NUM_THREADS, which torch reads at start-up),
+    the model's threads: OMP_NUM_THREADS, which torch reads at start-up; activation fusion: yes | no),
     each run in a fresh process (as a user's run is, and the heap switch is one-way), after a
     32-image warm-up, followed by the model-only ceiling in the same process; rounds interleave
     the variants so drifts of a shared machine hit all. Returns {variant: [run, ...]}, each run
     {"images_per_second", "ceiling", "stage_seconds"}."""
-    variants = [(bs, heap, jpeg, loader, precision, spin, mt) for bs in sizes for heap in heaps for jpeg in jpegs
-                for loader in loaders for precision in precisions for spin in spins for mt in model_threads]
+    variants = [(bs, heap, jpeg, loader, precision, spin, mt, fuse) for bs in sizes for heap in heaps for jpeg in jpegs
+                for loader in loaders for precision in precisions for spin in spins for mt in model_threads
+                for fuse in fuse_acts]
 
     def env_of(v, _scratch):
         env = dict(os.environ)
@@ -287,7 +293,7 @@ def bench_batch_sizes(folder: Path, model: str, weights: str | None, sizes: list
         return env
 
     return _fresh_process_rounds(_ONE_RUN, variants, rounds, lambda v: [
-        str(folder), model, weights or "", str(v[0]), v[1], v[2], v[3], v[4], _HERE], env_of)
+        str(folder), model, weights or "", str(v[0]), v[1], v[2], v[3], v[4], _HERE, v[7]], env_of)
 
 
 def _fresh_process_rounds(script: str, variants: list, rounds: int, args_of, env_of=None) -> dict:
@@ -369,13 +375,13 @@ from embedx._malloc import apply_heap
 from embedx.backbone import load_backbone
 from embedx.extractor import _prepare_model
 model, weights, bs, precision, n = sys.argv[1], sys.argv[2] or None, int(sys.argv[3]), sys.argv[4], int(sys.argv[6])
-switch = {sys.argv[9]: sys.argv[5] == "yes"}  # fold_bn, fp32_stem or bf16_weights; the others as the engine has them
+switch = {sys.argv[9]: sys.argv[5] == "yes"}  # fold_bn, fp32_stem, bf16_weights or fuse_act; the others as the engine has them
 apply_heap("auto", "cpu")  # as the engine runs the model
 backbone = load_backbone(model, weights)
 sys.path.insert(0, sys.argv[7])
 from bench_extract import bench_ceiling, cosines_to_fp32
 ips = bench_ceiling(backbone, n, bs, "cpu", precision, **switch)
-settings = {"fold_bn": True, "fp32_stem": True, "bf16_weights": True, **switch}  # as the engine has them, but one
+settings = {"fold_bn": True, "fp32_stem": True, "bf16_weights": True, "fuse_act": True, **switch}  # as the engine has them, but one
 net = _prepare_model(backbone, "cpu", True, precision, **settings)
 print(json.dumps({"images_per_second": ips, **cosines_to_fp32(backbone, sys.argv[8], precision, net)}))
 """
@@ -385,7 +391,8 @@ def bench_switch(switch: str, model: str, weights: str | None, batch_size: int, 
                  n: int, photos: Path) -> dict:
     """Model-only img/s on the CPU with `switch` (`fold_bn`: BatchNorm folding, `embedx.fold`;
     `fp32_stem`: the half-resolution layers in fp32, `embedx.mixed`; `bf16_weights`: the other
-    layers' weights stored in bf16) off and on, per precision,
+    layers' weights stored in bf16; `fuse_act`: activations fused into convolutions, `embedx.fuse`)
+    off and on, per precision,
     each run a fresh process with the engine's heap setting, rounds interleaving the variants; and
     the cosine of each variant's embeddings of the photos to unfolded fp32's.
     Returns {(precision, "no" | "yes"): [run, ...]}."""
@@ -439,7 +446,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=512)
     ap.add_argument("--model", default="tf_efficientnet_lite0")
     ap.add_argument("--weights", default=None,
-                    help="with --compile, --compile-runs, --fold, --fp32-stem, --bf16-weights, --batch-sizes: the "
+                    help="with --compile, --compile-runs, --fold, --fp32-stem, --fuse-act, --bf16-weights, --batch-sizes: the "
                          "model's weights, as `embedx extract --weights` takes them (default: its pretrained ones; "
                          "random with --quick); "
                          "`random` for a model whose weights this machine lacks (speed only: the cosines are then "
@@ -465,6 +472,8 @@ def main() -> None:
     ap.add_argument("--model-threads", default="auto",
                     help="with --batch-sizes: the model's intra-op threads to compare (OMP_NUM_THREADS in each "
                          "run's process), e.g. auto,12 (auto: torch's default, one per core)")
+    ap.add_argument("--fuse-acts", default="auto",
+                    help="with --batch-sizes: activation fusion (embedx.fuse) to compare, e.g. no,yes (auto: the default, on)")
     ap.add_argument("--spin-counts", default="auto",
                     help="with --batch-sizes: GOMP_SPINCOUNT values to compare, e.g. default,30000 (default: libgomp's own; "
                          "auto: as the CLI sets it)")
@@ -480,6 +489,9 @@ def main() -> None:
     ap.add_argument("--fp32-stem", action="store_true",
                     help="model-only img/s with the half-resolution layers in bf16 and in fp32, per --precisions "
                          "(default bf16), on the CPU, and each variant's cosine to unfolded fp32 on the photos")
+    ap.add_argument("--fuse-act", action="store_true",
+                    help="model-only img/s with and without activations fused into convolutions (embedx.fuse), per "
+                         "--precisions (default fp32,bf16), on the CPU, and each variant's cosine to unfolded fp32")
     ap.add_argument("--bf16-weights", action="store_true",
                     help="model-only img/s with the weights stored in fp32 (cast by autocast every batch) and in bf16, "
                          "per --precisions (default bf16), on the CPU, and each variant's cosine to unfolded fp32")
@@ -518,12 +530,14 @@ def main() -> None:
         folder = photo_folder(16 if args.quick else args.images, cache)
         heaps, jpegs, loaders = args.heaps.split(","), args.jpeg_decoders.split(","), args.loaders.split(",")
         precisions, spins, threads = args.precisions.split(","), args.spin_counts.split(","), args.model_threads.split(",")
+        fuses = args.fuse_acts.split(",")
         runs = bench_batch_sizes(folder, model, args.weights or ("random" if args.quick else None), sizes, 1 if args.quick else args.rounds,
-                                 heaps, jpegs, loaders, precisions, spins, threads)
+                                 heaps, jpegs, loaders, precisions, spins, threads, fuses)
         key = {v: "/".join([str(v[0])] + ([v[1]] if heaps != ["auto"] else []) + ([v[2]] if len(jpegs) > 1 else [])
                            + ([f"workers:prefetch{':threads' if v[3].count(':') == 2 else ''}={v[3]}"] if loaders != ["auto"] else [])
                            + ([v[4]] if precisions != ["auto"] else []) + ([f"spin={v[5]}"] if spins != ["auto"] else [])
-                           + ([f"model_threads={v[6]}"] if threads != ["auto"] else []))
+                           + ([f"model_threads={v[6]}"] if threads != ["auto"] else [])
+                           + ([f"fuse_act={v[7]}"] if fuses != ["auto"] else []))
                for v in runs}
         for v, rs in runs.items():
             print(f"batch {key[v]:>12}: " + ", ".join(f"{r['images_per_second']:.1f}" for r in rs) + " img/s; ceiling "
@@ -568,7 +582,7 @@ def main() -> None:
         write_result(result, "extract_compile_runs", args.quick, args.out)
         return
 
-    if args.compile or args.fold or args.fp32_stem or args.bf16_weights:  # model-only, a switch off and on
+    if args.compile or args.fold or args.fp32_stem or args.bf16_weights or args.fuse_act:  # model-only, a switch off and on
         model = "test_efficientnet" if args.quick else args.model
         bs = args.batch_size or (4 if args.quick else 16)
         default = ["bf16"] if args.fp32_stem or args.bf16_weights else ["fp32", "bf16"]
@@ -598,6 +612,7 @@ def main() -> None:
         else:
             switch, names, kind = (("fold_bn", ("unfolded", "folded"), "fold") if args.fold else
                                    ("fp32_stem", ("bf16_stem", "fp32_stem"), "fp32_stem") if args.fp32_stem else
+                                   ("fuse_act", ("unfused", "fused"), "fuse_act") if args.fuse_act else
                                    ("bf16_weights", ("fp32_weights", "bf16_weights"), "bf16_weights"))
             runs = bench_switch(switch, model, weights, bs, precisions, rounds, n, photos)
             for precision in precisions:

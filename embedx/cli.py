@@ -130,6 +130,7 @@ def extract(
     prefetch: Optional[int] = typer.Option(None, help="Batches prepared ahead (copied to / decoded on the device) on a background thread; 0: inline [default: 2; 0 on a CPU that decodes in-process]."),
     compile: str = typer.Option("auto", help="auto (for runs of 20k+ images on a CPU in fp32, or in bf16 on CPUs with AMX; 200k+ on a GPU) | yes | no: torch.compile the backbone."),
     fold_bn: bool = typer.Option(True, "--fold-bn/--no-fold-bn", help="On a CPU, fold the model's BatchNorms into the convolutions before them (checked against the unfolded model; in bf16 pointwise convolutions only, and depthwise ones in the layers --fp32-stem keeps in fp32)."),
+    fuse_act: bool = typer.Option(True, "--fuse-act/--no-fuse-act", help="On a CPU, without --compile: apply each activation after a convolution inside it (oneDNN's post-op; checked against the unfused model)."),
     fp32_stem: Optional[bool] = typer.Option(None, "--fp32-stem/--no-fp32-stem", show_default=False, help="In bf16, run the model's half-resolution layers (its stem and first block) in fp32: bf16 embeddings within cosine ~0.999 of fp32's instead of ~0.993 (CPU) / ~0.9988 (H200), for a few per cent of the model's speed [default: on]."),
     heap: str = typer.Option("auto", help="auto (keep on CPU) | keep | release: keep = glibc reuses freed memory instead of returning it to the OS (no page faults per batch; the process keeps its peak)."),
     engine: str = typer.Option("local", help="local | ray (Ray Data on a cluster: pip install 'embedx[ray]')."),
@@ -158,7 +159,7 @@ def extract(
         interpolation=interpolation, pool=pool, shard_size=shard_size, normalize=normalize, dtype=dtype,
         overwrite=overwrite, update=update, retry_errors=retry_errors, max_pixels=max_pixels, fast_decode=fast_decode, decode=decode, device_share=device_share,
         device_decoder=device_decoder, prefetch=prefetch,
-        compile=compile, fold_bn=fold_bn, fp32_stem=fp32_stem, heap=heap, progress=progress,
+        compile=compile, fold_bn=fold_bn, fuse_act=fuse_act, fp32_stem=fp32_stem, heap=heap, progress=progress,
     )
     r = run_extract(inputs, out, config, engine=engine, address=address,
                     devices=[d.strip() for d in devices.split(",")] if devices else None)

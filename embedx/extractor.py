@@ -66,6 +66,8 @@ class ExtractConfig:
     update: bool = False  # out holds this run already: embed the images new since, as new shards (see segments)
     retry_errors: bool = False  # out holds this run already: embed again the inputs errors.parquet lists
     fold_bn: bool = True  # on a CPU, run a copy of the model with its BatchNorms folded into the convolutions (embedx.fold)
+    # on a CPU, eager runs: apply each activation after a convolution inside it (oneDNN post-op, embedx.fuse)
+    fuse_act: bool = True
     # in bf16 (or fp16), run the model's half-resolution layers in fp32 (embedx.mixed): None (the
     # default) and True on every device, False nowhere
     fp32_stem: bool | None = None
@@ -620,12 +622,13 @@ def _run_local(plan: _Plan, out: Path, config: ExtractConfig, timer: "_StageTime
         # stem's check took 2-5 s on the H200 machine's 16 cores (session 15); then the decoder
         # processes, before CUDA is initialised here (forking a process that holds a CUDA context
         # is slower and not safe); then the model to the device
+        compiled = should_compile(config.compile, device, len(pending), plan.precision)
         model = _prepare_model(backbone, device, config.channels_last, plan.precision, fold_bn=config.fold_bn,
-                               fp32_stem=config.fp32_stem, place=False)
+                               fp32_stem=config.fp32_stem, place=False, fuse_act=config.fuse_act and not compiled)
         batches = iter(loader)
         model = _place(model, device, config.channels_last)
         runner = _Embedder(model, backbone, device, plan.precision, config.normalize, config.channels_last,
-                           compile=should_compile(config.compile, device, len(pending), plan.precision))
+                           compile=compiled)
     bar = _progress(len(plan.records), len(plan.records) - len(pending), config.progress)
     pre = _tensor_preprocess(backbone)
     counts = {"embedded": 0, "errors": 0}
@@ -753,13 +756,14 @@ def _clear(out: Path) -> None:
 
 
 def prepare_model(backbone: Backbone, device: str, precision: str = "auto", fold_bn: bool = True,
-                  fp32_stem: bool | None = None):
+                  fp32_stem: bool | None = None, fuse_act: bool = True):
     """`backbone`'s model on `device` as `embed_files` runs it at `precision`: channels_last, and
-    on a CPU with its BatchNorms folded (`embedx.fold`) unless `fold_bn` is False; in bf16, its
-    half-resolution layers in fp32 as `fp32_stem` says (`fp32_modules`)."""
+    on a CPU with its BatchNorms folded (`embedx.fold`) unless `fold_bn` is False and its
+    activations fused into the convolutions before them (`embedx.fuse`) unless `fuse_act` is
+    False; in bf16, its half-resolution layers in fp32 as `fp32_stem` says (`fp32_modules`)."""
     device = resolve_device(device)
     return _prepare_model(backbone, device, True, resolve_precision(precision, device), fold_bn=fold_bn,
-                          fp32_stem=fp32_stem)
+                          fp32_stem=fp32_stem, fuse_act=fuse_act)
 
 
 def fp32_modules(backbone: Backbone, device: str, precision: str, fp32_stem: bool | None = None) -> list[str]:
@@ -778,10 +782,13 @@ def fp32_modules(backbone: Backbone, device: str, precision: str, fp32_stem: boo
 
 def _prepare_model(backbone: Backbone, device: str, channels_last: bool, precision: str | None = None,
                    fold_bn: bool = False, fp32_stem: bool | None = False, bf16_weights: bool = True,
-                   place: bool = True):
+                   place: bool = True, fuse_act: bool = False):
     """The model to run: `backbone.model` itself (moved to `device`), or on a CPU a copy with
     - with `fold_bn`, at precision fp32 or bf16, its BatchNorms folded into the convolutions before
       them (bf16: pointwise ones, and depthwise ones in the layers kept in fp32; see `embedx.fold`);
+    - with `fuse_act`, at precision fp32 or bf16, each activation after a convolution applied by
+      the convolution itself (oneDNN's post-op, `embedx.fuse`; for eager runs: torch.compile fuses
+      by itself);
     - in bf16 (or fp16), as `fp32_stem` says, its half-resolution layers in fp32 (`fp32_modules`,
       `embedx.mixed`; on any device);
     - in bf16, the other layers' weights stored in bf16 (`embedx.mixed.store_bf16_weights`: the
@@ -799,6 +806,12 @@ def _prepare_model(backbone: Backbone, device: str, channels_last: bool, precisi
         model, folded = fold_batchnorm(model, input_size, depthwise=True if precision == "fp32" else tuple(kept))
         if folded:
             log.info("folded %d BatchNorm layers into their convolutions (%s)", folded, precision)
+    if fuse_act and device == "cpu" and precision in ("fp32", "bf16"):
+        from .fuse import fuse_activations
+
+        model, fused = fuse_activations(model, input_size)  # a copy when it fuses anything
+        if fused:
+            log.info("fused %d activations into their convolutions (%s)", fused, precision)
     if kept:
         from .mixed import keep_fp32
 

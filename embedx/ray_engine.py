@@ -68,7 +68,7 @@ class _EmbedActor:
     def __init__(self, model_name: str, weights: str | None, device: str, precision: str, normalize: bool,
                  channels_last: bool, expected_sha256: str | None, threads: int | None,
                  random_state: dict | None = None, heap: str = "auto", pool: str | None = None,
-                 fold_bn: bool = True, fp32_stem: bool | None = None):
+                 fold_bn: bool = True, fp32_stem: bool | None = None, fuse_act: bool = True):
         import torch
 
         from ._malloc import apply_heap
@@ -82,7 +82,7 @@ class _EmbedActor:
         # pixels come decoded (the driver's preprocessing); the network needs the run's pooling
         backbone = load_matching(model_name, weights, expected_sha256, random_state).with_pool(pool)
         self.dim = backbone.dim
-        model = _prepare_model(backbone, device, channels_last, precision, fold_bn, fp32_stem)
+        model = _prepare_model(backbone, device, channels_last, precision, fold_bn, fp32_stem, fuse_act=fuse_act)
         self.runner = _Embedder(model, backbone, device, precision, normalize, channels_last)
 
     def __call__(self, batch: dict) -> dict:
@@ -134,7 +134,7 @@ def run_ray(plan, out: Path, config, address: str | None, timer) -> tuple[int, i
                         fn_constructor_args=(backbone.model_name, weights, device, plan.precision, config.normalize,
                                              config.channels_last, backbone.weights_sha256, threads,
                                              random_state_of(backbone), config.heap, config.pool, config.fold_bn,
-                                             config.fp32_stem),
+                                             config.fp32_stem, config.fuse_act),
                         **actor_opts)
     writer = _ShardWriter(out, plan.manifest, config, backbone.dim, plan.metadata)
     by_id = {r.row_id: r for r in plan.pending}

@@ -122,6 +122,19 @@ def test_bench_extract_fold_quick(tmp_path):
     assert fp32["unfolded"][0]["min_cosine_vs_fp32"] > 0.9999 and fp32["folded"][0]["min_cosine_vs_fp32"] > 0.999
 
 
+def test_bench_extract_fuse_act_quick(tmp_path):
+    r = run("bench_extract.py", tmp_path, "--fuse-act", "--precisions", "fp32", "--cache", str(tmp_path / "cache"))
+    fp32 = r["precisions"]["fp32"]
+    assert r["benchmark"] == "extract-fuse_act" and fp32["fused_over_unfused"] > 0
+    assert fp32["unfused"][0]["min_cosine_vs_fp32"] > 0.999 and fp32["fused"][0]["min_cosine_vs_fp32"] > 0.999
+
+
+def test_bench_extract_fuse_acts_end_to_end_quick(tmp_path):
+    r = run("bench_extract.py", tmp_path, "--batch-sizes", "4", "--fuse-acts", "no,yes", "--cache", str(tmp_path / "cache"))
+    ips = r["images_per_second"]
+    assert set(ips) == {"4/fuse_act=no", "4/fuse_act=yes"} and all(v[0] > 0 for v in ips.values())
+
+
 def test_bench_extract_fp32_stem_quick(tmp_path):
     r = run("bench_extract.py", tmp_path, "--fp32-stem", "--cache", str(tmp_path / "cache"))
     bf16 = r["precisions"]["bf16"]  # bf16 only, by default: in fp32 the switch changes nothing
