@@ -115,31 +115,41 @@ def fold_batchnorm(model, input_size: tuple[int, int, int], *, depthwise: bool |
     (`depthwise`: which grouped convolutions, see `foldable_pairs`);
     `model` itself when there is nothing to fold or the copy's output differs from the
     original's (max abs difference > tolerance x the output's largest magnitude, fp32, one
-    random image on the model's device, `forward_random_image`): then a warning says so."""
-    import torch
-
+    random image on the model's device, `same_output`): then a warning says so."""
     if not foldable_pairs(model, depthwise):
         return model, 0
     folded = copy.deepcopy(model)
     pairs = foldable_pairs(folded, depthwise)
     for pair in pairs:
         _fold_pair(*pair)
-    try:
-        x, want = forward_random_image(model, input_size)
-        with torch.inference_mode():
-            got = folded(x)
-    except Exception as e:  # noqa: BLE001 - a model that takes neither size, or one that fails
-        log.warning("BatchNorm folding could not be checked (%s: %s): running the model unfolded",
-                    type(e).__name__, str(e)[:200])
-        return model, 0
-    want, got = want.float(), got.float()
-    err = (want - got).abs().max().item()
-    limit = tolerance * max(want.abs().max().item(), 1e-6)
-    if not err <= limit:
-        log.warning("BatchNorm folding changed the model's output (max difference %.3g > %.3g): running it "
-                    "unfolded", err, limit)
+    if not same_output(model, folded, input_size, tolerance, "BatchNorm folding", "running the model unfolded",
+                       "running it unfolded"):
         return model, 0
     return folded, len(pairs)
 
 
-__all__ = ["fold_batchnorm", "foldable_pairs", "forward_random_image"]
+def same_output(model, changed, input_size: tuple[int, int, int], tolerance: float, what: str,
+                if_unchecked: str, if_changed: str) -> bool:
+    """Whether `changed` (a rewritten copy of `model`) gives `model`'s output on one random image
+    (`forward_random_image`, fp32): max abs difference <= tolerance x the output's largest
+    magnitude. When not, or when it cannot be run, a warning says that `what` did so and what
+    happens instead (`if_unchecked`, `if_changed`)."""
+    import torch
+
+    try:
+        x, want = forward_random_image(model, input_size)
+        with torch.inference_mode():
+            got = changed(x)
+    except Exception as e:  # noqa: BLE001 - a model that takes neither size, or a rewrite that fails
+        log.warning("%s could not be checked (%s: %s): %s", what, type(e).__name__, str(e)[:200], if_unchecked)
+        return False
+    want, got = want.float(), got.float()
+    err = (want - got).abs().max().item()
+    limit = tolerance * max(want.abs().max().item(), 1e-6)
+    if not err <= limit:
+        log.warning("%s changed the model's output (max difference %.3g > %.3g): %s", what, err, limit, if_changed)
+        return False
+    return True
+
+
+__all__ = ["fold_batchnorm", "foldable_pairs", "forward_random_image", "same_output"]

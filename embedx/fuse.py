@@ -178,22 +178,10 @@ def fuse_activations(model: torch.nn.Module, input_size: tuple[int, int, int], *
         conv.attr, conv.scalars, conv.algorithm, conv.same = attr, scalars, algorithm, same
         parent_name, _, child = act_name.rpartition(".")
         setattr(fused.get_submodule(parent_name) if parent_name else fused, child, torch.nn.Identity())
-    from .fold import forward_random_image
+    from .fold import same_output
 
-    try:
-        x, want = forward_random_image(model, input_size)
-        with torch.inference_mode():
-            got = fused(x)
-    except Exception as e:  # noqa: BLE001 - the fused op refused something the trace did not show
-        log.warning("fusing activations into convolutions failed (%s: %s): running them apart",
-                    type(e).__name__, str(e)[:200])
-        return model, 0
-    want, got = want.float(), got.float()
-    err = (want - got).abs().max().item()
-    limit = tolerance * max(want.abs().max().item(), 1e-6)
-    if not err <= limit:
-        log.warning("fusing activations into convolutions changed the model's output (max difference %.3g > %.3g): "
-                    "running them apart", err, limit)
+    if not same_output(model, fused, input_size, tolerance, "fusing activations into convolutions",
+                       "running them apart", "running them apart"):
         return model, 0
     return fused, len(pairs)
 
