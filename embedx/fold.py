@@ -87,11 +87,12 @@ def _fold_pair(parent, conv_name: str, bn_name: str) -> None:
     setattr(parent, bn_name, torch.nn.Sequential(*after) if after else torch.nn.Identity())
 
 
-def forward_random_image(model, input_size: tuple[int, int, int], autocast_dtype=None):
+def forward_random_image(model, input_size: tuple[int, int, int], autocast_dtype=None, *, inference: bool = True):
     """(x, model(x)) for one random image x on the model's device, at 64 x 64 pixels where the
     model takes that (checks at 224 cost ten times more, and what they check does not depend on
-    the size), else at `input_size`; under autocast to `autocast_dtype` when given. Raises what
-    the model raises at `input_size`."""
+    the size), else at `input_size`; under autocast to `autocast_dtype` when given; in
+    inference mode, or with `inference=False` under no_grad (where tensors' version counters
+    count). Raises what the model raises at `input_size`."""
     import torch
 
     param = next(model.parameters(), None)
@@ -101,8 +102,8 @@ def forward_random_image(model, input_size: tuple[int, int, int], autocast_dtype
     for size in sizes:
         x = torch.randn((1, *size), generator=torch.Generator().manual_seed(0)).to(device)
         try:
-            with torch.inference_mode(), torch.autocast(device.type, dtype=autocast_dtype,
-                                                        enabled=autocast_dtype is not None):
+            with (torch.inference_mode() if inference else torch.no_grad()), \
+                    torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 return x, model(x)
         except Exception:  # noqa: BLE001 - a model that takes only its own size
             if size == sizes[-1]:

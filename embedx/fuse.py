@@ -97,18 +97,15 @@ def _cpu_autocast_dtype():
         return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
 
 
-def _random_image(model, input_size):
-    """One seeded random image at 64 x 64 where the model takes it, else at `input_size`, and the
-    sizes to try in that order."""
-    channels, height, width = input_size
-    return list(dict.fromkeys([(channels, min(height, 64), min(width, 64)), (channels, height, width)]))
-
-
 def fusable_pairs(model: torch.nn.Module, input_size: tuple[int, int, int]) -> list[tuple[str, str]]:
-    """(convolution name, activation name) of each convolution whose output goes, unchanged and
-    nowhere else first, into an activation oneDNN can apply (`post_op`), found by one traced
-    forward pass on a random image (in fp32, on the model's device); each of the two must run
-    exactly once per pass. [] when the model takes neither image size."""
+    """(convolution name, activation name) of each convolution whose output tensor goes,
+    unchanged (its version counter), into an activation oneDNN can apply (`post_op`), found by
+    one traced forward pass on a random image (`embedx.fold.forward_random_image`, fp32, on the
+    model's device); each of the two must run exactly once per pass. Whether the output also
+    goes elsewhere is not traced: `fuse_activations` checks the fused model's output. [] when
+    the model takes neither image size."""
+    from .fold import forward_random_image
+
     kinds = _conv_kinds()
     names = {id(m): n for n, m in model.named_modules()}
     calls: dict[str, int] = {}
@@ -137,19 +134,18 @@ def fusable_pairs(model: torch.nn.Module, input_size: tuple[int, int, int]) -> l
             hooks.append(module.register_forward_pre_hook(act_starts))
     if not hooks:
         return []
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
+    # each try at another image size starts the trace afresh (prepended: before the root's own
+    # hooks, where the root is itself a convolution or an activation)
+    def start_afresh(module, args):  # returns None: a pre-hook's result would replace the input
+        calls.clear()
+        produced.clear()
+        found.clear()
+
+    hooks.append(model.register_forward_pre_hook(start_afresh, prepend=True))
     try:
-        for size in _random_image(model, input_size):
-            calls.clear(), produced.clear(), found.clear()
-            x = torch.randn((1, *size), generator=torch.Generator().manual_seed(0)).to(device)
-            try:
-                with torch.no_grad():  # not inference_mode: version counters must count
-                    model(x)
-                break
-            except Exception:  # noqa: BLE001 - a model that takes only its own size
-                if size == _random_image(model, input_size)[-1]:
-                    return []
+        forward_random_image(model, input_size, inference=False)  # no_grad: version counters count
+    except Exception:  # noqa: BLE001 - a model that takes neither size
+        return []
     finally:
         for h in hooks:
             h.remove()

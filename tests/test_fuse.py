@@ -81,6 +81,28 @@ def test_pairs_are_found_by_what_flows_not_by_structure():
         assert torch.equal(fused(x), model(x))
 
 
+class _OwnSizeAfterAConv(torch.nn.Module):
+    """Runs its convolution and activation, then refuses all but 80 x 80 inputs: the trace's
+    first try, at 64 x 64, must not count toward its second, at the model's own size."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.act = torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU()
+
+    def forward(self, x):
+        y = self.act(self.conv(x))
+        if x.shape[-1] != 80:
+            raise ValueError("80 x 80 only")
+        return y
+
+
+def test_the_trace_starts_afresh_at_the_models_own_size():
+    model = _OwnSizeAfterAConv().eval()
+    assert fuse.fusable_pairs(model, (3, 80, 80)) == [("conv", "act")]
+    fused, n = fuse.fuse_activations(model, (3, 80, 80))
+    assert n == 1 and isinstance(fused.act, torch.nn.Identity)
+
+
 def test_a_wrong_pair_is_caught_by_the_check_and_the_model_runs_apart(monkeypatch, caplog):
     model = _Residual().eval()
     monkeypatch.setattr(fuse, "fusable_pairs", lambda m, size: [("conv1", "act1"), ("conv2", "act2")])
