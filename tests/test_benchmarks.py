@@ -32,10 +32,17 @@ def test_bench_extract_quick(tmp_path):
     assert set(ips) == {"ceiling_release", "naive", "timm_style", "timm_style_keep", "ceiling",
                         "embedx_first_run", "embedx"}
     assert all(v > 0 for v in ips.values())
+    rounds = r["rounds"]  # one round with --quick, between two ceiling runs; the figures are its medians
+    first, last = rounds["ceiling_runs"]
+    assert rounds["ceiling"] == [pytest.approx(2 / (1 / first + 1 / last))] == [pytest.approx(ips["ceiling"])]
+    assert rounds["embedx"] == [ips["embedx"]]
     assert r["pipeline_efficiency"] == pytest.approx(ips["embedx"] / ips["ceiling"])
-    rounds = r["rounds"]  # one interleaved round with --quick; the figures are its medians
-    assert rounds["ceiling"] == [ips["ceiling"]] and rounds["embedx"] == [ips["embedx"]]
+    assert r["pipeline_efficiency_of_medians"] == pytest.approx(r["pipeline_efficiency"])
     assert rounds["pipeline_efficiency"] == [pytest.approx(r["pipeline_efficiency"])]
+    # without the start-up, embedx's rate can only be higher
+    assert rounds["embedx_after_startup"][0] > ips["embedx"]
+    assert r["pipeline_efficiency_after_startup"] == pytest.approx(rounds["embedx_after_startup"][0] / ips["ceiling"])
+    assert rounds["stage_seconds"][0]["startup"] > 0
     assert r["heap_keep_gain_ceiling"] == pytest.approx(ips["ceiling"] / ips["ceiling_release"])
 
 
