@@ -809,7 +809,8 @@ def _prepare_model(backbone: Backbone, device: str, channels_last: bool, precisi
     if fuse_act and device == "cpu" and precision in ("fp32", "bf16"):
         from .fuse import fuse_activations
 
-        model, fused = fuse_activations(model, input_size)  # a copy when it fuses anything
+        # in place on folding's copy; else a copy when it fuses anything
+        model, fused = fuse_activations(model, input_size, inplace=model is not backbone.model)
         if fused:
             log.info("fused %d activations into their convolutions (%s)", fused, precision)
     if kept:

@@ -130,15 +130,17 @@ def fold_batchnorm(model, input_size: tuple[int, int, int], *, depthwise: bool |
 
 
 def same_output(model, changed, input_size: tuple[int, int, int], tolerance: float, what: str,
-                if_unchecked: str, if_changed: str) -> bool:
-    """Whether `changed` (a rewritten copy of `model`) gives `model`'s output on one random image
-    (`forward_random_image`, fp32): max abs difference <= tolerance x the output's largest
-    magnitude. When not, or when it cannot be run, a warning says that `what` did so and what
-    happens instead (`if_unchecked`, `if_changed`)."""
+                if_unchecked: str, if_changed: str, reference=None) -> bool:
+    """Whether `changed` (a rewritten copy of `model`, or `model` rewritten in place) gives
+    `model`'s output on one random image (`forward_random_image`, fp32): max abs difference <=
+    tolerance x the output's largest magnitude. `reference`: that image and `model`'s output on
+    it, already computed (needed when `changed` is `model` itself). When not, or when it cannot
+    be run, a warning says that `what` did so and what happens instead (`if_unchecked`,
+    `if_changed`)."""
     import torch
 
     try:
-        x, want = forward_random_image(model, input_size)
+        x, want = reference if reference is not None else forward_random_image(model, input_size)
         with torch.inference_mode():
             got = changed(x)
     except Exception as e:  # noqa: BLE001 - a model that takes neither size, or a rewrite that fails

@@ -104,6 +104,12 @@ def fusable_pairs(model: torch.nn.Module, input_size: tuple[int, int, int]) -> l
     model's device); each of the two must run exactly once per pass. Whether the output also
     goes elsewhere is not traced: `fuse_activations` checks the fused model's output. [] when
     the model takes neither image size."""
+    return _traced_pairs(model, input_size)[0]
+
+
+def _traced_pairs(model: torch.nn.Module, input_size: tuple[int, int, int]):
+    """`fusable_pairs`, and the traced pass's (image, output) (None when no pass ran): the
+    reference the fused model's output is checked against."""
     from .fold import forward_random_image
 
     kinds = _conv_kinds()
@@ -133,7 +139,7 @@ def fusable_pairs(model: torch.nn.Module, input_size: tuple[int, int, int]) -> l
         elif post_op(module) is not None:
             hooks.append(module.register_forward_pre_hook(act_starts))
     if not hooks:
-        return []
+        return [], None
     # each try at another image size starts the trace afresh (prepended: before the root's own
     # hooks, where the root is itself a convolution or an activation)
     def start_afresh(module, args):  # returns None: a pre-hook's result would replace the input
@@ -143,41 +149,51 @@ def fusable_pairs(model: torch.nn.Module, input_size: tuple[int, int, int]) -> l
 
     hooks.append(model.register_forward_pre_hook(start_afresh, prepend=True))
     try:
-        forward_random_image(model, input_size, inference=False)  # no_grad: version counters count
+        reference = forward_random_image(model, input_size, inference=False)  # no_grad: version counters count
     except Exception:  # noqa: BLE001 - a model that takes neither size
-        return []
+        return [], None
     finally:
         for h in hooks:
             h.remove()
-    return [(c, a) for c, a in dict.fromkeys(found) if calls.get(c) == 1 and calls.get(a) == 1]
+    return [(c, a) for c, a in dict.fromkeys(found) if calls.get(c) == 1 and calls.get(a) == 1], reference
 
 
 def fuse_activations(model: torch.nn.Module, input_size: tuple[int, int, int], *,
-                     tolerance: float = 1e-4) -> tuple[torch.nn.Module, int]:
-    """A copy of `model` with each convolution -> activation pair (`fusable_pairs`) run as one
-    `FusedConv2d`, and how many; `model` itself, with 0, when oneDNN's op is missing, the model
-    is not on the CPU, nothing is fusable, or the copy's output differs from the original's (max
-    abs difference > tolerance x the output's largest magnitude, fp32, one random image): then
-    a warning says so."""
+                     tolerance: float = 1e-4, inplace: bool = False) -> tuple[torch.nn.Module, int]:
+    """`model` (with `inplace`) or a copy of it with each convolution -> activation pair
+    (`fusable_pairs`) run as one `FusedConv2d`, and how many; `model` itself, unchanged, with 0,
+    when oneDNN's op is missing, the model is not on the CPU, nothing is fusable, or the fused
+    output differs from the traced pass's (max abs difference > tolerance x the output's largest
+    magnitude, fp32, one random image): then a warning says so (and in place, the pairs are
+    put back as they were)."""
     param = next(model.parameters(), None)
     if not available() or (param is not None and param.device.type != "cpu"):
         return model, 0
-    pairs = fusable_pairs(model, input_size)
+    pairs, reference = _traced_pairs(model, input_size)
     if not pairs:
         return model, 0
-    fused = copy.deepcopy(model)
+    fused = model if inplace else copy.deepcopy(model)
+    undo = []
     for conv_name, act_name in pairs:
         conv, act = fused.get_submodule(conv_name), fused.get_submodule(act_name)
         attr, scalars, algorithm = post_op(act)
+        parent_name, _, child = act_name.rpartition(".")
+        parent = fused.get_submodule(parent_name) if parent_name else fused
+        undo.append((conv, conv.__class__, parent, child, act))
         same = type(conv) is not torch.nn.Conv2d  # Conv2dSame
         conv.__class__ = FusedConv2d
         conv.attr, conv.scalars, conv.algorithm, conv.same = attr, scalars, algorithm, same
-        parent_name, _, child = act_name.rpartition(".")
-        setattr(fused.get_submodule(parent_name) if parent_name else fused, child, torch.nn.Identity())
+        setattr(parent, child, torch.nn.Identity())
     from .fold import same_output
 
     if not same_output(model, fused, input_size, tolerance, "fusing activations into convolutions",
-                       "running them apart", "running them apart"):
+                       "running them apart", "running them apart", reference=reference):
+        if inplace:
+            for conv, cls, parent, child, act in reversed(undo):
+                conv.__class__ = cls
+                for name in ("attr", "scalars", "algorithm", "same"):
+                    conv.__dict__.pop(name, None)
+                setattr(parent, child, act)
         return model, 0
     return fused, len(pairs)
 

@@ -105,11 +105,31 @@ def test_the_trace_starts_afresh_at_the_models_own_size():
 
 def test_a_wrong_pair_is_caught_by_the_check_and_the_model_runs_apart(monkeypatch, caplog):
     model = _Residual().eval()
-    monkeypatch.setattr(fuse, "fusable_pairs", lambda m, size: [("conv1", "act1"), ("conv2", "act2")])
+    traced = fuse._traced_pairs
+    monkeypatch.setattr(fuse, "_traced_pairs", lambda m, size: ([("conv1", "act1"), ("conv2", "act2")],
+                                                                traced(m, size)[1]))
     with caplog.at_level(logging.WARNING, logger="embedx"):
         got, n = fuse.fuse_activations(model, (4, 8, 8))
     assert got is model and n == 0
     assert "changed the model's output" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="embedx"):  # in place: the pairs are put back
+        got, n = fuse.fuse_activations(model, (4, 8, 8), inplace=True)
+    assert got is model and n == 0 and "changed the model's output" in caplog.text
+    assert [type(m) for m in (model.conv1, model.act1, model.conv2, model.act2)] == [
+        torch.nn.Conv2d, torch.nn.ReLU, torch.nn.Conv2d, torch.nn.ReLU]
+    assert not any("attr" in vars(m) for m in (model.conv1, model.conv2))
+
+
+def test_in_place_fusing_changes_the_model_itself_with_the_same_output():
+    model = _Residual().eval()
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        want = model(x)
+    got, n = fuse.fuse_activations(model, (4, 8, 8), inplace=True)
+    assert got is model and n == 1 and isinstance(model.conv1, fuse.FusedConv2d)
+    with torch.inference_mode():
+        assert torch.equal(model(x), want)
 
 
 def test_smooth_activations_and_timm_same_padding():
