@@ -52,7 +52,7 @@ def make_jpegs(n: int, root: Path, distinct: int = 400) -> Path:
 
 
 def usable_device_decoders() -> list[str]:
-    """The libraries whose batched decode_jpeg loads here (torchcodec, torchvision)."""
+    """The libraries whose batched decode loads here (of torchcodec, torchvision, nvimgcodec)."""
     from embedx._tensor_decode import DEVICE_DECODERS, _load_problem
 
     return [d for d in DEVICE_DECODERS if _load_problem(d) is None]
@@ -184,10 +184,13 @@ def main() -> None:
             # and, where the model has half-resolution layers, GPU decode without them in fp32
             # (a fresh backbone: as every run with them does, it starts from one on the CPU)
             variants = [("pil", 2, 1.0, "auto", None), ("device", 2, 1.0, "auto", None)]
+            # nvImageCodec (the hardware JPEG decoders, sparing the SMs): every model, where it loads
+            nvimg = "nvimgcodec" in env["device_decoders"]
+            variants += [("device", 2, 1.0, "nvimgcodec", None)] if nvimg else []
             if name == first and args.variants == "all":
                 variants += [("pil", 0, 1.0, "auto", None), ("device", 0, 1.0, "auto", None)]
                 variants += [("device", 2, x, "auto", None) for x in SHARES]
-                variants += [("device", 2, 1.0, d, None) for d in env["device_decoders"][1:]]
+                variants += [("device", 2, 1.0, d, None) for d in env["device_decoders"][1:] if d != "nvimgcodec"]
                 variants += [("device", 2, 1.0, "auto", False)] if row["fp32_modules"] else []
             for decode, prefetch, share, device_decoder, stem in variants:
                 key = (decode + ("" if prefetch else "_prefetch0") + ("" if share == 1.0 else f"_share{share}")
@@ -212,6 +215,10 @@ def main() -> None:
             print(f"{name:>24}: ceiling {row['ceiling']:8.0f} img/s | e2e CPU-decode {row['e2e_pil']:8.0f} "
                   f"({row['efficiency_pil']:.2f}) | e2e GPU-decode {row['e2e_device']:8.0f} ({row['efficiency_device']:.2f})",
                   flush=True)
+            if nvimg:
+                r_ = row["e2e_device_nvimgcodec"]
+                print(f"{'':>24}  GPU-decode with nvImageCodec: e2e {r_:8.0f} img/s ({r_ / row['ceiling']:.2f}); "
+                      f"stages {row['stages_device_nvimgcodec']}", flush=True)
             print(f"{'':>24}  seconds by stage, CPU-decode: {row['stages_pil']}", flush=True)
             print(f"{'':>24}  seconds by stage, GPU-decode: {row['stages_device']}", flush=True)
             print(f"{'':>24}  seconds (wall, run), CPU-decode: {row['seconds_pil']}, GPU-decode: {row['seconds_device']}",
@@ -232,6 +239,8 @@ def main() -> None:
                           f"{row['e2e_device'] / row['e2e_device_no_fp32_stem']:.2f}x of all-bf16's "
                           f"({row['ceiling_no_fp32_stem']:8.0f} / {row['e2e_device_no_fp32_stem']:8.0f} img/s)", flush=True)
                 for d in env["device_decoders"][1:]:
+                    if d == "nvimgcodec":
+                        continue  # printed above
                     r_ = row[f"e2e_device_{d}"]
                     print(f"{'':>24}  GPU-decode with {d}'s decoder: e2e {r_:8.0f} img/s ({r_ / row['ceiling']:.2f}) "
                           f"vs {env['device_decoders'][0]}'s {row['e2e_device']:8.0f}", flush=True)

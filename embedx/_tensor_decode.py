@@ -4,7 +4,9 @@ On a GPU machine the CPU decoder, not the model, limits throughput. With
 `decode="device"`, workers only read file bytes (and check the header: size limit, format);
 the main process decodes the JPEGs of a batch in one batched `decode_jpeg` call on the
 device — TorchCodec's when it is installed, else torchvision's (deprecated since torchvision
-0.29); both apply EXIF orientation — then resizes (antialiased, the model's interpolation)
+0.29), or, when asked for, NVIDIA nvImageCodec's (on A100/H100-class GPUs their hardware JPEG
+decoders, which leave the SMs to the model); all apply EXIF orientation — then resizes
+(antialiased, the model's interpolation)
 and centre-crops them there. Files that are not JPEGs still go through PIL in the workers.
 
 Results differ slightly from PIL's (another resampler; on a GPU another JPEG decoder too): the
@@ -19,17 +21,22 @@ from dataclasses import dataclass
 
 from .errors import InputError
 
-DEVICE_DECODERS = ("torchcodec", "torchvision")
+DEVICE_DECODERS = ("torchcodec", "torchvision", "nvimgcodec")
+#: what `auto` tries, in order (nvImageCodec only when asked for: its GPU speed is not measured yet)
+AUTO_DECODERS = ("torchcodec", "torchvision")
 
 
 def resolve_device_decoder(choice: str = "auto") -> str:
-    """The library whose batched `decode_jpeg` decodes on the device: `torchcodec`, `torchvision`,
-    or `auto` (TorchCodec when it loads, else torchvision's deprecated decoder, with a warning
-    that says why). Raises InputError when the one asked for (or, for auto, neither) is usable."""
+    """The library whose batched decode decodes on the device: `torchcodec`, `torchvision`,
+    `nvimgcodec` (NVIDIA nvImageCodec: on a GPU, the hardware JPEG decoders where the GPU has
+    them, e.g. A100 / H100, else its CUDA decoder), or `auto` (TorchCodec when it loads, else
+    torchvision's deprecated decoder, with a warning that says why). Raises InputError when the
+    one asked for (or, for auto, neither) is usable."""
     if choice not in ("auto", *DEVICE_DECODERS):
-        raise InputError(f"--device-decoder must be auto, torchcodec or torchvision, not {choice!r}.")
+        raise InputError(f"--device-decoder must be auto, {', '.join(DEVICE_DECODERS[:-1])} or {DEVICE_DECODERS[-1]}, "
+                         f"not {choice!r}.")
     problems = {}
-    for name in DEVICE_DECODERS if choice == "auto" else (choice,):
+    for name in AUTO_DECODERS if choice == "auto" else (choice,):
         problems[name] = _load_problem(name)
         if problems[name] is None:
             if choice == "auto" and name == "torchvision":
@@ -47,6 +54,8 @@ def _load_problem(name: str) -> str | None:
     try:
         if name == "torchcodec":
             from torchcodec.decoders import decode_jpeg  # noqa: F401
+        elif name == "nvimgcodec":
+            _import_nvimgcodec()
         else:
             from torchvision.io import decode_jpeg  # noqa: F401 - deprecated since torchvision 0.29
     except ModuleNotFoundError as e:
@@ -66,15 +75,67 @@ def _warn_torchvision_fallback(torchcodec_problem: str) -> None:
 
 def _decoder(name: str):
     """A function: (list of CPU uint8 byte tensors, device) -> list of upright (3, H, W) uint8 RGB
-    tensors. Both turn EXIF-rotated JPEGs upright (TorchCodec always does; tested against PIL)."""
+    tensors. All turn EXIF-rotated JPEGs upright (TorchCodec always does; tested against PIL)."""
     if name == "torchcodec":
         from torchcodec.decoders import decode_jpeg
 
         return lambda data, device: decode_jpeg(data, mode="RGB", device=device)
+    if name == "nvimgcodec":
+        return _nvimgcodec_decode
     from torchvision.io import ImageReadMode, decode_jpeg
 
     # (its DeprecationWarning, attributed to torchvision, stays hidden by Python's default filters)
     return lambda data, device: decode_jpeg(data, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True)
+
+
+def _import_nvimgcodec():
+    import os
+
+    # its Python log would print an [ERROR] line for each optional library it lacks (nvJPEG2000,
+    # nvTIFF: other formats than JPEG) on every machine; decoding errors are reported per image here
+    os.environ.setdefault("PYNVIMGCODEC_VERBOSITY", "0")
+    from nvidia import nvimgcodec
+
+    return nvimgcodec
+
+
+@functools.lru_cache(maxsize=None)
+def _nvimgcodec_decoder(device: str):
+    """One nvImageCodec Decoder per device (making one loads its codecs): on a GPU its hardware
+    JPEG decoder first, then its CUDA decoder, then the CPU for what neither takes (e.g. CMYK);
+    on the CPU libjpeg-turbo."""
+    import torch
+
+    nv = _import_nvimgcodec()
+    dev = torch.device(device)
+    if dev.type == "cpu":
+        return nv.Decoder(device_id=nv.NVIMGCODEC_DEVICE_CPU_ONLY, backends=[nv.Backend(nv.BackendKind.CPU_ONLY)])
+    kinds = (nv.BackendKind.HW_GPU_ONLY, nv.BackendKind.GPU_ONLY, nv.BackendKind.CPU_ONLY)
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    return nv.Decoder(device_id=index, backends=[nv.Backend(k) for k in kinds])
+
+
+def _nvimgcodec_decode(data: list, device: str) -> list:
+    """nvImageCodec's batched decode of CPU uint8 byte tensors: upright (EXIF) (3, H, W) uint8 RGB
+    tensors on `device`, queued on its current CUDA stream; a ValueError in the place of each
+    file it cannot decode (it reports those as None instead of failing the batch)."""
+    import numpy as np
+    import torch
+
+    nv = _import_nvimgcodec()
+    params = nv.DecodeParams(color_spec=nv.ColorSpec.SRGB, apply_exif_orientation=True)
+    cuda = torch.device(device).type == "cuda"
+    stream = torch.cuda.current_stream(torch.device(device)).cuda_stream if cuda else 0
+    images = _nvimgcodec_decoder(str(device)).decode([t.numpy() for t in data], params=params, cuda_stream=stream)
+    out = []
+    for img in images:
+        if img is None:
+            out.append(ValueError("nvImageCodec could not decode it"))
+            continue
+        # on a GPU the tensor shares the decoded image's memory (DLPack keeps it alive)
+        hwc = torch.from_dlpack(img) if cuda else torch.from_numpy(np.asarray(img))
+        out.append(hwc.permute(2, 0, 1))
+    return out
 
 
 @dataclass(frozen=True)
@@ -133,7 +194,7 @@ def decode_batch(encoded: list, device: str, pre: TensorPreprocess, decoder: str
     """
     decode = _decoder(decoder)
     try:
-        decoded = decode(encoded, device)
+        decoded = decode(encoded, device)  # nvimgcodec: an exception in the place of each failure
     except (RuntimeError, ValueError):
         # one bad file fails the whole batched call: find it by decoding one at a time
         decoded = []

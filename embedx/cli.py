@@ -126,7 +126,7 @@ def extract(
                                      "PIL transform). --exact-decode: timm's PIL transform as is."),
     decode: str = typer.Option("pil", help="pil (on the CPU: decoder processes, simplejpeg or PIL) | device (JPEG decode + resize on the GPU with nvJPEG)."),
     device_share: float = typer.Option(1.0, help="With --decode device: the share of JPEGs decoded on the device; the CPU workers decode the rest at the same time."),
-    device_decoder: str = typer.Option("auto", help="With --decode device: whose decode_jpeg: auto (TorchCodec when installed, else torchvision's, deprecated) | torchcodec | torchvision."),
+    device_decoder: str = typer.Option("auto", help="With --decode device: whose decode_jpeg: auto (TorchCodec when installed, else torchvision's, deprecated) | torchcodec | torchvision | nvimgcodec (NVIDIA nvImageCodec: the GPU's hardware JPEG decoders where it has them; pip install 'embedx[nvimgcodec]')."),
     prefetch: Optional[int] = typer.Option(None, help="Batches prepared ahead (copied to / decoded on the device) on a background thread; 0: inline [default: 2; 0 on a CPU that decodes in-process]."),
     compile: str = typer.Option("auto", help="auto (for runs of 20k+ images on a CPU in fp32, or in bf16 on CPUs with AMX; 200k+ on a GPU) | yes | no: torch.compile the backbone."),
     fold_bn: bool = typer.Option(True, "--fold-bn/--no-fold-bn", help="On a CPU, fold the model's BatchNorms into the convolutions before them (checked against the unfolded model; in bf16 pointwise convolutions only, and depthwise ones in the layers --fp32-stem keeps in fp32)."),

@@ -50,7 +50,7 @@ class ExtractConfig:
     fast_decode: bool = True  # JPEG DCT-domain downscaling (PIL draft) before the resize
     decode: str = "pil"  # pil (CPU workers) | device (JPEGs decoded + resized on the model's device)
     device_share: float = 1.0  # --decode device: share of JPEGs the device decodes; the CPU workers do the rest
-    device_decoder: str = "auto"  # --decode device: whose decode_jpeg: auto (torchcodec if it loads) | torchcodec | torchvision
+    device_decoder: str = "auto"  # --decode device: whose decode_jpeg: auto (torchcodec if it loads) | torchcodec | torchvision | nvimgcodec
     channels_last: bool = True
     prefetch: int | None = None  # batches prepared ahead on a background thread (own CUDA stream); 0: inline; None: default_prefetch
     compile: str = "auto"  # auto | yes | no: torch.compile the backbone (auto: when the run is long enough)

@@ -173,9 +173,11 @@ def test_bench_gpu_script_runs_on_the_cpu(tmp_path):
     keys = ("ceiling", "e2e_pil", "e2e_device", "e2e_pil_prefetch0", "e2e_device_prefetch0",
             "e2e_device_share0.4", "e2e_device_share0.7")
     assert all(row[k] > 0 for k in keys), row
-    assert r["env"]["device_decoders"] == ["torchcodec", "torchvision"] and row["e2e_device_torchvision"] > 0
+    decoders = ["torchcodec", "torchvision", "nvimgcodec"]
+    assert r["env"]["device_decoders"] == decoders and row["e2e_device_torchvision"] > 0
+    assert row["e2e_device_nvimgcodec"] > 0 and row["stages_device_nvimgcodec"]["device_decode"] > 0
     assert {d: set(v) for d, v in row["device_decode_stage"].items()} == {
-        d: {"decode_only", "decode_resize"} for d in ("torchcodec", "torchvision")}
+        d: {"decode_only", "decode_resize"} for d in decoders}
     assert row["stages_device"]["device_decode"] > 0 and "device_decode" not in row["stages_pil"]
     # what the fp32 stem (the default) costs: all-bf16 beside it
     assert row["fp32_modules"] == ["conv_stem", "bn1", "blocks.0"]

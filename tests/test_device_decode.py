@@ -38,6 +38,8 @@ def test_torchcodec_is_installed_for_the_tests():
     # wheel is built for CUDA 13: beside a torch for another CUDA (or a CPU-only torch), install
     # the matching one from the PyTorch index (e.g. --index-url https://download.pytorch.org/whl/cpu)
     assert "torchcodec" in USABLE and "torchvision" in USABLE, {d: _load_problem(d) for d in DEVICE_DECODERS}
+    # and nvImageCodec (its CPU decoder here, libjpeg-turbo; on a GPU its hardware one)
+    assert "nvimgcodec" in USABLE, _load_problem("nvimgcodec")
 
 
 def _rotated_jpegs(tmp_path):
@@ -109,15 +111,17 @@ def test_device_decode_matches_pil_and_survives_bad_files(photo_dir, tmp_path, b
     assert ta == tb and ta["chelsea/rot6.jpg"] == ta["chelsea/chelsea.jpg"][::-1]
 
 
-def test_the_two_decoders_give_the_same_embeddings(photo_dir, tmp_path, backbone):
-    """On the CPU both are libjpeg-turbo: identical rows, only the label differs (a resume across
-    the two is refused as another configuration, since on a GPU their decoders may differ)."""
+def test_the_decoders_give_the_same_embeddings(photo_dir, tmp_path, backbone):
+    """On the CPU all are libjpeg-turbo: identical rows, only the label differs (a resume across
+    two is refused as another configuration, since on a GPU their decoders differ)."""
     if len(USABLE) < 2:
-        pytest.skip("needs both decoders")
+        pytest.skip("needs two decoders")
     runs = {d: extract(photo_dir, tmp_path / d, _cfg(decode="device", device_decoder=d), backbone=backbone)
             for d in USABLE}
-    fa, fb = (embedx.read_features(r.out_dir) for r in runs.values())
-    np.testing.assert_array_equal(fa.embeddings, fb.embeddings)
+    first, *others = (embedx.read_features(r.out_dir) for r in runs.values())
+    assert len(first.paths) > 0
+    for other in others:
+        np.testing.assert_array_equal(other.embeddings, first.embeddings)
     with pytest.raises(OutputExistsError, match="decode: 'torchcodec-device' -> 'torchvision-device'"):
         extract(photo_dir, tmp_path / "torchcodec", _cfg(decode="device", device_decoder="torchvision"),
                 backbone=backbone)
@@ -149,9 +153,33 @@ def test_no_usable_decoder_is_refused_clearly(fresh_resolution, monkeypatch, tin
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"device_decoder": "nvimgcodec", "decode": "device"}, "must be auto, torchcodec or torchvision"),
+    ({"device_decoder": "dali", "decode": "device"}, "must be auto, torchcodec, torchvision or nvimgcodec"),
     ({"device_decoder": "torchcodec"}, "needs --decode device"),
 ])
 def test_device_decoder_option_checked(tiny_dir, tmp_path, kwargs, message):
     with pytest.raises(InputError, match=message):
         extract(tiny_dir, tmp_path / "out", _cfg(**kwargs))
+
+
+def test_nvimgcodec_failures_come_back_in_their_place(tmp_path):
+    """nvImageCodec reports an undecodable file as None in its batch (it does not raise): each
+    becomes an exception in its own place, the others decode, greyscale and CMYK JPEGs as RGB."""
+    from PIL import Image
+
+    from embedx._tensor_decode import _nvimgcodec_decode
+
+    if "nvimgcodec" not in USABLE:
+        pytest.skip(_load_problem("nvimgcodec"))
+    files = []
+    for mode, colour in (("RGB", (10, 200, 30)), ("L", 77), ("CMYK", (0, 0, 0, 0))):
+        files.append(tmp_path / f"{mode}.jpg")
+        Image.new(mode, (37, 21), colour).save(files[-1], quality=95)
+    data = [torch.frombuffer(bytearray(f.read_bytes()), dtype=torch.uint8) for f in files]
+    data.insert(1, torch.frombuffer(bytearray(b"\xff\xd8\xff\xe0 not a jpeg"), dtype=torch.uint8))
+    got = _nvimgcodec_decode(data, "cpu")
+    assert isinstance(got[1], ValueError) and "could not decode" in str(got[1])
+    for img, f in zip([got[0], *got[2:]], files):
+        with Image.open(f) as im:
+            want = np.asarray(im.convert("RGB")).astype(int)
+        assert img.shape == (3, 21, 37) and img.dtype == torch.uint8
+        assert np.abs(img.permute(1, 2, 0).numpy().astype(int) - want).max() <= 2, f.name

@@ -64,7 +64,7 @@ def test_collecting_a_batch_does_not_wait_for_the_next_one():
     assert stream.query()
 
 
-@pytest.mark.parametrize("decoder", ["torchcodec", "torchvision"])
+@pytest.mark.parametrize("decoder", ["torchcodec", "torchvision", "nvimgcodec"])
 def test_cuda_device_decode_close_to_pil(photo_dir, tmp_path, backbone, decoder):
     from embedx._tensor_decode import _load_problem
 
